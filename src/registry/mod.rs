@@ -1,0 +1,443 @@
+//! The file registry: the one place that decides whether a change is news.
+//!
+//! A worker hands the registry what it saw on disk (`Change`); the registry
+//! compares it with what it recorded before, records the new state and, in the
+//! same step, queues the messages the change produces in its outbox. The
+//! publisher drains the outbox and marks messages published once the sink has
+//! confirmed them. So the order is always record → publish → mark published,
+//! and a message that was recorded but not confirmed stays visibly pending.
+//!
+//! Two implementations share the decision logic in this file:
+//! - [`memory::MemoryRegistry`] for running without a database (stdout mode);
+//! - [`postgres::PostgresRegistry`] shared by every instance, which makes
+//!   concurrent instances converge: the newest observation wins, and a change
+//!   already recorded by someone else produces no second message.
+//!
+//! Invariant: a registry writes a row only after a fresh `stat`, taken while it
+//! holds the path, agrees with the observation (`Applied::Changed` otherwise),
+//! and applies a deletion only when that `stat` says the file is gone.
+
+pub mod memory;
+pub mod postgres;
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use uuid::Uuid;
+
+use crate::message::{self, Content, EventType, Message, Origin};
+
+/// The parts of a fresh `stat` that tell whether a file changed, and which of
+/// two observations is newer. ctime cannot be set by users (unlike mtime), so
+/// it leads the ordering; size and mtime break ties on coarse filesystems.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl Stat {
+    /// `Ok(None)` when nothing, or something other than a regular file, is at `path`.
+    /// Symlinks are not followed.
+    pub fn of(path: &Path) -> io::Result<Option<Stat>> {
+        match fs::symlink_metadata(path) {
+            Ok(metadata) if metadata.is_file() => Ok(Some(Stat::from_metadata(&metadata))),
+            Ok(_) => Ok(None),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(error) if error.raw_os_error() == Some(20) => Ok(None), // ENOTDIR: a parent became a file
+            Err(error) => Err(error),
+        }
+    }
+
+    pub fn from_metadata(metadata: &fs::Metadata) -> Stat {
+        Stat {
+            size: metadata.len(),
+            mtime_ns: metadata.mtime() * 1_000_000_000 + metadata.mtime_nsec(),
+            ctime_ns: metadata.ctime() * 1_000_000_000 + metadata.ctime_nsec(),
+        }
+    }
+
+    /// Total order used to reject stale observations.
+    pub fn freshness(&self) -> (i64, u64, i64) {
+        (self.ctime_ns, self.size, self.mtime_ns)
+    }
+}
+
+/// A file that exists, as a worker just read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub path: String,
+    pub stat: Stat,
+    pub sha256: String,
+    pub xxh128: String,
+}
+
+impl Observed {
+    pub fn content(&self) -> Content {
+        Content {
+            sha256_hash: self.sha256.clone(),
+            xxh128_hash: self.xxh128.clone(),
+            size_bytes: self.stat.size,
+            modified_time: message::rfc3339_from_nanos(self.stat.mtime_ns),
+            file_type: message::file_type(&self.path),
+        }
+    }
+}
+
+/// A present file as the registry last recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub path: String,
+    pub stat: Stat,
+    /// Empty when the file is known to exist but was never hashed (stdout mode
+    /// learns the files present at start without reading them).
+    pub sha256: String,
+    pub xxh128: String,
+}
+
+impl Row {
+    pub fn from_observed(observed: &Observed) -> Row {
+        Row {
+            path: observed.path.clone(),
+            stat: observed.stat,
+            sha256: observed.sha256.clone(),
+            xxh128: observed.xxh128.clone(),
+        }
+    }
+
+    fn same_content(&self, observed: &Observed) -> bool {
+        !self.sha256.is_empty()
+            && self.sha256 == observed.sha256
+            && self.xxh128 == observed.xxh128
+            && self.stat.size == observed.stat.size
+    }
+}
+
+/// What a worker asks the registry to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// `observed.path` exists with this content; `renamed_from` is where the
+    /// same file was before, when the settle stage followed it through a rename.
+    Present {
+        observed: Observed,
+        renamed_from: Option<String>,
+    },
+    /// A fresh `stat` says nothing is at `path` any more.
+    Gone { path: String },
+    /// Directory `from` is now `to`: every present row below `from/` moves below `to/`.
+    DirectoryRenamed { from: String, to: String },
+}
+
+impl Change {
+    /// The path the change is about, for logs.
+    pub fn path(&self) -> &str {
+        match self {
+            Change::Present { observed, .. } => &observed.path,
+            Change::Gone { path } => path,
+            Change::DirectoryRenamed { to, .. } => to,
+        }
+    }
+}
+
+/// What applying a change did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Recorded; these messages were queued in the outbox, in publish order
+    /// (possibly none: nothing consumers care about changed).
+    Recorded(Vec<Message>),
+    /// The file changed again between the observation and the fresh `stat`
+    /// under the registry's lock: nothing was written, look again later.
+    Changed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The database cannot be reached; the change is kept and retried later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A statement failed for a reason that retrying soon will not fix.
+    #[error("registry query failed ({what}): {detail}")]
+    Query { what: &'static str, detail: String },
+    #[error("cannot stat {path}: {source}")]
+    Stat { path: String, source: io::Error },
+}
+
+impl RegistryError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, RegistryError::Unavailable(_))
+    }
+}
+
+/// Shared by the memory and PostgreSQL registries; see the module docs.
+pub trait Registry: Send + Sync {
+    /// The present row at `path`, if any.
+    fn lookup(&self, path: &str) -> Result<Option<Row>, RegistryError>;
+
+    /// Records `change` and queues the messages it produces.
+    fn apply(&self, change: &Change, correlation_id: Uuid) -> Result<Applied, RegistryError>;
+
+    /// Paths of present rows strictly below directory `dir`, in byte order,
+    /// starting after `after`; at most `limit` of them. Used to page through
+    /// large trees without loading them whole.
+    fn present_under(
+        &self,
+        dir: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, RegistryError>;
+
+    /// The oldest messages not yet confirmed, in the order they were recorded.
+    fn outgoing(&self, limit: usize) -> Result<Vec<Message>, RegistryError>;
+
+    /// The sink confirmed these messages: drop them from the outbox.
+    fn mark_published(&self, message_ids: &[Uuid]) -> Result<(), RegistryError>;
+}
+
+/// What a `Present` change means, given what the registry holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Older than what is recorded: ignore.
+    Stale,
+    /// Same content and state: record the fresh `stat`, publish nothing.
+    Refresh,
+    Create,
+    Modify,
+    /// Move the row from `from` (a present row) to the observed path. When
+    /// `replaces` is set, a present row at the target is replaced, and its
+    /// `deleted` goes out first.
+    Rename { from: String, replaces: bool },
+}
+
+/// Decides what a `Present` observation means. `source` is the present row at
+/// `renamed_from` (if any), `target` the present row at the observed path.
+pub fn plan_present(
+    source: Option<&Row>,
+    target: Option<&Row>,
+    observed: &Observed,
+    renamed_from: Option<&str>,
+) -> Plan {
+    if let (Some(from), Some(_)) = (renamed_from, source) {
+        if from != observed.path {
+            return Plan::Rename {
+                from: from.to_owned(),
+                replaces: target.is_some(),
+            };
+        }
+    }
+    match target {
+        None => Plan::Create,
+        Some(row) if observed.stat.freshness() < row.stat.freshness() => Plan::Stale,
+        Some(row) if row.same_content(observed) => Plan::Refresh,
+        Some(_) => Plan::Modify,
+    }
+}
+
+/// The messages a plan produces, in publish order.
+pub fn messages_for(
+    plan: &Plan,
+    observed: &Observed,
+    origin: &Origin,
+    correlation_id: Uuid,
+) -> Vec<Message> {
+    let content = Some(observed.content());
+    match plan {
+        Plan::Stale | Plan::Refresh => Vec::new(),
+        Plan::Create => vec![origin.message(
+            EventType::Created,
+            &observed.path,
+            None,
+            correlation_id,
+            content,
+        )],
+        Plan::Modify => vec![origin.message(
+            EventType::Modified,
+            &observed.path,
+            None,
+            correlation_id,
+            content,
+        )],
+        Plan::Rename { from, replaces } => {
+            let mut messages = Vec::with_capacity(2);
+            if *replaces {
+                messages.push(origin.message(
+                    EventType::Deleted,
+                    &observed.path,
+                    None,
+                    correlation_id,
+                    None,
+                ));
+            }
+            messages.push(origin.message(
+                EventType::for_rename(from, &observed.path),
+                &observed.path,
+                Some(from),
+                correlation_id,
+                content,
+            ));
+            messages
+        }
+    }
+}
+
+/// The `renamed`/`moved` message for a row carried along by a directory rename.
+pub fn message_for_carried_row(
+    row: &Row,
+    new_path: &str,
+    origin: &Origin,
+    correlation_id: Uuid,
+) -> Message {
+    let observed = Observed {
+        path: new_path.to_owned(),
+        stat: row.stat,
+        sha256: row.sha256.clone(),
+        xxh128: row.xxh128.clone(),
+    };
+    let content = (!row.sha256.is_empty()).then(|| observed.content());
+    origin.message(
+        EventType::for_rename(&row.path, new_path),
+        new_path,
+        Some(&row.path),
+        correlation_id,
+        content,
+    )
+}
+
+/// `path` with the directory prefix `from` replaced by `to` (both without a
+/// trailing slash); `None` when `path` is not strictly below `from`.
+pub fn rebase(path: &str, from: &str, to: &str) -> Option<String> {
+    let rest = path.strip_prefix(from)?.strip_prefix('/')?;
+    Some(format!("{to}/{rest}"))
+}
+
+/// A fresh `stat` for a registry about to write: `Stat::of` with the error named.
+pub fn fresh_stat(path: &str) -> Result<Option<Stat>, RegistryError> {
+    Stat::of(Path::new(path)).map_err(|source| RegistryError::Stat {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(ctime_ns: i64, size: u64) -> Stat {
+        Stat {
+            size,
+            mtime_ns: 1,
+            ctime_ns,
+        }
+    }
+
+    fn observed(path: &str, ctime_ns: i64, hash: &str) -> Observed {
+        Observed {
+            path: path.into(),
+            stat: stat(ctime_ns, 3),
+            sha256: hash.into(),
+            xxh128: hash.into(),
+        }
+    }
+
+    fn row(path: &str, ctime_ns: i64, hash: &str) -> Row {
+        Row::from_observed(&observed(path, ctime_ns, hash))
+    }
+
+    #[test]
+    fn unknown_path_is_created() {
+        assert_eq!(
+            plan_present(None, None, &observed("/m/a", 5, "h"), None),
+            Plan::Create
+        );
+    }
+
+    #[test]
+    fn same_content_is_refresh_not_a_message() {
+        let target = row("/m/a", 5, "h");
+        assert_eq!(
+            plan_present(None, Some(&target), &observed("/m/a", 6, "h"), None),
+            Plan::Refresh
+        );
+    }
+
+    #[test]
+    fn older_observation_never_wins() {
+        let target = row("/m/a", 9, "new");
+        assert_eq!(
+            plan_present(None, Some(&target), &observed("/m/a", 5, "old"), None),
+            Plan::Stale
+        );
+    }
+
+    #[test]
+    fn newer_content_is_modified() {
+        let target = row("/m/a", 5, "old");
+        assert_eq!(
+            plan_present(None, Some(&target), &observed("/m/a", 9, "new"), None),
+            Plan::Modify
+        );
+    }
+
+    #[test]
+    fn unhashed_row_counts_as_modified() {
+        let mut target = row("/m/a", 5, "h");
+        target.sha256.clear();
+        assert_eq!(
+            plan_present(None, Some(&target), &observed("/m/a", 9, "h"), None),
+            Plan::Modify
+        );
+    }
+
+    #[test]
+    fn rename_of_a_known_file_is_a_rename() {
+        let source = row("/m/a", 5, "h");
+        let plan = plan_present(Some(&source), None, &observed("/m/b", 6, "h"), Some("/m/a"));
+        assert_eq!(
+            plan,
+            Plan::Rename {
+                from: "/m/a".into(),
+                replaces: false
+            }
+        );
+    }
+
+    #[test]
+    fn rename_over_a_known_file_deletes_the_target_first() {
+        let source = row("/m/a", 5, "h");
+        let target = row("/m/b", 5, "other");
+        let observation = observed("/m/b", 6, "h");
+        let plan = plan_present(Some(&source), Some(&target), &observation, Some("/m/a"));
+        let origin = Origin {
+            instance_id: "i".into(),
+            watched_directory: "/m".into(),
+        };
+        let correlation = Uuid::new_v4();
+        let messages = messages_for(&plan, &observation, &origin, correlation);
+        let kinds: Vec<_> = messages.iter().map(|m| m.event_type).collect();
+        assert_eq!(kinds, [EventType::Deleted, EventType::Renamed]);
+        assert!(messages.iter().all(|m| m.correlation_id == correlation));
+        assert_eq!(messages[1].old_path.as_deref(), Some("/m/a"));
+    }
+
+    #[test]
+    fn rename_of_an_unannounced_file_is_created_or_modified() {
+        assert_eq!(
+            plan_present(None, None, &observed("/m/b", 6, "h"), Some("/m/a.part")),
+            Plan::Create
+        );
+        let target = row("/m/b", 5, "old");
+        assert_eq!(
+            plan_present(None, Some(&target), &observed("/m/b", 6, "h"), Some("/m/a.part")),
+            Plan::Modify
+        );
+    }
+
+    #[test]
+    fn rebase_needs_a_whole_component() {
+        assert_eq!(rebase("/m/a/x", "/m/a", "/m/b").as_deref(), Some("/m/b/x"));
+        assert_eq!(rebase("/m/ab/x", "/m/a", "/m/b"), None);
+        assert_eq!(rebase("/m/a", "/m/a", "/m/b"), None);
+    }
+}
