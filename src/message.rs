@@ -190,7 +190,14 @@ mod tests {
         );
         let value: serde_json::Value = serde_json::from_slice(&message.to_json()).unwrap();
         let object = value.as_object().unwrap();
-        for absent in ["sha256_hash", "xxh128_hash", "size_bytes", "modified_time", "file_type", "old_path"] {
+        for absent in [
+            "sha256_hash",
+            "xxh128_hash",
+            "size_bytes",
+            "modified_time",
+            "file_type",
+            "old_path",
+        ] {
             assert!(!object.contains_key(absent), "{absent} must be absent");
         }
         assert_eq!(object["schema_version"], 1);
@@ -235,8 +242,14 @@ mod tests {
 
     #[test]
     fn rename_versus_move_depends_on_the_parent() {
-        assert_eq!(EventType::for_rename("/m/a/x.flac", "/m/a/y.flac"), EventType::Renamed);
-        assert_eq!(EventType::for_rename("/m/a/x.flac", "/m/b/x.flac"), EventType::Moved);
+        assert_eq!(
+            EventType::for_rename("/m/a/x.flac", "/m/a/y.flac"),
+            EventType::Renamed
+        );
+        assert_eq!(
+            EventType::for_rename("/m/a/x.flac", "/m/b/x.flac"),
+            EventType::Moved
+        );
     }
 
     #[test]

@@ -11,8 +11,8 @@ use std::sync::Mutex;
 use uuid::Uuid;
 
 use super::{
-    fresh_stat, message_for_carried_row, messages_for, plan_present, rebase, Applied, Change,
-    Plan, Registry, RegistryError, Row, Stat,
+    fresh_stat, message_for_carried_row, messages_for, plan_present, rebase, Applied, Change, Plan, Registry,
+    RegistryError, Row, Stat,
 };
 use crate::message::{EventType, Message, Origin};
 
@@ -117,13 +117,11 @@ impl Registry for MemoryRegistry {
                     return Ok(Applied::Changed);
                 }
                 match state.rows.remove(path) {
-                    Some(_) => vec![self.origin.message(
-                        EventType::Deleted,
-                        path,
-                        None,
-                        correlation_id,
-                        None,
-                    )],
+                    Some(_) => {
+                        vec![self
+                            .origin
+                            .message(EventType::Deleted, path, None, correlation_id, None)]
+                    }
                     None => Vec::new(),
                 }
             }
@@ -245,7 +243,10 @@ mod tests {
             observed: observe(&file, "h"),
             renamed_from: None,
         };
-        assert_eq!(kinds(registry.apply(&present, Uuid::new_v4()).unwrap()), [EventType::Created]);
+        assert_eq!(
+            kinds(registry.apply(&present, Uuid::new_v4()).unwrap()),
+            [EventType::Created]
+        );
         assert!(kinds(registry.apply(&present, Uuid::new_v4()).unwrap()).is_empty());
         let gone = Change::Gone {
             path: file.to_str().unwrap().into(),
@@ -256,7 +257,10 @@ mod tests {
             "a deletion needs a stat that says gone"
         );
         fs::remove_file(&file).unwrap();
-        assert_eq!(kinds(registry.apply(&gone, Uuid::new_v4()).unwrap()), [EventType::Deleted]);
+        assert_eq!(
+            kinds(registry.apply(&gone, Uuid::new_v4()).unwrap()),
+            [EventType::Deleted]
+        );
         assert!(kinds(registry.apply(&gone, Uuid::new_v4()).unwrap()).is_empty());
         assert_eq!(registry.outgoing(10).unwrap().len(), 2);
     }
@@ -274,7 +278,10 @@ mod tests {
                 },
             );
         }
-        assert_eq!(registry.present_under("/m/a", None, 10).unwrap(), ["/m/a/1.flac", "/m/a/2.flac"]);
+        assert_eq!(
+            registry.present_under("/m/a", None, 10).unwrap(),
+            ["/m/a/1.flac", "/m/a/2.flac"]
+        );
         assert_eq!(
             registry.present_under("/m/a", Some("/m/a/1.flac"), 10).unwrap(),
             ["/m/a/2.flac"]
@@ -287,7 +294,10 @@ mod tests {
             kinds(registry.apply(&change, Uuid::new_v4()).unwrap()),
             [EventType::Moved, EventType::Moved]
         );
-        assert_eq!(registry.present_under("/m/z", None, 10).unwrap(), ["/m/z/1.flac", "/m/z/2.flac"]);
+        assert_eq!(
+            registry.present_under("/m/z", None, 10).unwrap(),
+            ["/m/z/1.flac", "/m/z/2.flac"]
+        );
         assert!(registry.present_under("/m/a", None, 10).unwrap().is_empty());
     }
 }

@@ -208,7 +208,10 @@ pub enum Plan {
     /// Move the row from `from` (a present row) to the observed path. When
     /// `replaces` is set, a present row at the target is replaced, and its
     /// `deleted` goes out first.
-    Rename { from: String, replaces: bool },
+    Rename {
+        from: String,
+        replaces: bool,
+    },
 }
 
 /// Decides what a `Present` observation means. `source` is the present row at
@@ -236,39 +239,20 @@ pub fn plan_present(
 }
 
 /// The messages a plan produces, in publish order.
-pub fn messages_for(
-    plan: &Plan,
-    observed: &Observed,
-    origin: &Origin,
-    correlation_id: Uuid,
-) -> Vec<Message> {
+pub fn messages_for(plan: &Plan, observed: &Observed, origin: &Origin, correlation_id: Uuid) -> Vec<Message> {
     let content = Some(observed.content());
     match plan {
         Plan::Stale | Plan::Refresh => Vec::new(),
-        Plan::Create => vec![origin.message(
-            EventType::Created,
-            &observed.path,
-            None,
-            correlation_id,
-            content,
-        )],
-        Plan::Modify => vec![origin.message(
-            EventType::Modified,
-            &observed.path,
-            None,
-            correlation_id,
-            content,
-        )],
+        Plan::Create => {
+            vec![origin.message(EventType::Created, &observed.path, None, correlation_id, content)]
+        }
+        Plan::Modify => {
+            vec![origin.message(EventType::Modified, &observed.path, None, correlation_id, content)]
+        }
         Plan::Rename { from, replaces } => {
             let mut messages = Vec::with_capacity(2);
             if *replaces {
-                messages.push(origin.message(
-                    EventType::Deleted,
-                    &observed.path,
-                    None,
-                    correlation_id,
-                    None,
-                ));
+                messages.push(origin.message(EventType::Deleted, &observed.path, None, correlation_id, None));
             }
             messages.push(origin.message(
                 EventType::for_rename(from, &observed.path),
@@ -283,12 +267,7 @@ pub fn messages_for(
 }
 
 /// The `renamed`/`moved` message for a row carried along by a directory rename.
-pub fn message_for_carried_row(
-    row: &Row,
-    new_path: &str,
-    origin: &Origin,
-    correlation_id: Uuid,
-) -> Message {
+pub fn message_for_carried_row(row: &Row, new_path: &str, origin: &Origin, correlation_id: Uuid) -> Message {
     let observed = Observed {
         path: new_path.to_owned(),
         stat: row.stat,

@@ -1,0 +1,241 @@
+//! Wiring: builds the registry and sink, starts every thread, stops them in order.
+//!
+//! Threads and channels (→ is a channel, bounded unless noted):
+//!
+//! ```text
+//! notify thread ──raw events (try_send)──▶ settle ──jobs (try_send)──▶ worker × N
+//!                                           ▲  │                         │
+//!                            discoveries ───┘  └─scan requests─▶ scanner │
+//!                                           ◀──────── done ──────────────┘
+//!          worker ──record──▶ registry (rows + outbox) ◀── publisher ──▶ stdout / RabbitMQ
+//! ```
+//!
+//! Shutdown goes in pipeline order: the notify watcher is dropped, the settle
+//! stage is told to stop, workers finish the job in hand (new ones are handed
+//! back) and are joined, then the publisher drains the outbox for a bounded
+//! time. Whatever was not published stays in the outbox (with a database) and
+//! goes out at the next start.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, select, unbounded, Receiver};
+
+use crate::config::{Config, WatchMode};
+use crate::message::Origin;
+use crate::publish::{Publisher, PublisherExit, Sink, StdoutSink};
+use crate::registry::memory::MemoryRegistry;
+use crate::registry::{Registry, RegistryError, Stat};
+use crate::scan;
+use crate::settle::{Settle, SettleChannels, SettleOptions};
+use crate::watcher::{Callback, WatchCounters, WatchError, Watcher, CHANNEL_CAPACITY};
+use crate::worker::{Worker, WorkerCounters};
+
+/// Pending changes the settle stage holds before falling back to a rescan.
+const MAX_PENDING: usize = 200_000;
+/// How long the publisher may keep draining the outbox after a stop request.
+const FINAL_DRAIN: Duration = Duration::from_secs(5);
+
+/// Problems that stop the process (as opposed to problems with one file,
+/// which are logged and counted where they happen).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot watch {path}: {reason}")]
+    DataDir { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
+    #[error("cannot start thread {name}: {source}")]
+    Thread { name: String, source: std::io::Error },
+}
+
+/// Runs the daemon until `stop` receives a message or disconnects, or the
+/// sink closes for good (stdout's reader went away).
+pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
+    check_data_dir(&config.data_dir)?;
+    let origin = Origin {
+        instance_id: config.instance_id.clone(),
+        watched_directory: config.watched_directory(),
+    };
+
+    let memory = Arc::new(MemoryRegistry::new(origin.clone()));
+    let registry: Arc<dyn Registry> = memory.clone();
+    let sink: Box<dyn Sink> = Box::new(StdoutSink::new());
+
+    // Watch first, then look: anything that changes from here on raises an event.
+    let counters = Arc::new(WatchCounters::default());
+    let (raw_sender, raw_receiver) = bounded(CHANNEL_CAPACITY);
+    let poll_mode = matches!(config.watch_mode, WatchMode::Poll(_));
+    let watcher = Watcher::start(
+        &config.data_dir,
+        config.watch_mode,
+        Callback::new(raw_sender, counters.clone(), poll_mode),
+    )?;
+
+    if !config.scan_existing {
+        // Without a database: learn what exists, so changes to it read as
+        // `modified`/`deleted`, without announcing or hashing it.
+        let mut files = 0u64;
+        scan::for_each_file(&config.data_dir, &config.filter, |path| {
+            if let (Some(text), Ok(Some(stat))) = (path.to_str(), Stat::of(path)) {
+                memory.seed(text.to_owned(), stat);
+                files += 1;
+            }
+        });
+        log::info!("{files} existing files noted (not announced; --scan-existing announces them)");
+    }
+
+    let mut threads = Threads::default();
+    let (scan_sender, scan_receiver) = unbounded();
+    let (discovered_sender, discovered_receiver) = bounded(1024);
+    {
+        let root = config.data_dir.clone();
+        let filter = config.filter.clone();
+        threads.spawn("scanner", move || {
+            scan::run(root, filter, scan_receiver, discovered_sender)
+        })?;
+    }
+
+    let (job_sender, job_receiver) = bounded(config.workers * 2);
+    let (done_sender, done_receiver) = unbounded();
+    let (wake_sender, wake_receiver) = bounded(1);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let worker_counters = Arc::new(WorkerCounters::default());
+    let registry_down = Arc::new(AtomicBool::new(false));
+    let mut workers = Threads::default();
+    for index in 0..config.workers {
+        let worker = Worker {
+            registry: registry.clone(),
+            counters: worker_counters.clone(),
+            wake_publisher: wake_sender.clone(),
+            stopping: stopping.clone(),
+            registry_down: registry_down.clone(),
+        };
+        let jobs = job_receiver.clone();
+        let done = done_sender.clone();
+        workers.spawn(&format!("worker-{index}"), move || worker.run(jobs, done))?;
+    }
+    drop((job_receiver, done_sender));
+
+    let (settle_stop_sender, settle_stop_receiver) = bounded::<()>(0);
+    {
+        let options = SettleOptions {
+            root: config.data_dir.clone(),
+            filter: config.filter.clone(),
+            settle: config.settle,
+            mode: config.watch_mode,
+            max_pending: MAX_PENDING,
+            initial_scan: config.scan_existing,
+            sweep_after_full_scan: !config.scan_existing,
+        };
+        let channels = SettleChannels {
+            raw: raw_receiver,
+            discovered: discovered_receiver,
+            done: done_receiver,
+            stop: settle_stop_receiver,
+            jobs: job_sender,
+            scan_requests: scan_sender,
+        };
+        let settle = Settle::new(options, channels, counters.clone());
+        threads.spawn("settle", move || settle.run())?;
+    }
+
+    let (publisher_exit_sender, publisher_exit_receiver) = bounded(1);
+    let publisher = Publisher {
+        registry: registry.clone(),
+        sink,
+    };
+    let publisher_thread = std::thread::Builder::new()
+        .name("publisher".into())
+        .spawn(move || {
+            let exit = publisher.run(wake_receiver, FINAL_DRAIN);
+            let _ = publisher_exit_sender.send(exit);
+        })
+        .map_err(|source| RunError::Thread {
+            name: "publisher".into(),
+            source,
+        })?;
+
+    let mode = match config.watch_mode {
+        WatchMode::Inotify => "inotify".to_owned(),
+        WatchMode::Poll(interval) => format!("polling every {} ms", interval.as_millis()),
+    };
+    log::info!(
+        "ready: watching {} ({mode}, {} workers, settle {} ms)",
+        config.data_dir.display(),
+        config.workers,
+        config.settle.as_millis()
+    );
+
+    select! {
+        recv(stop) -> _ => {}
+        recv(publisher_exit_receiver) -> exit => {
+            if exit == Ok(PublisherExit::SinkClosed) {
+                log::info!("stdout was closed: stopping");
+            }
+        }
+    }
+
+    // Orderly shutdown, in pipeline order.
+    drop(watcher);
+    stopping.store(true, Ordering::Release);
+    drop(settle_stop_sender);
+    threads.join();
+    workers.join();
+    drop(wake_sender);
+    let _ = publisher_thread.join();
+    log::info!(
+        "stopped: {} messages recorded, {} files hashed, {} unreadable, {} events dropped",
+        worker_counters.messages_recorded.load(Ordering::Relaxed),
+        worker_counters.files_hashed.load(Ordering::Relaxed),
+        worker_counters.file_errors.load(Ordering::Relaxed),
+        counters.dropped_events.load(Ordering::Relaxed),
+    );
+    Ok(())
+}
+
+fn check_data_dir(path: &Path) -> Result<(), RunError> {
+    let error = |reason: String| RunError::DataDir {
+        path: path.to_owned(),
+        reason,
+    };
+    let metadata = std::fs::metadata(path).map_err(|source| error(source.to_string()))?;
+    if !metadata.is_dir() {
+        return Err(error("not a directory".into()));
+    }
+    std::fs::read_dir(path).map_err(|source| error(format!("cannot list it: {source}")))?;
+    Ok(())
+}
+
+/// Named threads that are joined, in the order they were started.
+#[derive(Default)]
+struct Threads {
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Threads {
+    fn spawn(&mut self, name: &str, body: impl FnOnce() + Send + 'static) -> Result<(), RunError> {
+        let handle = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(body)
+            .map_err(|source| RunError::Thread {
+                name: name.to_owned(),
+                source,
+            })?;
+        self.handles.push(handle);
+        Ok(())
+    }
+
+    fn join(self) {
+        for handle in self.handles {
+            let name = handle.thread().name().unwrap_or("unnamed").to_owned();
+            if handle.join().is_err() {
+                log::error!("thread {name} panicked");
+            }
+        }
+    }
+}

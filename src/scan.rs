@@ -1,0 +1,149 @@
+//! Directory walks: new directories, moved-in trees, rescans and start-up.
+//!
+//! The scanner runs on its own thread so a slow walk (a NAS with a million
+//! files) never holds up the settle stage. It streams what it finds through a
+//! bounded channel: when the settle stage has enough pending work it stops
+//! reading, and the walk waits (back-pressure, not memory growth). Symlinks
+//! are not followed; excluded directories are not entered.
+
+use std::path::{Path, PathBuf};
+
+use crossbeam_channel::{Receiver, Sender};
+use walkdir::WalkDir;
+
+use crate::filter::Filter;
+
+/// Why a walk was asked for; comes back in [`Discovery::Finished`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanKind {
+    /// A directory appeared (created, moved in, renamed): its files are news.
+    Directory,
+    /// The whole tree, to recover from lost events or downtime; the settle
+    /// stage follows it with a sweep for files that disappeared.
+    Full,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScanRequest {
+    pub dir: PathBuf,
+    pub kind: ScanKind,
+}
+
+#[derive(Debug)]
+pub enum Discovery {
+    /// An announced-kind file exists at this absolute path.
+    File(String),
+    Finished {
+        request: ScanRequest,
+        /// Files found; a full scan that finds none in a tree the registry
+        /// knows to be populated is suspicious (an unmounted share).
+        files: u64,
+        /// The directory could not be read at all.
+        failed: bool,
+    },
+}
+
+/// Scanner thread body: serves requests until the request channel closes or
+/// the settle stage stops listening.
+pub fn run(root: PathBuf, filter: Filter, requests: Receiver<ScanRequest>, found: Sender<Discovery>) {
+    for request in requests {
+        let started = std::time::Instant::now();
+        match walk(&root, &filter, &request.dir, &found) {
+            Ok(outcome) => {
+                log::debug!(
+                    "scanned {} ({:?}): {} files in {:?}",
+                    request.dir.display(),
+                    request.kind,
+                    outcome.files,
+                    started.elapsed()
+                );
+                let finished = Discovery::Finished {
+                    request,
+                    files: outcome.files,
+                    failed: outcome.failed,
+                };
+                if found.send(finished).is_err() {
+                    return;
+                }
+            }
+            Err(Disconnected) => return,
+        }
+    }
+}
+
+struct WalkOutcome {
+    files: u64,
+    failed: bool,
+}
+
+struct Disconnected;
+
+fn walk(
+    root: &Path,
+    filter: &Filter,
+    dir: &Path,
+    found: &Sender<Discovery>,
+) -> Result<WalkOutcome, Disconnected> {
+    let mut outcome = WalkOutcome {
+        files: 0,
+        failed: false,
+    };
+    let walker = WalkDir::new(dir)
+        .follow_links(false)
+        .into_iter()
+        .filter_entry(|entry| {
+            let relative = entry.path().strip_prefix(root).unwrap_or(entry.path());
+            relative.as_os_str().is_empty() || !filter.excludes(relative)
+        });
+    for entry in walker {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(error) => {
+                if error.depth() == 0 {
+                    outcome.failed = true;
+                }
+                // Vanished while walking is normal; unreadable is worth a warning.
+                if error.io_error().map(|e| e.kind()) != Some(std::io::ErrorKind::NotFound) {
+                    log::warn!("cannot read {}: {error}", error.path().unwrap_or(dir).display());
+                }
+                continue;
+            }
+        };
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let path = entry.path();
+        let relative = path.strip_prefix(root).unwrap_or(path);
+        if !filter.announces(relative) {
+            continue;
+        }
+        let Some(text) = path.to_str() else {
+            log::warn!("skipping {}: the path is not valid UTF-8", path.display());
+            continue;
+        };
+        outcome.files += 1;
+        found
+            .send(Discovery::File(text.to_owned()))
+            .map_err(|_| Disconnected)?;
+    }
+    Ok(outcome)
+}
+
+/// Walks the tree once and calls `visit` for every announced file, on the
+/// caller's thread. Used at start without a database to learn what exists.
+pub fn for_each_file(root: &Path, filter: &Filter, mut visit: impl FnMut(&Path)) {
+    let walker = WalkDir::new(root)
+        .follow_links(false)
+        .into_iter()
+        .filter_entry(|entry| {
+            let relative = entry.path().strip_prefix(root).unwrap_or(entry.path());
+            relative.as_os_str().is_empty() || !filter.excludes(relative)
+        });
+    for entry in walker.flatten() {
+        if entry.file_type().is_file()
+            && filter.announces(entry.path().strip_prefix(root).unwrap_or(entry.path()))
+        {
+            visit(entry.path());
+        }
+    }
+}

@@ -1,0 +1,903 @@
+//! The settle stage: the single owner of per-path state.
+//!
+//! Raw events become one pending entry per path. An entry is handed to the
+//! workers only when the file is finished: closed after a write (or renamed
+//! into place) and then quiet for `SETTLE_MS`; in poll mode, unchanged across
+//! two polls. Renames rewrite pending entries, so a worker never hashes a path
+//! that has merely moved, and a file renamed before it was announced is simply
+//! created at its new name.
+//!
+//! Invariants:
+//! - at most one job per path is in flight, and jobs whose paths (or
+//!   subtrees) overlap leave in the order they became ready, so messages for
+//!   one path leave in the order things happened;
+//! - this thread never blocks on a worker: jobs go out with `try_send`, and
+//!   whatever does not fit stays in the ready queue;
+//! - pending entries are capped at `max_pending`: past it they are dropped and
+//!   a full rescan (followed by a sweep) recovers what they described. The
+//!   same rescan follows a kernel queue overflow or a full raw-event channel.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{never, select, Receiver, Sender, TrySendError};
+use notify::event::{CreateKind, ModifyKind, RemoveKind, RenameMode};
+use notify::{Event, EventKind};
+use uuid::Uuid;
+
+use crate::config::WatchMode;
+use crate::filter::Filter;
+use crate::registry::rebase;
+use crate::scan::{Discovery, ScanKind, ScanRequest};
+use crate::watcher::{RawEvent, WatchCounters};
+
+/// A unit of work for the workers. Each carries the correlation id shared by
+/// the messages it produces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Job {
+    /// Look at `path`: if it exists, record its content (following it from
+    /// `renamed_from` when it got there by rename); if not, it is gone.
+    Check {
+        path: String,
+        renamed_from: Option<String>,
+    },
+    /// Nothing should be at `path` any more.
+    Gone { path: String },
+    /// `path` left the tree (moved out, removed as a directory): it and every
+    /// recorded file below it are gone.
+    GoneTree { path: String },
+    /// A directory was renamed inside the tree.
+    RenameDirectory { from: String, to: String },
+    /// After a full scan: every recorded file below `dir` that no longer
+    /// exists is gone.
+    Sweep { dir: String },
+}
+
+impl Job {
+    fn keys(&self) -> Vec<Key> {
+        match self {
+            Job::Check { path, renamed_from } => {
+                let mut keys = vec![Key::File(path.clone())];
+                keys.extend(renamed_from.iter().map(|from| Key::File(from.clone())));
+                keys
+            }
+            Job::Gone { path } => vec![Key::File(path.clone())],
+            Job::GoneTree { path } => vec![Key::Tree(path.clone())],
+            Job::RenameDirectory { from, to } => {
+                vec![Key::Tree(from.clone()), Key::Tree(to.clone())]
+            }
+            Job::Sweep { dir } => vec![Key::Tree(dir.clone())],
+        }
+    }
+}
+
+/// A job as sent to a worker.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    pub id: u64,
+    pub job: Job,
+    pub correlation_id: Uuid,
+    /// Failed attempts so far (for backoff and giving up on hard errors).
+    pub attempt: u32,
+}
+
+/// What a worker reports back for every dispatched job.
+#[derive(Debug)]
+pub struct Done {
+    pub dispatch: Dispatch,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Finished,
+    /// The file changed while it was being read: settle it again.
+    Changing,
+    /// The registry could not be reached (or the job was cut short by
+    /// shutdown): keep the job and try again after this long.
+    Retry(Duration),
+}
+
+/// What a job holds while it is in flight: a single path, or a whole subtree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    File(String),
+    Tree(String),
+}
+
+impl Key {
+    fn conflicts(&self, other: &Key) -> bool {
+        let below = |path: &str, tree: &str| path == tree || rebase(path, tree, "").is_some();
+        match (self, other) {
+            (Key::File(a), Key::File(b)) => a == b,
+            (Key::File(file), Key::Tree(tree)) | (Key::Tree(tree), Key::File(file)) => below(file, tree),
+            (Key::Tree(a), Key::Tree(b)) => below(a, b) || below(b, a),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Changed,
+    Removed,
+}
+
+#[derive(Debug)]
+struct Entry {
+    state: State,
+    /// The writer is done with it: closed after writing, renamed into place,
+    /// removed, discovered by a scan, or (poll mode) always.
+    closed: bool,
+    last_activity: Instant,
+    /// Where the file was when it was last recorded, if it got here by rename.
+    renamed_from: Option<String>,
+    /// Not before this instant (a retry's backoff).
+    not_before: Option<Instant>,
+    attempt: u32,
+    correlation_id: Uuid,
+    /// Already in the ready queue.
+    ready: bool,
+}
+
+impl Entry {
+    fn new(state: State, now: Instant) -> Entry {
+        Entry {
+            state,
+            closed: false,
+            last_activity: now,
+            renamed_from: None,
+            not_before: None,
+            attempt: 0,
+            correlation_id: Uuid::new_v4(),
+            ready: false,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum ReadyItem {
+    /// The pending entry at this path.
+    Path(String),
+    /// A subtree operation, with its retry state.
+    Tree {
+        job: Job,
+        correlation_id: Uuid,
+        attempt: u32,
+        not_before: Option<Instant>,
+    },
+}
+
+/// Tunables of the settle stage, from the configuration.
+#[derive(Debug, Clone)]
+pub struct SettleOptions {
+    pub root: PathBuf,
+    pub filter: Filter,
+    pub settle: Duration,
+    pub mode: WatchMode,
+    /// Pending entries before they are dropped in favour of a rescan.
+    pub max_pending: usize,
+    /// Run a full scan (and sweep) right after start.
+    pub initial_scan: bool,
+    /// Follow a full scan with a sweep for vanished files (needs a registry
+    /// that knows the tree: always true except on a first stdout-mode scan).
+    pub sweep_after_full_scan: bool,
+}
+
+/// The channels the settle stage reads and writes.
+pub struct SettleChannels {
+    pub raw: Receiver<RawEvent>,
+    pub discovered: Receiver<Discovery>,
+    pub done: Receiver<Done>,
+    /// Closed (dropped) by the owner to stop the stage.
+    pub stop: Receiver<()>,
+    pub jobs: Sender<Dispatch>,
+    pub scan_requests: Sender<ScanRequest>,
+}
+
+/// A writer that keeps a file open without writing for this long is taken as
+/// finished anyway (some tools never close, or write through mmap); a later
+/// write produces a `modified`.
+const OPEN_WRITER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an unpaired "moved from" waits for its "moved to".
+const RENAME_PAIRING: Duration = Duration::from_millis(100);
+/// Upper bound on one wait, so counters and flags are looked at regularly.
+const MAX_WAIT: Duration = Duration::from_millis(250);
+/// Ready items looked at per dispatch pass; keeps a huge backlog from making
+/// every pass quadratic.
+const DISPATCH_WINDOW: usize = 4096;
+
+pub struct Settle {
+    options: SettleOptions,
+    root_text: String,
+    channels: SettleChannels,
+    counters: Arc<WatchCounters>,
+    pending: HashMap<String, Entry>,
+    /// When to look at an entry next (lazy: validated against the entry).
+    timers: BinaryHeap<Reverse<(Instant, String)>>,
+    ready: VecDeque<ReadyItem>,
+    in_flight: HashMap<u64, Vec<Key>>,
+    next_id: u64,
+    /// A "moved from" waiting for its pair: (tracker, path, seen at).
+    unpaired_from: Option<(usize, String, Instant)>,
+    /// Directories to walk once their watch surely exists.
+    delayed_scans: Vec<(Instant, PathBuf)>,
+    full_scan_running: bool,
+    full_scan_again: bool,
+}
+
+impl Settle {
+    pub fn new(options: SettleOptions, channels: SettleChannels, counters: Arc<WatchCounters>) -> Settle {
+        let root_text = options.root.to_string_lossy().into_owned();
+        Settle {
+            options,
+            root_text,
+            channels,
+            counters,
+            pending: HashMap::new(),
+            timers: BinaryHeap::new(),
+            ready: VecDeque::new(),
+            in_flight: HashMap::new(),
+            next_id: 0,
+            unpaired_from: None,
+            delayed_scans: Vec::new(),
+            full_scan_running: false,
+            full_scan_again: false,
+        }
+    }
+
+    /// Runs until `stop` closes or the raw-event channel disconnects.
+    pub fn run(mut self) {
+        if self.options.initial_scan {
+            self.request_full_scan("start-up reconciliation");
+        }
+        loop {
+            let now = Instant::now();
+            let wait = self.next_wakeup(now).saturating_duration_since(now).min(MAX_WAIT);
+            // Stop reading discoveries while enough work is pending: the walk waits.
+            let discovered = if self.pending.len() < self.options.max_pending / 2 {
+                self.channels.discovered.clone()
+            } else {
+                never()
+            };
+            select! {
+                recv(self.channels.raw) -> raw => match raw {
+                    Ok(raw) => {
+                        self.on_raw(raw);
+                        // Drain what is already queued before looking at timers.
+                        while let Ok(raw) = self.channels.raw.try_recv() {
+                            self.on_raw(raw);
+                        }
+                    }
+                    Err(_) => break,
+                },
+                recv(discovered) -> discovery => if let Ok(discovery) = discovery {
+                    self.on_discovery(discovery);
+                },
+                recv(self.channels.done) -> done => if let Ok(done) = done {
+                    self.on_done(done);
+                },
+                recv(self.channels.stop) -> _ => break,
+                default(wait) => {}
+            }
+            if self.counters.overflowed.swap(false, Ordering::AcqRel) {
+                log::warn!(
+                    "event channel was full: {} events dropped so far; rescanning the tree",
+                    self.counters.dropped_events.load(Ordering::Relaxed)
+                );
+                self.request_full_scan("event channel overflow");
+            }
+            let now = Instant::now();
+            self.flush_unpaired_from(now, false);
+            self.start_due_scans(now);
+            self.promote_due(now);
+            self.dispatch(now);
+        }
+        log::debug!(
+            "settle stage stopping: {} pending, {} ready, {} in flight",
+            self.pending.len(),
+            self.ready.len(),
+            self.in_flight.len()
+        );
+    }
+
+    fn settle_time(&self) -> Duration {
+        match self.options.mode {
+            WatchMode::Inotify => self.options.settle,
+            // Unchanged across two polls.
+            WatchMode::Poll(interval) => self.options.settle.max(interval * 2),
+        }
+    }
+
+    fn deadline(&self, entry: &Entry) -> Instant {
+        let quiet = if entry.closed {
+            self.settle_time()
+        } else {
+            OPEN_WRITER_TIMEOUT
+        };
+        let settled = entry.last_activity + quiet;
+        entry
+            .not_before
+            .map_or(settled, |not_before| not_before.max(settled))
+    }
+
+    fn next_wakeup(&self, now: Instant) -> Instant {
+        let mut next = now + MAX_WAIT;
+        if let Some(Reverse((at, _))) = self.timers.peek() {
+            next = next.min(*at);
+        }
+        if let Some((_, _, seen)) = &self.unpaired_from {
+            next = next.min(*seen + RENAME_PAIRING);
+        }
+        for (at, _) in &self.delayed_scans {
+            next = next.min(*at);
+        }
+        next
+    }
+
+    // ----- raw events -------------------------------------------------------
+
+    fn on_raw(&mut self, raw: RawEvent) {
+        match raw {
+            RawEvent::Fs(event) => self.on_event(event),
+            RawEvent::Error(error) => match error.kind {
+                notify::ErrorKind::MaxFilesWatch => log::error!(
+                    "inotify watch limit reached while adding {:?}: files there are not watched; raise \
+                     fs.inotify.max_user_watches (e.g. `sysctl fs.inotify.max_user_watches=524288`) or set \
+                     POLL_INTERVAL_MS",
+                    error.paths
+                ),
+                notify::ErrorKind::WatchNotFound | notify::ErrorKind::PathNotFound => {
+                    log::debug!("watch already gone: {error}")
+                }
+                _ => log::warn!("watcher error: {error}"),
+            },
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        let now = Instant::now();
+        if event.need_rescan() {
+            log::warn!("the kernel event queue overflowed: rescanning the tree");
+            self.request_full_scan("kernel event queue overflow");
+            return;
+        }
+        // A "moved from" stays unpaired unless the very next event is its "moved to".
+        let pairs_with_from = matches!(
+            event.kind,
+            EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+        ) && self
+            .unpaired_from
+            .as_ref()
+            .is_some_and(|(tracker, _, _)| event.attrs.tracker() == Some(*tracker));
+        if !pairs_with_from {
+            self.flush_unpaired_from(now, true);
+        }
+        let poll = matches!(self.options.mode, WatchMode::Poll(_));
+        let paths: Vec<String> = event.paths.iter().filter_map(|path| self.inside(path)).collect();
+        let mut paths = paths.into_iter();
+        match event.kind {
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+                let (Some(from), Some(to)) = (paths.next(), paths.next()) else {
+                    return;
+                };
+                self.unpaired_from = None;
+                self.on_rename(from, to, now);
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
+                if let (Some(path), Some(tracker)) = (paths.next(), event.attrs.tracker()) {
+                    self.unpaired_from = Some((tracker, path, now));
+                } else if let Some(path) = paths.next() {
+                    // MOVE_SELF of a watched directory: its parent reports the rename.
+                    log::debug!("{path} moved (no tracker)");
+                }
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                if pairs_with_from {
+                    return; // the Both event that follows carries both names
+                }
+                if let Some(path) = paths.next() {
+                    self.on_moved_in(path, now);
+                }
+            }
+            EventKind::Create(CreateKind::Folder) => {
+                if let Some(path) = paths.next().filter(|path| !self.excluded(path)) {
+                    self.schedule_scan(PathBuf::from(path), now);
+                }
+            }
+            EventKind::Create(_) | EventKind::Modify(_) => {
+                for path in paths {
+                    if poll && Path::new(&path).is_dir() {
+                        continue; // the poll watcher walks new directories itself
+                    }
+                    self.on_write(path, poll, now);
+                }
+            }
+            EventKind::Access(_) => {
+                // Only close-after-write reaches us (the callback filters the rest).
+                for path in paths {
+                    if self.announces(&path) {
+                        self.on_closed(path, now);
+                    }
+                }
+            }
+            EventKind::Remove(RemoveKind::Folder) => {
+                for path in paths {
+                    if !self.excluded(&path) {
+                        self.on_tree_gone(path, now);
+                    }
+                }
+            }
+            EventKind::Remove(_) => {
+                for path in paths {
+                    if path == self.root_text {
+                        log::error!("the watched directory {path} was removed or unmounted");
+                    } else if self.announces(&path) || self.pending.contains_key(&path) {
+                        self.mark_removed(path, now);
+                    }
+                }
+            }
+            EventKind::Any | EventKind::Other => {}
+        }
+    }
+
+    /// The path as UTF-8 text, if it is inside the watched tree (exclusion is
+    /// decided later: a rename from an excluded name is still news).
+    fn inside(&self, path: &Path) -> Option<String> {
+        path.strip_prefix(&self.options.root).ok()?;
+        match path.to_str() {
+            Some(text) => Some(text.to_owned()),
+            None => {
+                log::warn!("ignoring {}: the path is not valid UTF-8", path.display());
+                None
+            }
+        }
+    }
+
+    /// True for the root itself, and for paths with an excluded component.
+    fn excluded(&self, path: &str) -> bool {
+        Path::new(path)
+            .strip_prefix(&self.options.root)
+            .map_or(true, |relative| {
+                relative.as_os_str().is_empty() || self.options.filter.excludes(relative)
+            })
+    }
+
+    fn announces(&self, path: &str) -> bool {
+        Path::new(path)
+            .strip_prefix(&self.options.root)
+            .is_ok_and(|relative| !relative.as_os_str().is_empty() && self.options.filter.announces(relative))
+    }
+
+    fn touch(&mut self, path: String, now: Instant) -> &mut Entry {
+        if !self.pending.contains_key(&path) {
+            self.timers
+                .push(Reverse((now + self.settle_time(), path.clone())));
+            if self.pending.len() >= self.options.max_pending {
+                self.shed_pending();
+            }
+        }
+        let entry = self
+            .pending
+            .entry(path)
+            .or_insert_with(|| Entry::new(State::Changed, now));
+        entry.last_activity = now;
+        entry
+    }
+
+    /// Data was written (or, polling, the file changed since the last poll).
+    fn on_write(&mut self, path: String, poll: bool, now: Instant) {
+        if !self.announces(&path) {
+            return;
+        }
+        let entry = self.touch(path, now);
+        entry.state = State::Changed;
+        // A write after a close means the file was opened again: wait for the next close.
+        entry.closed = poll;
+    }
+
+    fn on_closed(&mut self, path: String, now: Instant) {
+        let entry = self.touch(path, now);
+        entry.state = State::Changed;
+        entry.closed = true;
+    }
+
+    fn mark_removed(&mut self, path: String, now: Instant) {
+        if let Some(from) = self
+            .pending
+            .get(&path)
+            .and_then(|entry| entry.renamed_from.clone())
+        {
+            // It was renamed here and never recorded here: what goes is the old name.
+            self.pending.remove(&path);
+            self.mark_removed(from, now);
+            return;
+        }
+        let entry = self.touch(path, now);
+        entry.state = State::Removed;
+        entry.closed = true;
+    }
+
+    fn on_rename(&mut self, from: String, to: String, now: Instant) {
+        let to_is_directory = std::fs::symlink_metadata(&to).is_ok_and(|metadata| metadata.is_dir());
+        if to_is_directory {
+            self.on_directory_renamed(from, to, now);
+            return;
+        }
+        match (self.announces(&from), self.announces(&to)) {
+            (true, true) => {
+                let carried = self.pending.remove(&from);
+                let renamed_from = carried
+                    .as_ref()
+                    .map_or(Some(from.clone()), |entry| {
+                        entry.renamed_from.clone().or(Some(from.clone()))
+                    })
+                    .filter(|original| *original != to);
+                let correlation_id = carried.map(|entry| entry.correlation_id);
+                let entry = self.touch(to, now);
+                entry.state = State::Changed;
+                entry.closed = true;
+                entry.renamed_from = renamed_from;
+                if let Some(correlation_id) = correlation_id {
+                    entry.correlation_id = correlation_id;
+                }
+            }
+            // `.x.flac.AbC123` → `x.flac`: the file is finished at its new name.
+            (false, true) => self.on_closed(to, now),
+            // `x.flac` → `x.flac.bak`: gone as far as consumers are concerned.
+            (true, false) => self.mark_removed(from, now),
+            (false, false) => {}
+        }
+    }
+
+    fn on_directory_renamed(&mut self, from: String, to: String, now: Instant) {
+        // A directory entering or leaving the excluded names behaves like a move in or out.
+        match (!self.excluded(&from), !self.excluded(&to)) {
+            (true, true) => {}
+            (true, false) => return self.on_tree_gone(from, now),
+            (false, true) => return self.schedule_scan(PathBuf::from(to), now),
+            (false, false) => return,
+        }
+        // Pending entries below the old name follow it. The registry moves the
+        // rows of recorded files itself (RenameDirectory), so only renames that
+        // started below the old name are rebased, not created.
+        let moved: Vec<String> = self
+            .pending
+            .keys()
+            .filter(|path| rebase(path, &from, "").is_some())
+            .cloned()
+            .collect();
+        for old_path in moved {
+            let mut entry = self.pending.remove(&old_path).expect("key listed above");
+            if let Some(renamed_from) = &entry.renamed_from {
+                if let Some(rebased) = rebase(renamed_from, &from, &to) {
+                    entry.renamed_from = Some(rebased);
+                }
+            }
+            let new_path = rebase(&old_path, &from, &to).expect("filtered above");
+            entry.ready = false;
+            self.timers
+                .push(Reverse((now + self.settle_time(), new_path.clone())));
+            self.pending.insert(new_path, entry);
+        }
+        for item in self.ready.iter_mut() {
+            if let ReadyItem::Path(path) = item {
+                if let Some(rebased) = rebase(path, &from, &to) {
+                    *path = rebased;
+                }
+            }
+        }
+        self.ready.push_back(ReadyItem::Tree {
+            job: Job::RenameDirectory { from, to: to.clone() },
+            correlation_id: Uuid::new_v4(),
+            attempt: 0,
+            not_before: None,
+        });
+        // Watches are re-added by notify; what was written in between is found by this walk.
+        self.schedule_scan(PathBuf::from(to), now);
+    }
+
+    fn on_moved_in(&mut self, path: String, now: Instant) {
+        if std::fs::symlink_metadata(&path).is_ok_and(|metadata| metadata.is_dir()) {
+            self.schedule_scan(PathBuf::from(path), now);
+        } else if self.announces(&path) {
+            self.on_closed(path, now);
+        }
+    }
+
+    /// `path` (a file or a directory) is no longer in the tree.
+    fn on_tree_gone(&mut self, path: String, now: Instant) {
+        let below: Vec<String> = self
+            .pending
+            .keys()
+            .filter(|pending| **pending == path || rebase(pending, &path, "").is_some())
+            .cloned()
+            .collect();
+        for pending in below {
+            let entry = self.pending.remove(&pending).expect("key listed above");
+            if let Some(original) = entry.renamed_from {
+                if original != path && rebase(&original, &path, "").is_none() {
+                    self.mark_removed(original, now);
+                }
+            }
+        }
+        self.ready.push_back(ReadyItem::Tree {
+            job: Job::GoneTree { path },
+            correlation_id: Uuid::new_v4(),
+            attempt: 0,
+            not_before: None,
+        });
+    }
+
+    /// A "moved from" whose "moved to" never came: the file or directory left the tree.
+    fn flush_unpaired_from(&mut self, now: Instant, force: bool) {
+        let expired = self
+            .unpaired_from
+            .as_ref()
+            .is_some_and(|(_, _, seen)| force || now.duration_since(*seen) >= RENAME_PAIRING);
+        if expired {
+            let (_, path, _) = self.unpaired_from.take().expect("checked above");
+            self.on_tree_gone(path, now);
+        }
+    }
+
+    // ----- scans ------------------------------------------------------------
+
+    /// New directories are walked one settle period later: by then notify has
+    /// added their watch, so anything written after the walk raises events
+    /// and anything written before it is found by the walk.
+    fn schedule_scan(&mut self, dir: PathBuf, now: Instant) {
+        self.delayed_scans.push((now + self.settle_time(), dir));
+    }
+
+    fn start_due_scans(&mut self, now: Instant) {
+        let (due, waiting): (Vec<_>, Vec<_>) = self.delayed_scans.drain(..).partition(|(at, _)| *at <= now);
+        self.delayed_scans = waiting;
+        for (_, dir) in due {
+            let request = ScanRequest {
+                dir,
+                kind: ScanKind::Directory,
+            };
+            let _ = self.channels.scan_requests.send(request);
+        }
+    }
+
+    fn request_full_scan(&mut self, reason: &str) {
+        if self.full_scan_running {
+            self.full_scan_again = true;
+            return;
+        }
+        log::info!("full scan of {} ({reason})", self.root_text);
+        self.full_scan_running = true;
+        let request = ScanRequest {
+            dir: self.options.root.clone(),
+            kind: ScanKind::Full,
+        };
+        let _ = self.channels.scan_requests.send(request);
+    }
+
+    fn on_discovery(&mut self, discovery: Discovery) {
+        let now = Instant::now();
+        match discovery {
+            Discovery::File(path) => {
+                // Known pending entries keep their own state; new ones are checked.
+                if !self.pending.contains_key(&path) {
+                    let entry = self.touch(path, now);
+                    entry.closed = true;
+                }
+            }
+            Discovery::Finished {
+                request,
+                files,
+                failed,
+            } => {
+                if request.kind != ScanKind::Full {
+                    return;
+                }
+                self.full_scan_running = false;
+                log::info!("full scan of {} found {files} files", self.root_text);
+                if failed {
+                    log::error!(
+                        "cannot read {}: skipping the sweep for vanished files",
+                        self.root_text
+                    );
+                } else if self.options.sweep_after_full_scan {
+                    self.ready.push_back(ReadyItem::Tree {
+                        job: Job::Sweep {
+                            dir: self.root_text.clone(),
+                        },
+                        correlation_id: Uuid::new_v4(),
+                        attempt: 0,
+                        not_before: None,
+                    });
+                }
+                self.options.sweep_after_full_scan = true;
+                if std::mem::take(&mut self.full_scan_again) {
+                    self.request_full_scan("changes were dropped during the last scan");
+                }
+            }
+        }
+    }
+
+    /// Too much pending: drop it all and let a full scan and sweep recover.
+    fn shed_pending(&mut self) {
+        log::warn!(
+            "more than {} changes pending: dropping them and rescanning the tree instead",
+            self.options.max_pending
+        );
+        self.pending.clear();
+        self.timers.clear();
+        self.ready.retain(|item| matches!(item, ReadyItem::Tree { .. }));
+        self.request_full_scan("too many pending changes");
+    }
+
+    // ----- dispatch ---------------------------------------------------------
+
+    fn promote_due(&mut self, now: Instant) {
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Reverse((_, path)) = self.timers.pop().expect("peeked");
+            let Some(entry) = self.pending.get(&path) else {
+                continue; // dispatched or dropped since
+            };
+            if entry.ready {
+                continue;
+            }
+            let deadline = self.deadline(entry);
+            if deadline > now {
+                self.timers.push(Reverse((deadline, path)));
+                continue;
+            }
+            self.pending.get_mut(&path).expect("looked up above").ready = true;
+            self.ready.push_back(ReadyItem::Path(path));
+        }
+    }
+
+    fn dispatch(&mut self, now: Instant) {
+        let mut blocked: Vec<Key> = self.in_flight.values().flatten().cloned().collect();
+        let mut kept = VecDeque::with_capacity(self.ready.len());
+        let mut looked_at = 0;
+        let mut channel_full = false;
+        while let Some(item) = self.ready.pop_front() {
+            if channel_full || looked_at >= DISPATCH_WINDOW {
+                kept.push_back(item);
+                continue;
+            }
+            looked_at += 1;
+            let Some((job, correlation_id, attempt, not_before)) = self.job_for(&item) else {
+                continue; // the entry went away meanwhile
+            };
+            let keys = job.keys();
+            let waiting = not_before.is_some_and(|at| at > now);
+            if waiting
+                || keys
+                    .iter()
+                    .any(|key| blocked.iter().any(|other| key.conflicts(other)))
+            {
+                blocked.extend(keys);
+                kept.push_back(item);
+                continue;
+            }
+            let dispatch = Dispatch {
+                id: self.next_id,
+                job,
+                correlation_id,
+                attempt,
+            };
+            match self.channels.jobs.try_send(dispatch) {
+                Ok(()) => {
+                    self.next_id += 1;
+                    if let ReadyItem::Path(path) = &item {
+                        self.pending.remove(path);
+                    }
+                    blocked.extend(keys.iter().cloned());
+                    self.in_flight.insert(self.next_id - 1, keys);
+                }
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    channel_full = true;
+                    kept.push_back(item);
+                }
+            }
+        }
+        self.ready = kept;
+    }
+
+    fn job_for(&self, item: &ReadyItem) -> Option<(Job, Uuid, u32, Option<Instant>)> {
+        match item {
+            ReadyItem::Path(path) => {
+                let entry = self.pending.get(path).filter(|entry| entry.ready)?;
+                let job = match entry.state {
+                    State::Changed => Job::Check {
+                        path: path.clone(),
+                        renamed_from: entry.renamed_from.clone(),
+                    },
+                    State::Removed => Job::Gone { path: path.clone() },
+                };
+                Some((job, entry.correlation_id, entry.attempt, entry.not_before))
+            }
+            ReadyItem::Tree {
+                job,
+                correlation_id,
+                attempt,
+                not_before,
+            } => Some((job.clone(), *correlation_id, *attempt, *not_before)),
+        }
+    }
+
+    fn on_done(&mut self, done: Done) {
+        let now = Instant::now();
+        self.in_flight.remove(&done.dispatch.id);
+        let Dispatch {
+            job,
+            correlation_id,
+            attempt,
+            ..
+        } = done.dispatch;
+        let (retry_after, changing) = match done.outcome {
+            Outcome::Finished => return,
+            Outcome::Changing => (None, true),
+            Outcome::Retry(after) => (Some(now + after), false),
+        };
+        match job {
+            Job::Check { path, renamed_from } => {
+                let fresher = self.pending.contains_key(&path);
+                let entry = self.touch(path, now);
+                if !fresher {
+                    entry.state = State::Changed;
+                    entry.closed = true;
+                    entry.correlation_id = correlation_id;
+                }
+                // The rename was not recorded yet: whatever came later, it still has to be.
+                if entry.renamed_from.is_none() {
+                    entry.renamed_from = renamed_from;
+                }
+                entry.not_before = retry_after;
+                entry.attempt = if changing { 0 } else { attempt + 1 };
+            }
+            Job::Gone { path } => {
+                let fresher = self.pending.contains_key(&path);
+                let entry = self.touch(path, now);
+                if !fresher {
+                    // `Changing` here means the file is back: look at it as a change.
+                    entry.state = if changing { State::Changed } else { State::Removed };
+                    entry.closed = true;
+                    entry.correlation_id = correlation_id;
+                }
+                entry.not_before = retry_after;
+                entry.attempt = if changing { 0 } else { attempt + 1 };
+            }
+            job @ (Job::GoneTree { .. } | Job::RenameDirectory { .. } | Job::Sweep { .. }) => {
+                // Keep its place in front of anything that overlaps it.
+                self.ready.push_front(ReadyItem::Tree {
+                    job,
+                    correlation_id,
+                    attempt: attempt + 1,
+                    not_before: retry_after.or(Some(now + self.settle_time())),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_conflict_on_same_path_and_on_subtrees() {
+        let file = |p: &str| Key::File(p.into());
+        let tree = |p: &str| Key::Tree(p.into());
+        assert!(file("/m/a").conflicts(&file("/m/a")));
+        assert!(!file("/m/a").conflicts(&file("/m/b")));
+        assert!(tree("/m/a").conflicts(&file("/m/a/x.flac")));
+        assert!(tree("/m/a").conflicts(&file("/m/a")));
+        assert!(!tree("/m/a").conflicts(&file("/m/ab/x.flac")));
+        assert!(tree("/m").conflicts(&tree("/m/a")));
+        assert!(!tree("/m/a").conflicts(&tree("/m/b")));
+    }
+}

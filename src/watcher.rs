@@ -1,0 +1,224 @@
+//! The notify side: kernel (or poll) events into a bounded channel, never blocking.
+//!
+//! notify runs its own thread and calls [`Callback::handle`] for every event.
+//! That thread must never wait on us: while it waits, the kernel's inotify
+//! queue fills and overflows, and events are lost where nobody can see it.
+//!
+//! **Full-channel policy.** The callback uses `try_send`. When the channel is
+//! full the event is dropped, a shared `overflowed` flag is raised and the
+//! drop is counted; the settle stage sees the flag and rescans the whole tree,
+//! which recovers every change the dropped events described (the same path
+//! the kernel's own queue overflow takes). Access events (open, close without
+//! write, reads caused by our own hashing) and attribute changes are filtered
+//! here, before they can take a slot.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Sender, TrySendError};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
+use notify::{Event, EventKind, PollWatcher, RecommendedWatcher, RecursiveMode, Watcher as _};
+
+use crate::config::WatchMode;
+
+/// Events between notify's thread and the settle stage.
+pub const CHANNEL_CAPACITY: usize = 16 * 1024;
+
+/// What the notify thread hands to the settle stage.
+#[derive(Debug)]
+pub enum RawEvent {
+    Fs(Event),
+    /// notify reported an error (e.g. the inotify watch limit was reached).
+    Error(notify::Error),
+}
+
+/// Counters shared between the callback and the settle stage.
+#[derive(Debug, Default)]
+pub struct WatchCounters {
+    /// Raised when an event was dropped on a full channel; the settle stage
+    /// clears it and rescans.
+    pub overflowed: AtomicBool,
+    pub dropped_events: AtomicU64,
+}
+
+/// The notify event handler. Public so the full-channel policy can be tested.
+pub struct Callback {
+    sender: Sender<RawEvent>,
+    counters: Arc<WatchCounters>,
+    poll_mode: bool,
+    /// Test-only stall switch (see `stall_while_present`).
+    stall_file: Option<PathBuf>,
+}
+
+impl Callback {
+    pub fn new(sender: Sender<RawEvent>, counters: Arc<WatchCounters>, poll_mode: bool) -> Callback {
+        Callback {
+            sender,
+            counters,
+            poll_mode,
+            stall_file: std::env::var_os("FILE_WATCHER_TEST_STALL_FILE").map(PathBuf::from),
+        }
+    }
+
+    pub fn handle(&self, result: notify::Result<Event>) {
+        if let Some(stall_file) = &self.stall_file {
+            stall_while_present(stall_file);
+        }
+        let raw = match result {
+            Ok(event) if !self.is_activity(&event) => return,
+            Ok(event) => RawEvent::Fs(event),
+            Err(error) => RawEvent::Error(error),
+        };
+        match self.sender.try_send(raw) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.counters.dropped_events.fetch_add(1, Ordering::Relaxed);
+                self.counters.overflowed.store(true, Ordering::Release);
+            }
+            // The settle stage has stopped: we are shutting down.
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Only real activity counts: create, data modification, close after
+    /// write, rename, remove and rescan requests. In poll mode a changed mtime
+    /// arrives as a metadata change, so it counts there.
+    fn is_activity(&self, event: &Event) -> bool {
+        match event.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+            EventKind::Access(_) => false,
+            EventKind::Modify(ModifyKind::Metadata(_)) => self.poll_mode,
+            _ => true,
+        }
+    }
+}
+
+/// Test-only: while `file` exists, the notify thread sleeps before handing
+/// over each event, as a stuck consumer would. Lets tests overflow the kernel
+/// queue without touching the machine-wide `max_queued_events` sysctl.
+fn stall_while_present(file: &Path) {
+    while file.exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Owns the notify watcher; dropping it stops notify's thread and with it the
+/// sender side of the raw-event channel.
+pub struct Watcher {
+    _inner: Box<dyn notify::Watcher + Send>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(
+        "cannot watch {path}: the inotify watch limit is reached; raise it with \
+         `sysctl fs.inotify.max_user_watches=524288` (and persist it in /etc/sysctl.d), \
+         or set POLL_INTERVAL_MS to poll instead"
+    )]
+    WatchLimit { path: PathBuf },
+    #[error("cannot watch {path}: {source}")]
+    Notify { path: PathBuf, source: notify::Error },
+}
+
+impl Watcher {
+    /// Starts watching `root` recursively, without following symlinks.
+    pub fn start(root: &Path, mode: WatchMode, callback: Callback) -> Result<Watcher, WatchError> {
+        let notify_error = |source: notify::Error| match source.kind {
+            notify::ErrorKind::MaxFilesWatch => WatchError::WatchLimit {
+                path: root.to_owned(),
+            },
+            _ => WatchError::Notify {
+                path: root.to_owned(),
+                source,
+            },
+        };
+        let handler = move |result: notify::Result<Event>| callback.handle(result);
+        let mut inner: Box<dyn notify::Watcher + Send> = match mode {
+            WatchMode::Inotify => Box::new(
+                RecommendedWatcher::new(handler, notify::Config::default().with_follow_symlinks(false))
+                    .map_err(notify_error)?,
+            ),
+            WatchMode::Poll(interval) => Box::new(
+                PollWatcher::new(
+                    handler,
+                    notify::Config::default()
+                        .with_poll_interval(interval)
+                        .with_follow_symlinks(false),
+                )
+                .map_err(notify_error)?,
+            ),
+        };
+        inner
+            .watch(root, RecursiveMode::Recursive)
+            .map_err(notify_error)?;
+        Ok(Watcher { _inner: inner })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::bounded;
+    use notify::event::{CreateKind, DataChange};
+    use std::time::Instant;
+
+    fn create(path: &str) -> notify::Result<Event> {
+        Ok(Event::new(EventKind::Create(CreateKind::File)).add_path(path.into()))
+    }
+
+    #[test]
+    fn full_channel_drops_raises_the_flag_and_never_blocks() {
+        let (sender, receiver) = bounded(2);
+        let counters = Arc::new(WatchCounters::default());
+        let callback = Callback::new(sender, counters.clone(), false);
+        let started = Instant::now();
+        for i in 0..1000 {
+            callback.handle(create(&format!("/m/{i}.flac")));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the callback must not wait"
+        );
+        assert_eq!(receiver.len(), 2, "the first events are kept");
+        assert_eq!(counters.dropped_events.load(Ordering::Relaxed), 998);
+        assert!(counters.overflowed.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn disconnected_channel_is_silent() {
+        let (sender, receiver) = bounded(1);
+        drop(receiver);
+        let counters = Arc::new(WatchCounters::default());
+        Callback::new(sender, counters.clone(), false).handle(create("/m/a.flac"));
+        assert!(!counters.overflowed.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn access_and_attribute_events_never_take_a_slot() {
+        let (sender, receiver) = bounded(16);
+        let callback = Callback::new(sender, Arc::new(WatchCounters::default()), false);
+        let event = |kind| Ok(Event::new(kind).add_path("/m/a.flac".into()));
+        callback.handle(event(EventKind::Access(AccessKind::Open(AccessMode::Any))));
+        callback.handle(event(EventKind::Access(AccessKind::Close(AccessMode::Read))));
+        callback.handle(event(EventKind::Modify(ModifyKind::Metadata(
+            notify::event::MetadataKind::Any,
+        ))));
+        assert_eq!(receiver.len(), 0);
+        callback.handle(event(EventKind::Modify(ModifyKind::Data(DataChange::Any))));
+        callback.handle(event(EventKind::Access(AccessKind::Close(AccessMode::Write))));
+        assert_eq!(receiver.len(), 2);
+    }
+
+    #[test]
+    fn poll_mode_counts_metadata_changes() {
+        let (sender, receiver) = bounded(16);
+        let callback = Callback::new(sender, Arc::new(WatchCounters::default()), true);
+        callback.handle(Ok(Event::new(EventKind::Modify(ModifyKind::Metadata(
+            notify::event::MetadataKind::WriteTime,
+        )))
+        .add_path("/m/a.flac".into())));
+        assert_eq!(receiver.len(), 1);
+    }
+}

@@ -1,0 +1,300 @@
+//! Workers: look at a file, hash it, and let the registry decide what changed.
+//!
+//! Each worker takes jobs from the shared queue, which the settle stage fills
+//! so that no two jobs for one path are ever in flight together. Problems with
+//! one file (vanished, unreadable) are logged with the path, counted, and the
+//! worker goes on; an unreachable registry hands the job back for a retry.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::hash;
+use crate::registry::{Applied, Change, Observed, Registry, RegistryError, Stat};
+use crate::settle::{Dispatch, Done, Job, Outcome};
+
+/// Hard (non-connection) registry errors a job survives before it is dropped;
+/// the next full scan picks the file up again.
+const MAX_ATTEMPTS: u32 = 5;
+/// Rows fetched per page when walking a subtree in the registry.
+const PAGE: usize = 500;
+
+/// Per-process counters, readable by the status reporting.
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    pub files_hashed: AtomicU64,
+    pub bytes_hashed: AtomicU64,
+    pub messages_recorded: AtomicU64,
+    /// Files that vanished or could not be read while we looked at them.
+    pub file_errors: AtomicU64,
+    pub registry_errors: AtomicU64,
+}
+
+pub struct Worker {
+    pub registry: Arc<dyn Registry>,
+    pub counters: Arc<WorkerCounters>,
+    /// Nudges the publisher after something was recorded (`try_send`: one
+    /// pending nudge is enough).
+    pub wake_publisher: Sender<()>,
+    /// Raised at shutdown: do not start new jobs, hand them back.
+    pub stopping: Arc<AtomicBool>,
+    /// Tells whether the registry was reachable at the last attempt, so the
+    /// outage and the recovery are each logged once.
+    pub registry_down: Arc<AtomicBool>,
+}
+
+impl Worker {
+    pub fn run(&self, jobs: Receiver<Dispatch>, done: Sender<Done>) {
+        for dispatch in jobs {
+            let outcome = if self.stopping.load(Ordering::Acquire) {
+                Outcome::Retry(Duration::ZERO)
+            } else {
+                self.perform(&dispatch)
+            };
+            if done.send(Done { dispatch, outcome }).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn perform(&self, dispatch: &Dispatch) -> Outcome {
+        let correlation = dispatch.correlation_id;
+        let result = match &dispatch.job {
+            Job::Check { path, renamed_from } => self.check(path, renamed_from.as_deref(), correlation),
+            Job::Gone { path } => self.record(&Change::Gone { path: path.clone() }, correlation),
+            Job::GoneTree { path } => self.gone_tree(path, correlation),
+            Job::RenameDirectory { from, to } => self.record(
+                &Change::DirectoryRenamed {
+                    from: from.clone(),
+                    to: to.clone(),
+                },
+                correlation,
+            ),
+            Job::Sweep { dir } => self.sweep(dir, correlation),
+        };
+        match result {
+            Ok(outcome) => {
+                if self.registry_down.swap(false, Ordering::AcqRel) {
+                    log::info!("registry reachable again; catching up on held changes");
+                }
+                outcome
+            }
+            Err(error) if error.is_unavailable() => {
+                if !self.registry_down.swap(true, Ordering::AcqRel) {
+                    log::error!("{error}; holding changes and retrying");
+                }
+                Outcome::Retry(backoff(dispatch.attempt))
+            }
+            Err(error) => {
+                self.counters.registry_errors.fetch_add(1, Ordering::Relaxed);
+                if dispatch.attempt + 1 >= MAX_ATTEMPTS {
+                    log::error!(
+                        "giving up on {:?} after {MAX_ATTEMPTS} attempts: {error}",
+                        dispatch.job
+                    );
+                    Outcome::Finished
+                } else {
+                    log::warn!(
+                        "{:?} failed (attempt {}): {error}",
+                        dispatch.job,
+                        dispatch.attempt + 1
+                    );
+                    Outcome::Retry(backoff(dispatch.attempt))
+                }
+            }
+        }
+    }
+
+    fn record(&self, change: &Change, correlation: uuid::Uuid) -> Result<Outcome, RegistryError> {
+        match self.registry.apply(change, correlation)? {
+            Applied::Changed => Ok(Outcome::Changing),
+            Applied::Recorded(messages) => {
+                if !messages.is_empty() {
+                    self.counters
+                        .messages_recorded
+                        .fetch_add(messages.len() as u64, Ordering::Relaxed);
+                    for message in &messages {
+                        log::debug!("recorded {} {}", message.event_type, message.file_path);
+                    }
+                    let _ = self.wake_publisher.try_send(());
+                }
+                Ok(Outcome::Finished)
+            }
+        }
+    }
+
+    fn check(
+        &self,
+        path: &str,
+        renamed_from: Option<&str>,
+        correlation: uuid::Uuid,
+    ) -> Result<Outcome, RegistryError> {
+        let before = match Stat::of(Path::new(path)) {
+            Ok(Some(stat)) => stat,
+            Ok(None) => return self.vanished(path, renamed_from, correlation),
+            Err(error) => {
+                self.file_error(path, &error);
+                return Ok(Outcome::Finished);
+            }
+        };
+        // Unchanged size and mtime: the recorded hashes still hold (renames keep both).
+        let known = self.registry.lookup(renamed_from.unwrap_or(path))?;
+        let reusable = known.filter(|row| {
+            !row.sha256.is_empty() && row.stat.size == before.size && row.stat.mtime_ns == before.mtime_ns
+        });
+        let (sha256, xxh128) = match reusable {
+            Some(row) => (row.sha256, row.xxh128),
+            None => {
+                let digests = match hash::hash_file(Path::new(path)) {
+                    Ok(digests) => digests,
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                        return self.vanished(path, renamed_from, correlation);
+                    }
+                    Err(error) => {
+                        self.file_error(path, &error);
+                        return Ok(Outcome::Finished);
+                    }
+                };
+                self.counters.files_hashed.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .bytes_hashed
+                    .fetch_add(digests.bytes, Ordering::Relaxed);
+                let after = Stat::of(Path::new(path)).ok().flatten();
+                if after != Some(before) || digests.bytes != before.size {
+                    log::debug!("{path} changed while it was read; waiting for it to settle");
+                    return Ok(Outcome::Changing);
+                }
+                (digests.sha256, digests.xxh128)
+            }
+        };
+        let observed = Observed {
+            path: path.to_owned(),
+            stat: before,
+            sha256,
+            xxh128,
+        };
+        self.record(
+            &Change::Present {
+                observed,
+                renamed_from: renamed_from.map(str::to_owned),
+            },
+            correlation,
+        )
+    }
+
+    /// The file disappeared before we could read it: if it had a recorded
+    /// name, that one is gone now.
+    fn vanished(
+        &self,
+        path: &str,
+        renamed_from: Option<&str>,
+        correlation: uuid::Uuid,
+    ) -> Result<Outcome, RegistryError> {
+        log::debug!("{path} vanished before it was read");
+        if let Some(from) = renamed_from {
+            if self.record(
+                &Change::Gone {
+                    path: from.to_owned(),
+                },
+                correlation,
+            )? == Outcome::Changing
+            {
+                return Ok(Outcome::Changing);
+            }
+        }
+        self.record(
+            &Change::Gone {
+                path: path.to_owned(),
+            },
+            correlation,
+        )
+    }
+
+    fn gone_tree(&self, path: &str, correlation: uuid::Uuid) -> Result<Outcome, RegistryError> {
+        self.record(
+            &Change::Gone {
+                path: path.to_owned(),
+            },
+            correlation,
+        )?;
+        self.for_each_recorded_below(path, |worker, file| {
+            // A file that is back (Changed) is left to its own events.
+            worker
+                .record(
+                    &Change::Gone {
+                        path: file.to_owned(),
+                    },
+                    correlation,
+                )
+                .map(|_| ())
+        })?;
+        Ok(Outcome::Finished)
+    }
+
+    /// After a full scan: recorded files that no longer exist are gone.
+    fn sweep(&self, dir: &str, correlation: uuid::Uuid) -> Result<Outcome, RegistryError> {
+        let mut swept = 0u64;
+        self.for_each_recorded_below(dir, |worker, file| {
+            if matches!(Stat::of(Path::new(file)), Ok(None)) {
+                swept += 1;
+                worker.record(
+                    &Change::Gone {
+                        path: file.to_owned(),
+                    },
+                    correlation,
+                )?;
+            }
+            Ok(())
+        })?;
+        if swept > 0 {
+            log::info!("sweep of {dir}: {swept} recorded files no longer exist");
+        }
+        Ok(Outcome::Finished)
+    }
+
+    fn for_each_recorded_below(
+        &self,
+        dir: &str,
+        mut visit: impl FnMut(&Worker, &str) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.registry.present_under(dir, after.as_deref(), PAGE)?;
+            for file in &page {
+                visit(self, file)?;
+            }
+            match page.last() {
+                Some(last) if page.len() == PAGE => after = Some(last.clone()),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    fn file_error(&self, path: &str, error: &std::io::Error) {
+        self.counters.file_errors.fetch_add(1, Ordering::Relaxed);
+        log::warn!("cannot read {path}: {error}");
+    }
+}
+
+/// Capped exponential backoff with jitter: 0.5 s, 1 s, 2 s … up to 30 s.
+pub fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(500).saturating_mul(1 << attempt.min(6));
+    let capped = base.min(Duration::from_secs(30));
+    let jitter = rand::random_range(0.8..1.2);
+    capped.mul_f64(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(0) < Duration::from_millis(700));
+        assert!(backoff(3) > Duration::from_secs(3));
+        assert!(backoff(40) <= Duration::from_secs(36));
+    }
+}
