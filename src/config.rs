@@ -56,8 +56,8 @@ pub struct Args {
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: String,
     /// Without a database: announce files present at start once each as `created`.
-    #[arg(long, env = "SCAN_EXISTING")]
-    pub scan_existing: bool,
+    #[arg(long, env = "SCAN_EXISTING", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub scan_existing: Option<String>,
     /// RabbitMQ URL, e.g. amqp://user:pass@host:5672/%2f. Unset: see RABBITMQ_HOST.
     #[arg(long, env = "RABBITMQ_URL", hide_env_values = true)]
     pub rabbitmq_url: Option<String>,
@@ -83,6 +83,10 @@ pub struct Args {
     /// PostgreSQL URL, e.g. postgres://user:pass@host:5432/db. Unset: no registry database.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// A file that exists only while the share is mounted (relative paths are
+    /// below DIR); while it is missing no deletion is published.
+    #[arg(long, env = "SENTINEL_FILE")]
+    pub sentinel_file: Option<PathBuf>,
     /// Schema holding the registry tables [default: the connection's search_path, normally `public`].
     #[arg(long, env = "DB_SCHEMA")]
     pub db_schema: Option<String>,
@@ -108,6 +112,8 @@ pub struct Config {
     pub scan_existing: bool,
     pub broker: Option<BrokerConfig>,
     pub database: Option<DatabaseConfig>,
+    /// Absolute path of the sentinel file, if one is configured.
+    pub sentinel: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -350,7 +356,40 @@ impl Config {
             _ => None,
         };
 
+        let scan_existing = match args
+            .scan_existing
+            .as_deref()
+            .map(|v| v.trim().to_ascii_lowercase())
+        {
+            None => false,
+            Some(value) => match value.as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "" | "0" | "false" | "no" | "off" => false,
+                _ => {
+                    return Err(invalid(
+                        "SCAN_EXISTING",
+                        "scan-existing",
+                        args.scan_existing.as_deref().unwrap_or_default(),
+                        "expected true or false",
+                    ))
+                }
+            },
+        };
+        let sentinel = match args.sentinel_file {
+            Some(path) if path.as_os_str().is_empty() => None,
+            Some(path) => Some(normalize_dir(&data_dir.join(path.clone())).ok_or_else(|| {
+                invalid(
+                    "SENTINEL_FILE",
+                    "sentinel-file",
+                    &path.to_string_lossy(),
+                    "not a usable path",
+                )
+            })?),
+            None => None,
+        };
+
         Ok(Config {
+            sentinel,
             data_dir,
             instance_id,
             filter,
@@ -359,7 +398,7 @@ impl Config {
             watch_mode,
             log_level,
             log_format,
-            scan_existing: args.scan_existing,
+            scan_existing,
             broker,
             database,
         })

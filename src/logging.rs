@@ -26,6 +26,10 @@ pub fn init(
         .level_for("async_global_executor", level.min(log::LevelFilter::Info))
         .level_for("notify", level.min(log::LevelFilter::Info))
         .level_for("mio", level.min(log::LevelFilter::Info))
+        // Spans arrive as log records through tracing's `log` feature; they carry no news.
+        .level_for("tracing::span", level.min(log::LevelFilter::Warn))
+        // lapin dumps a returned message byte by byte; `broker` logs it readably.
+        .level_for("lapin::returned_messages", level.min(log::LevelFilter::Error))
         .level_for("postgres", level.min(log::LevelFilter::Info))
         .level_for("tokio_postgres", level.min(log::LevelFilter::Info));
     let dispatch = match format {

@@ -24,20 +24,28 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, select, unbounded, Receiver};
 
-use crate::config::{Config, WatchMode};
+use crate::broker::BrokerSettings;
+use crate::config::{redact_url, Config, WatchMode};
+use crate::guard::RootGuard;
 use crate::message::Origin;
-use crate::publish::{Publisher, PublisherExit, Sink, StdoutSink};
+use crate::publish::{BrokerSink, Publisher, PublisherExit, Sink, StdoutSink};
 use crate::registry::memory::MemoryRegistry;
 use crate::registry::{Registry, RegistryError, Stat};
 use crate::scan;
 use crate::settle::{Settle, SettleChannels, SettleOptions};
-use crate::watcher::{Callback, WatchCounters, WatchError, Watcher, CHANNEL_CAPACITY};
+use crate::watcher::{start_with_fallback, Callback, WatchCounters, WatchError, CHANNEL_CAPACITY};
 use crate::worker::{Worker, WorkerCounters};
 
 /// Pending changes the settle stage holds before falling back to a rescan.
 const MAX_PENDING: usize = 200_000;
 /// How long the publisher may keep draining the outbox after a stop request.
 const FINAL_DRAIN: Duration = Duration::from_secs(5);
+/// Bounds one connect attempt (TCP, AMQP handshake, declarations).
+const BROKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds waiting for the confirms of one batch; a healthy broker takes milliseconds.
+const BROKER_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// A frozen broker is noticed after about two heartbeats.
+const BROKER_HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// Problems that stop the process (as opposed to problems with one file,
 /// which are logged and counted where they happen).
@@ -64,17 +72,50 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
 
     let memory = Arc::new(MemoryRegistry::new(origin.clone()));
     let registry: Arc<dyn Registry> = memory.clone();
-    let sink: Box<dyn Sink> = Box::new(StdoutSink::new());
+    let sink: Box<dyn Sink> = match &config.broker {
+        Some(broker) => Box::new(BrokerSink::new(BrokerSettings {
+            url: broker.url.clone(),
+            exchange: broker.exchange.clone(),
+            dead_letter_exchange: broker.dead_letter_exchange.clone(),
+            connection_name: format!("file_watcher_{}", config.instance_id),
+            connect_timeout: BROKER_CONNECT_TIMEOUT,
+            confirm_timeout: BROKER_CONFIRM_TIMEOUT,
+            heartbeat: BROKER_HEARTBEAT,
+        })),
+        None => Box::new(StdoutSink::new()),
+    };
+    log::info!(
+        "instance {} watching {}; broker: {}; database: {}",
+        config.instance_id,
+        config.watched_directory(),
+        config
+            .broker
+            .as_ref()
+            .map_or("none (messages go to stdout)".to_owned(), |broker| format!(
+                "{} exchange {}",
+                redact_url(&broker.url),
+                broker.exchange
+            )),
+        config
+            .database
+            .as_ref()
+            .map_or("none (registry in memory)".to_owned(), |database| format!(
+                "{}{}",
+                redact_url(&database.url),
+                database
+                    .schema
+                    .as_ref()
+                    .map(|schema| format!(" schema {schema}"))
+                    .unwrap_or_default()
+            )),
+    );
 
     // Watch first, then look: anything that changes from here on raises an event.
     let counters = Arc::new(WatchCounters::default());
     let (raw_sender, raw_receiver) = bounded(CHANNEL_CAPACITY);
-    let poll_mode = matches!(config.watch_mode, WatchMode::Poll(_));
-    let watcher = Watcher::start(
-        &config.data_dir,
-        config.watch_mode,
-        Callback::new(raw_sender, counters.clone(), poll_mode),
-    )?;
+    let (watcher, watch_mode) = start_with_fallback(&config.data_dir, config.watch_mode, |poll| {
+        Callback::new(raw_sender.clone(), counters.clone(), poll)
+    })?;
 
     if !config.scan_existing {
         // Without a database: learn what exists, so changes to it read as
@@ -106,6 +147,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
     let stopping = Arc::new(AtomicBool::new(false));
     let worker_counters = Arc::new(WorkerCounters::default());
     let registry_down = Arc::new(AtomicBool::new(false));
+    let guard = RootGuard::new(config.data_dir.clone(), config.sentinel.clone());
     let mut workers = Threads::default();
     for index in 0..config.workers {
         let worker = Worker {
@@ -114,6 +156,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
             wake_publisher: wake_sender.clone(),
             stopping: stopping.clone(),
             registry_down: registry_down.clone(),
+            guard: guard.clone(),
         };
         let jobs = job_receiver.clone();
         let done = done_sender.clone();
@@ -127,10 +170,11 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
             root: config.data_dir.clone(),
             filter: config.filter.clone(),
             settle: config.settle,
-            mode: config.watch_mode,
+            mode: watch_mode,
             max_pending: MAX_PENDING,
             initial_scan: config.scan_existing,
             sweep_after_full_scan: !config.scan_existing,
+            sentinel: config.sentinel.clone(),
         };
         let channels = SettleChannels {
             raw: raw_receiver,
@@ -140,7 +184,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
             jobs: job_sender,
             scan_requests: scan_sender,
         };
-        let settle = Settle::new(options, channels, counters.clone());
+        let settle = Settle::new(options, channels, counters.clone(), watcher, raw_sender, guard);
         threads.spawn("settle", move || settle.run())?;
     }
 
@@ -160,7 +204,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
             source,
         })?;
 
-    let mode = match config.watch_mode {
+    let mode = match watch_mode {
         WatchMode::Inotify => "inotify".to_owned(),
         WatchMode::Poll(interval) => format!("polling every {} ms", interval.as_millis()),
     };
@@ -180,8 +224,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
         }
     }
 
-    // Orderly shutdown, in pipeline order.
-    drop(watcher);
+    // Orderly shutdown, in pipeline order (the settle stage drops the watcher first).
     stopping.store(true, Ordering::Release);
     drop(settle_stop_sender);
     threads.join();

@@ -7,12 +7,14 @@
 //! the outbox and goes out again, with the same `message_id`.
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use uuid::Uuid;
 
+use crate::broker::{Broker, BrokerSettings};
 use crate::message::Message;
 use crate::registry::Registry;
 
@@ -36,6 +38,18 @@ pub enum SinkError {
 pub trait Sink: Send {
     /// Delivers `messages` in order and returns the ids the sink confirmed.
     fn deliver(&mut self, messages: &[Message]) -> Result<Vec<Uuid>, SinkError>;
+
+    /// Gets ready to deliver (connects), so problems show at start rather
+    /// than with the first file.
+    fn prepare(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// How long to wait before the next delivery is worth trying (a
+    /// reconnect backoff); zero when the sink is ready.
+    fn wait_hint(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// One JSON object per line on stdout, flushed per line (`file-watcher dir | jq`).
@@ -91,23 +105,45 @@ impl Publisher {
     /// or the sink closes for good.
     pub fn run(mut self, wake: Receiver<()>, final_drain: Duration) -> PublisherExit {
         let mut failures = 0u32;
+        let mut retry_at: Option<Instant> = None;
+        if let Err(SinkError::Unavailable(reason)) = self.sink.prepare() {
+            failures = 1;
+            log::warn!("cannot publish now, messages wait in the outbox: {reason}");
+        }
         loop {
-            let stopping = match wake.recv_timeout(IDLE_POLL) {
+            let now = Instant::now();
+            let hint = self.sink.wait_hint();
+            let not_before = retry_at.into_iter().chain(Some(now + hint)).max().unwrap_or(now);
+            let wait = if not_before > now {
+                not_before - now
+            } else {
+                IDLE_POLL
+            };
+            let stopping = match wake.recv_timeout(wait) {
                 Ok(()) | Err(RecvTimeoutError::Timeout) => false,
                 Err(RecvTimeoutError::Disconnected) => true,
             };
+            if !stopping && Instant::now() < not_before {
+                continue; // nudged during a backoff: the backoff still holds
+            }
             let deadline = stopping.then(|| Instant::now() + final_drain);
             match self.drain(deadline) {
-                Ok(()) => failures = 0,
+                Ok(()) => {
+                    if failures > 0 {
+                        log::info!("publishing again after {failures} failed attempts");
+                    }
+                    failures = 0;
+                    retry_at = None;
+                }
                 Err(SinkError::Closed) => return PublisherExit::SinkClosed,
                 Err(SinkError::Unavailable(reason)) => {
                     failures += 1;
                     if failures == 1 {
-                        log::warn!("cannot publish now: {reason}");
+                        log::warn!("cannot publish now, messages wait in the outbox: {reason}");
+                    } else {
+                        log::debug!("publish attempt {failures} failed: {reason}");
                     }
-                    if !stopping {
-                        std::thread::sleep(crate::worker::backoff(failures.min(6)));
-                    }
+                    retry_at = Some(Instant::now() + crate::worker::backoff(failures.min(6)));
                 }
             }
             if stopping {
@@ -140,6 +176,116 @@ impl Publisher {
                     batch.len()
                 )));
             }
+        }
+    }
+}
+
+/// RabbitMQ through [`Broker`]: one connection and one confirm channel, made
+/// and remade by this sink's own reconnect loop (lapin's automatic recovery is
+/// not used: it would hide which messages were confirmed).
+pub struct BrokerSink {
+    settings: BrokerSettings,
+    broker: Option<Broker>,
+    /// Consecutive failed connects, for the capped, jittered backoff.
+    failed_connects: u32,
+    next_connect: Instant,
+    /// A `connection.blocked` was reported and not yet lifted.
+    blocked: bool,
+    pub unroutable: Arc<AtomicU64>,
+}
+
+impl BrokerSink {
+    pub fn new(settings: BrokerSettings) -> BrokerSink {
+        BrokerSink {
+            settings,
+            broker: None,
+            failed_connects: 0,
+            next_connect: Instant::now(),
+            blocked: false,
+            unroutable: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn connected(&mut self) -> Result<&mut Broker, SinkError> {
+        if self.broker.as_ref().is_some_and(|broker| !broker.is_usable()) {
+            log::warn!("lost the RabbitMQ connection; reconnecting");
+            self.broker = None;
+        }
+        if self.broker.is_none() {
+            if Instant::now() < self.next_connect {
+                return Err(SinkError::Unavailable("waiting to reconnect to RabbitMQ".into()));
+            }
+            match Broker::connect(&self.settings) {
+                Ok(broker) => {
+                    if self.failed_connects > 0 {
+                        log::info!(
+                            "connected to RabbitMQ again after {} attempts",
+                            self.failed_connects
+                        );
+                    }
+                    self.failed_connects = 0;
+                    self.broker = Some(broker);
+                }
+                Err(error) => {
+                    self.failed_connects += 1;
+                    self.next_connect = Instant::now() + crate::worker::backoff(self.failed_connects.min(6));
+                    return Err(SinkError::Unavailable(error.to_string()));
+                }
+            }
+        }
+        Ok(self.broker.as_mut().expect("connected above"))
+    }
+}
+
+impl Sink for BrokerSink {
+    fn prepare(&mut self) -> Result<(), SinkError> {
+        self.connected().map(|_| ())
+    }
+
+    fn deliver(&mut self, messages: &[Message]) -> Result<Vec<Uuid>, SinkError> {
+        let broker = self.connected()?;
+        if broker.is_blocked() {
+            let reason = broker.blocked_reason().unwrap_or_default();
+            if !self.blocked {
+                self.blocked = true;
+                log::warn!("RabbitMQ blocked publishing ({reason}); pausing until it unblocks");
+            }
+            return Err(SinkError::Unavailable(format!(
+                "RabbitMQ blocked publishing ({reason})"
+            )));
+        }
+        if std::mem::take(&mut self.blocked) {
+            log::info!("RabbitMQ unblocked publishing; resuming");
+        }
+        let broker = self.broker.as_mut().expect("connected above");
+        match broker.publish(messages) {
+            Ok(published) => {
+                if published.unroutable > 0 {
+                    self.unroutable
+                        .fetch_add(published.unroutable as u64, Ordering::Relaxed);
+                }
+                // Keep the recorded order: stop at the first message the broker refused.
+                let confirmed: Vec<Uuid> = messages
+                    .iter()
+                    .map(|message| message.message_id)
+                    .take_while(|id| published.acked.contains(id))
+                    .collect();
+                Ok(confirmed)
+            }
+            Err(error) => {
+                if let Some(broker) = self.broker.take() {
+                    broker.close();
+                }
+                Err(SinkError::Unavailable(error.to_string()))
+            }
+        }
+    }
+
+    fn wait_hint(&self) -> Duration {
+        if self.broker.is_none() {
+            self.next_connect.saturating_duration_since(Instant::now())
+        } else {
+            Duration::ZERO
         }
     }
 }

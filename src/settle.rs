@@ -31,9 +31,12 @@ use uuid::Uuid;
 
 use crate::config::WatchMode;
 use crate::filter::Filter;
+use crate::guard::RootGuard;
 use crate::registry::rebase;
 use crate::scan::{Discovery, ScanKind, ScanRequest};
-use crate::watcher::{RawEvent, WatchCounters};
+use crate::watcher::{
+    start_with_fallback, Callback, RawEvent, WatchCounters, Watcher, WATCH_LIMIT_POLL_INTERVAL,
+};
 
 /// A unit of work for the workers. Each carries the correlation id shared by
 /// the messages it produces.
@@ -52,9 +55,9 @@ pub enum Job {
     GoneTree { path: String },
     /// A directory was renamed inside the tree.
     RenameDirectory { from: String, to: String },
-    /// After a full scan: every recorded file below `dir` that no longer
-    /// exists is gone.
-    Sweep { dir: String },
+    /// After a full scan that found `files_found` files: every recorded file
+    /// below `dir` that no longer exists is gone.
+    Sweep { dir: String, files_found: u64 },
 }
 
 impl Job {
@@ -70,7 +73,7 @@ impl Job {
             Job::RenameDirectory { from, to } => {
                 vec![Key::Tree(from.clone()), Key::Tree(to.clone())]
             }
-            Job::Sweep { dir } => vec![Key::Tree(dir.clone())],
+            Job::Sweep { dir, .. } => vec![Key::Tree(dir.clone())],
         }
     }
 }
@@ -141,6 +144,8 @@ struct Entry {
     correlation_id: Uuid,
     /// Already in the ready queue.
     ready: bool,
+    /// The earliest time a timer for this entry is queued for.
+    scheduled: Instant,
 }
 
 impl Entry {
@@ -154,6 +159,7 @@ impl Entry {
             attempt: 0,
             correlation_id: Uuid::new_v4(),
             ready: false,
+            scheduled: now,
         }
     }
 }
@@ -185,6 +191,8 @@ pub struct SettleOptions {
     /// Follow a full scan with a sweep for vanished files (needs a registry
     /// that knows the tree: always true except on a first stdout-mode scan).
     pub sweep_after_full_scan: bool,
+    /// Optional file whose absence means the share is not mounted.
+    pub sentinel: Option<PathBuf>,
 }
 
 /// The channels the settle stage reads and writes.
@@ -206,6 +214,8 @@ const OPEN_WRITER_TIMEOUT: Duration = Duration::from_secs(60);
 const RENAME_PAIRING: Duration = Duration::from_millis(100);
 /// Upper bound on one wait, so counters and flags are looked at regularly.
 const MAX_WAIT: Duration = Duration::from_millis(250);
+/// How often the root's presence and identity are checked.
+const WATCHDOG_INTERVAL: Duration = Duration::from_secs(2);
 /// Ready items looked at per dispatch pass; keeps a huge backlog from making
 /// every pass quadratic.
 const DISPATCH_WINDOW: usize = 4096;
@@ -227,12 +237,37 @@ pub struct Settle {
     delayed_scans: Vec<(Instant, PathBuf)>,
     full_scan_running: bool,
     full_scan_again: bool,
+    /// Entries changed since the last pass (their deadlines may have moved).
+    touched: Vec<String>,
+    /// The notify watcher; owned here so it can be restarted when the root
+    /// comes back, or swapped for polling when inotify runs out of watches.
+    watcher: Option<Watcher>,
+    /// For building a new watcher's callback.
+    raw_sender: Sender<RawEvent>,
+    /// Shared with the workers: which root identity the watcher serves.
+    guard: RootGuard,
+    /// The root is gone, replaced or without its sentinel: logged once,
+    /// deletions wait.
+    root_unavailable: bool,
+    next_watchdog: Instant,
 }
 
 impl Settle {
-    pub fn new(options: SettleOptions, channels: SettleChannels, counters: Arc<WatchCounters>) -> Settle {
+    pub fn new(
+        options: SettleOptions,
+        channels: SettleChannels,
+        counters: Arc<WatchCounters>,
+        watcher: Watcher,
+        raw_sender: Sender<RawEvent>,
+        guard: RootGuard,
+    ) -> Settle {
         let root_text = options.root.to_string_lossy().into_owned();
         Settle {
+            watcher: Some(watcher),
+            raw_sender,
+            guard,
+            root_unavailable: false,
+            next_watchdog: Instant::now() + WATCHDOG_INTERVAL,
             options,
             root_text,
             channels,
@@ -246,6 +281,7 @@ impl Settle {
             delayed_scans: Vec::new(),
             full_scan_running: false,
             full_scan_again: false,
+            touched: Vec::new(),
         }
     }
 
@@ -291,11 +327,17 @@ impl Settle {
                 self.request_full_scan("event channel overflow");
             }
             let now = Instant::now();
+            if now >= self.next_watchdog {
+                self.watchdog(now);
+            }
             self.flush_unpaired_from(now, false);
             self.start_due_scans(now);
+            self.reschedule_touched();
             self.promote_due(now);
             self.dispatch(now);
         }
+        // Stop watching first: nothing new comes in while we wind down.
+        self.watcher = None;
         log::debug!(
             "settle stage stopping: {} pending, {} ready, {} in flight",
             self.pending.len(),
@@ -310,18 +352,6 @@ impl Settle {
             // Unchanged across two polls.
             WatchMode::Poll(interval) => self.options.settle.max(interval * 2),
         }
-    }
-
-    fn deadline(&self, entry: &Entry) -> Instant {
-        let quiet = if entry.closed {
-            self.settle_time()
-        } else {
-            OPEN_WRITER_TIMEOUT
-        };
-        let settled = entry.last_activity + quiet;
-        entry
-            .not_before
-            .map_or(settled, |not_before| not_before.max(settled))
     }
 
     fn next_wakeup(&self, now: Instant) -> Instant {
@@ -344,12 +374,17 @@ impl Settle {
         match raw {
             RawEvent::Fs(event) => self.on_event(event),
             RawEvent::Error(error) => match error.kind {
-                notify::ErrorKind::MaxFilesWatch => log::error!(
-                    "inotify watch limit reached while adding {:?}: files there are not watched; raise \
-                     fs.inotify.max_user_watches (e.g. `sysctl fs.inotify.max_user_watches=524288`) or set \
-                     POLL_INTERVAL_MS",
-                    error.paths
-                ),
+                notify::ErrorKind::MaxFilesWatch => {
+                    log::error!(
+                        "inotify watch limit reached while adding {:?}; raise it with \
+                         `sysctl fs.inotify.max_user_watches=524288` (persist it in /etc/sysctl.d); \
+                         polling the tree every {} s meanwhile",
+                        error.paths,
+                        WATCH_LIMIT_POLL_INTERVAL.as_secs()
+                    );
+                    self.options.mode = WatchMode::Poll(WATCH_LIMIT_POLL_INTERVAL);
+                    self.restart_watcher("inotify watch limit reached");
+                }
                 notify::ErrorKind::WatchNotFound | notify::ErrorKind::PathNotFound => {
                     log::debug!("watch already gone: {error}")
                 }
@@ -434,7 +469,7 @@ impl Settle {
             EventKind::Remove(_) => {
                 for path in paths {
                     if path == self.root_text {
-                        log::error!("the watched directory {path} was removed or unmounted");
+                        self.watchdog(now);
                     } else if self.announces(&path) || self.pending.contains_key(&path) {
                         self.mark_removed(path, now);
                     }
@@ -472,20 +507,37 @@ impl Settle {
             .is_ok_and(|relative| !relative.as_os_str().is_empty() && self.options.filter.announces(relative))
     }
 
+    /// The entry for `path`, created if new, with its activity time set to
+    /// `now`. Callers change it in place; `reschedule_touched` then makes sure
+    /// a timer fires at its (possibly earlier) deadline.
     fn touch(&mut self, path: String, now: Instant) -> &mut Entry {
-        if !self.pending.contains_key(&path) {
-            self.timers
-                .push(Reverse((now + self.settle_time(), path.clone())));
-            if self.pending.len() >= self.options.max_pending {
-                self.shed_pending();
-            }
+        if !self.pending.contains_key(&path) && self.pending.len() >= self.options.max_pending {
+            self.shed_pending();
         }
-        let entry = self
-            .pending
-            .entry(path)
-            .or_insert_with(|| Entry::new(State::Changed, now));
+        self.touched.push(path.clone());
+        let entry = self.pending.entry(path).or_insert_with(|| {
+            let mut entry = Entry::new(State::Changed, now);
+            entry.scheduled = now + OPEN_WRITER_TIMEOUT * 2; // no timer queued yet
+            entry
+        });
         entry.last_activity = now;
         entry
+    }
+
+    /// A close or a cleared backoff moves a deadline earlier than the timer
+    /// already queued: queue one for the new deadline.
+    fn reschedule_touched(&mut self) {
+        let settle = self.settle_time();
+        for path in std::mem::take(&mut self.touched) {
+            let Some(entry) = self.pending.get_mut(&path) else {
+                continue;
+            };
+            let deadline = deadline(entry, settle);
+            if !entry.ready && deadline < entry.scheduled {
+                entry.scheduled = deadline;
+                self.timers.push(Reverse((deadline, path)));
+            }
+        }
     }
 
     /// Data was written (or, polling, the file changed since the last poll).
@@ -579,8 +631,8 @@ impl Settle {
             }
             let new_path = rebase(&old_path, &from, &to).expect("filtered above");
             entry.ready = false;
-            self.timers
-                .push(Reverse((now + self.settle_time(), new_path.clone())));
+            entry.scheduled = now + self.settle_time();
+            self.timers.push(Reverse((entry.scheduled, new_path.clone())));
             self.pending.insert(new_path, entry);
         }
         for item in self.ready.iter_mut() {
@@ -641,6 +693,72 @@ impl Settle {
         if expired {
             let (_, path, _) = self.unpaired_from.take().expect("checked above");
             self.on_tree_gone(path, now);
+        }
+    }
+
+    // ----- the root ---------------------------------------------------------
+
+    /// Looks at the root: gone (an unmounted share, a removed directory), or
+    /// back under a new identity (remounted): then the old watches are dead,
+    /// so the watcher is restarted and the tree rescanned to catch up.
+    fn watchdog(&mut self, now: Instant) {
+        self.next_watchdog = now + WATCHDOG_INTERVAL;
+        let current = self.guard.current();
+        match self.guard.check() {
+            Ok(()) => {
+                if std::mem::take(&mut self.root_unavailable) {
+                    log::info!(
+                        "watched directory {} is available again: catching up",
+                        self.root_text
+                    );
+                    self.restart_watcher("the watched directory came back");
+                }
+            }
+            // Back, but as another directory (remounted, recreated): the old watches are dead.
+            Err(_) if current.is_some() && current != self.guard.expected() && self.sentinel_present() => {
+                log::info!(
+                    "watched directory {} was remounted or replaced: watching it again and catching up",
+                    self.root_text
+                );
+                self.root_unavailable = false;
+                self.guard.accept(current);
+                self.restart_watcher("the watched directory was remounted");
+            }
+            Err(reason) => {
+                if !self.root_unavailable {
+                    self.root_unavailable = true;
+                    log::error!(
+                        "watched directory unavailable: {reason}; publishing no deletions until it is back"
+                    );
+                }
+            }
+        }
+    }
+
+    fn sentinel_present(&self) -> bool {
+        self.options
+            .sentinel
+            .as_ref()
+            .is_none_or(|sentinel| std::fs::symlink_metadata(sentinel).is_ok())
+    }
+
+    fn restart_watcher(&mut self, reason: &str) {
+        self.watcher = None;
+        let sender = self.raw_sender.clone();
+        let counters = self.counters.clone();
+        let started = start_with_fallback(&self.options.root, self.options.mode, |poll| {
+            Callback::new(sender.clone(), counters.clone(), poll)
+        });
+        match started {
+            Ok((watcher, mode)) => {
+                self.watcher = Some(watcher);
+                self.options.mode = mode;
+                self.request_full_scan(reason);
+            }
+            Err(error) => {
+                log::error!("{error}; trying again in {} s", WATCHDOG_INTERVAL.as_secs());
+                self.root_unavailable = true;
+            }
         }
     }
 
@@ -708,6 +826,7 @@ impl Settle {
                     self.ready.push_back(ReadyItem::Tree {
                         job: Job::Sweep {
                             dir: self.root_text.clone(),
+                            files_found: files,
                         },
                         correlation_id: Uuid::new_v4(),
                         attempt: 0,
@@ -748,8 +867,9 @@ impl Settle {
             if entry.ready {
                 continue;
             }
-            let deadline = self.deadline(entry);
+            let deadline = deadline(entry, self.settle_time());
             if deadline > now {
+                self.pending.get_mut(&path).expect("looked up above").scheduled = deadline;
                 self.timers.push(Reverse((deadline, path)));
                 continue;
             }
@@ -882,6 +1002,17 @@ impl Settle {
             }
         }
     }
+}
+
+/// When an entry is ready: quiet for the settle time after the writer closed
+/// it (or for `OPEN_WRITER_TIMEOUT` while it stays open), and not before a
+/// retry's backoff.
+fn deadline(entry: &Entry, settle: Duration) -> Instant {
+    let quiet = if entry.closed { settle } else { OPEN_WRITER_TIMEOUT };
+    let settled = entry.last_activity + quiet;
+    entry
+        .not_before
+        .map_or(settled, |not_before| not_before.max(settled))
 }
 
 #[cfg(test)]

@@ -157,6 +157,32 @@ impl Watcher {
     }
 }
 
+/// Polling interval used when the inotify watch limit leaves no other way.
+pub const WATCH_LIMIT_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Starts watching in `mode`; when inotify runs out of watches, says so with
+/// the sysctl to raise and polls the tree instead, so nothing is silently
+/// left unwatched. Returns the mode actually in use.
+pub fn start_with_fallback(
+    root: &Path,
+    mode: WatchMode,
+    callback: impl Fn(bool) -> Callback,
+) -> Result<(Watcher, WatchMode), WatchError> {
+    let poll = matches!(mode, WatchMode::Poll(_));
+    match Watcher::start(root, mode, callback(poll)) {
+        Ok(watcher) => Ok((watcher, mode)),
+        Err(error @ WatchError::WatchLimit { .. }) => {
+            log::error!(
+                "{error}; polling every {} s instead until the limit is raised and the process restarted",
+                WATCH_LIMIT_POLL_INTERVAL.as_secs()
+            );
+            let fallback = WatchMode::Poll(WATCH_LIMIT_POLL_INTERVAL);
+            Ok((Watcher::start(root, fallback, callback(true))?, fallback))
+        }
+        Err(error) => Err(error),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

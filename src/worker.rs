@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::guard::RootGuard;
 use crate::hash;
 use crate::registry::{Applied, Change, Observed, Registry, RegistryError, Stat};
 use crate::settle::{Dispatch, Done, Job, Outcome};
@@ -44,7 +45,12 @@ pub struct Worker {
     /// Tells whether the registry was reachable at the last attempt, so the
     /// outage and the recovery are each logged once.
     pub registry_down: Arc<AtomicBool>,
+    /// Asked before every deletion: an unmounted tree deletes nothing.
+    pub guard: RootGuard,
 }
+
+/// How long deletions wait while the tree looks unmounted.
+const ROOT_RETRY: Duration = Duration::from_secs(5);
 
 impl Worker {
     pub fn run(&self, jobs: Receiver<Dispatch>, done: Sender<Done>) {
@@ -64,7 +70,7 @@ impl Worker {
         let correlation = dispatch.correlation_id;
         let result = match &dispatch.job {
             Job::Check { path, renamed_from } => self.check(path, renamed_from.as_deref(), correlation),
-            Job::Gone { path } => self.record(&Change::Gone { path: path.clone() }, correlation),
+            Job::Gone { path } => self.gone(path, correlation),
             Job::GoneTree { path } => self.gone_tree(path, correlation),
             Job::RenameDirectory { from, to } => self.record(
                 &Change::DirectoryRenamed {
@@ -73,7 +79,7 @@ impl Worker {
                 },
                 correlation,
             ),
-            Job::Sweep { dir } => self.sweep(dir, correlation),
+            Job::Sweep { dir, files_found } => self.sweep(dir, *files_found, correlation),
         };
         match result {
             Ok(outcome) => {
@@ -195,15 +201,20 @@ impl Worker {
     ) -> Result<Outcome, RegistryError> {
         log::debug!("{path} vanished before it was read");
         if let Some(from) = renamed_from {
-            if self.record(
-                &Change::Gone {
-                    path: from.to_owned(),
-                },
-                correlation,
-            )? == Outcome::Changing
-            {
-                return Ok(Outcome::Changing);
+            let outcome = self.gone(from, correlation)?;
+            if outcome != Outcome::Finished {
+                return Ok(outcome);
             }
+        }
+        self.gone(path, correlation)
+    }
+
+    /// Records that `path` is gone, unless the whole tree looks unmounted:
+    /// then the deletion waits.
+    fn gone(&self, path: &str, correlation: uuid::Uuid) -> Result<Outcome, RegistryError> {
+        if let Err(reason) = self.guard.check() {
+            log::debug!("holding the deletion of {path}: {reason}");
+            return Ok(Outcome::Retry(ROOT_RETRY));
         }
         self.record(
             &Change::Gone {
@@ -214,61 +225,56 @@ impl Worker {
     }
 
     fn gone_tree(&self, path: &str, correlation: uuid::Uuid) -> Result<Outcome, RegistryError> {
-        self.record(
-            &Change::Gone {
-                path: path.to_owned(),
-            },
-            correlation,
-        )?;
-        self.for_each_recorded_below(path, |worker, file| {
-            // A file that is back (Changed) is left to its own events.
-            worker
-                .record(
-                    &Change::Gone {
-                        path: file.to_owned(),
-                    },
-                    correlation,
-                )
-                .map(|_| ())
-        })?;
-        Ok(Outcome::Finished)
+        let outcome = self.gone(path, correlation)?;
+        if let Outcome::Retry(_) = outcome {
+            return Ok(outcome);
+        }
+        // A file below that is back (Changing) is left to its own events.
+        self.for_each_recorded_below(path, |worker, file| worker.gone(file, correlation))
     }
 
     /// After a full scan: recorded files that no longer exist are gone.
-    fn sweep(&self, dir: &str, correlation: uuid::Uuid) -> Result<Outcome, RegistryError> {
+    fn sweep(&self, dir: &str, files_found: u64, correlation: uuid::Uuid) -> Result<Outcome, RegistryError> {
+        if files_found == 0 && !self.registry.present_under(dir, None, 1)?.is_empty() {
+            log::error!(
+                "{dir} looks empty but the registry holds files under it (an unmounted share?): \
+                 publishing no mass deletion; set SENTINEL_FILE to make mounts explicit, or create a file \
+                 in the tree if it really is empty"
+            );
+            return Ok(Outcome::Finished);
+        }
         let mut swept = 0u64;
-        self.for_each_recorded_below(dir, |worker, file| {
+        let outcome = self.for_each_recorded_below(dir, |worker, file| {
             if matches!(Stat::of(Path::new(file)), Ok(None)) {
                 swept += 1;
-                worker.record(
-                    &Change::Gone {
-                        path: file.to_owned(),
-                    },
-                    correlation,
-                )?;
+                return worker.gone(file, correlation);
             }
-            Ok(())
+            Ok(Outcome::Finished)
         })?;
         if swept > 0 {
             log::info!("sweep of {dir}: {swept} recorded files no longer exist");
         }
-        Ok(Outcome::Finished)
+        Ok(outcome)
     }
 
+    /// Visits recorded files below `dir` page by page; stops early (and
+    /// returns it) when a visit asks for a retry.
     fn for_each_recorded_below(
         &self,
         dir: &str,
-        mut visit: impl FnMut(&Worker, &str) -> Result<(), RegistryError>,
-    ) -> Result<(), RegistryError> {
+        mut visit: impl FnMut(&Worker, &str) -> Result<Outcome, RegistryError>,
+    ) -> Result<Outcome, RegistryError> {
         let mut after: Option<String> = None;
         loop {
             let page = self.registry.present_under(dir, after.as_deref(), PAGE)?;
             for file in &page {
-                visit(self, file)?;
+                if let retry @ Outcome::Retry(_) = visit(self, file)? {
+                    return Ok(retry);
+                }
             }
             match page.last() {
                 Some(last) if page.len() == PAGE => after = Some(last.clone()),
-                _ => return Ok(()),
+                _ => return Ok(Outcome::Finished),
             }
         }
     }
