@@ -87,7 +87,7 @@ pub struct Args {
     /// below DIR); while it is missing no deletion is published.
     #[arg(long, env = "SENTINEL_FILE")]
     pub sentinel_file: Option<PathBuf>,
-    /// Schema holding the registry tables [default: the connection's search_path, normally `public`].
+    /// Schema holding the registry tables [default: public].
     #[arg(long, env = "DB_SCHEMA")]
     pub db_schema: Option<String>,
     /// Connections in this instance's pool; instances × pool size must stay
@@ -336,14 +336,16 @@ impl Config {
         if let Some(schema) = &args.db_schema {
             let valid = !schema.is_empty()
                 && schema.len() <= 63
-                && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && schema
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
                 && !schema.starts_with(|c: char| c.is_ascii_digit());
             if !valid {
                 return Err(invalid(
                     "DB_SCHEMA",
                     "db-schema",
                     schema,
-                    "use letters, digits and _, not starting with a digit",
+                    "use lower-case letters, digits and _, not starting with a digit",
                 ));
             }
         }

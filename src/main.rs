@@ -36,13 +36,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let mut text = error.to_string();
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                text.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            log::error!("{text}");
+            log::error!("{}", file_watcher::publish::error_chain(&error));
             ExitCode::FAILURE
         }
     }

@@ -25,12 +25,13 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, select, unbounded, Receiver};
 
 use crate::broker::BrokerSettings;
-use crate::config::{redact_url, Config, WatchMode};
+use crate::config::{redact_url, Config, DatabaseConfig, WatchMode};
 use crate::guard::RootGuard;
 use crate::message::Origin;
 use crate::publish::{BrokerSink, Publisher, PublisherExit, Sink, StdoutSink};
 use crate::registry::memory::MemoryRegistry;
-use crate::registry::{Registry, RegistryError, Stat};
+use crate::registry::postgres::{InstanceLock, LockError, PostgresRegistry, PostgresSettings};
+use crate::registry::{Deferred, Registry, RegistryError, Stat};
 use crate::scan;
 use crate::settle::{Settle, SettleChannels, SettleOptions};
 use crate::watcher::{start_with_fallback, Callback, WatchCounters, WatchError, CHANNEL_CAPACITY};
@@ -40,6 +41,9 @@ use crate::worker::{Worker, WorkerCounters};
 const MAX_PENDING: usize = 200_000;
 /// How long the publisher may keep draining the outbox after a stop request.
 const FINAL_DRAIN: Duration = Duration::from_secs(5);
+/// How often the database link retries a connection and checks the instance lock.
+const DATABASE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+const DATABASE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bounds one connect attempt (TCP, AMQP handshake, declarations).
 const BROKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bounds waiting for the confirms of one batch; a healthy broker takes milliseconds.
@@ -57,6 +61,8 @@ pub enum RunError {
     Watch(#[from] WatchError),
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    InstanceLock(LockError),
     #[error("cannot start thread {name}: {source}")]
     Thread { name: String, source: std::io::Error },
 }
@@ -70,8 +76,24 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
         watched_directory: config.watched_directory(),
     };
 
-    let memory = Arc::new(MemoryRegistry::new(origin.clone()));
-    let registry: Arc<dyn Registry> = memory.clone();
+    // With a database the registry is installed once the instance lock is
+    // held; until then workers hold their changes and nothing is published.
+    let deferred = Arc::new(Deferred::default());
+    let memory = config
+        .database
+        .is_none()
+        .then(|| Arc::new(MemoryRegistry::new(origin.clone())));
+    let registry: Arc<dyn Registry> = match &memory {
+        Some(memory) => memory.clone(),
+        None => deferred.clone(),
+    };
+    let mut database = config
+        .database
+        .as_ref()
+        .map(|database| DatabaseLink::new(database, &origin));
+    if let Some(link) = &mut database {
+        link.attempt(&deferred)?;
+    }
     let sink: Box<dyn Sink> = match &config.broker {
         Some(broker) => Box::new(BrokerSink::new(BrokerSettings {
             url: broker.url.clone(),
@@ -117,7 +139,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
         Callback::new(raw_sender.clone(), counters.clone(), poll)
     })?;
 
-    if !config.scan_existing {
+    if let Some(memory) = memory.as_ref().filter(|_| !config.scan_existing) {
         // Without a database: learn what exists, so changes to it read as
         // `modified`/`deleted`, without announcing or hashing it.
         let mut files = 0u64;
@@ -172,8 +194,9 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
             settle: config.settle,
             mode: watch_mode,
             max_pending: MAX_PENDING,
-            initial_scan: config.scan_existing,
-            sweep_after_full_scan: !config.scan_existing,
+            // With a database this is the catch-up after downtime: new files are
+            // created, changed ones modified, and the sweep finds deleted ones.
+            initial_scan: config.scan_existing || config.database.is_some(),
             sentinel: config.sentinel.clone(),
         };
         let channels = SettleChannels {
@@ -215,11 +238,23 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
         config.settle.as_millis()
     );
 
-    select! {
-        recv(stop) -> _ => {}
-        recv(publisher_exit_receiver) -> exit => {
-            if exit == Ok(PublisherExit::SinkClosed) {
-                log::info!("stdout was closed: stopping");
+    let mut fatal = None;
+    loop {
+        select! {
+            recv(stop) -> _ => break,
+            recv(publisher_exit_receiver) -> exit => {
+                if exit == Ok(PublisherExit::SinkClosed) {
+                    log::info!("stdout was closed: stopping");
+                }
+                break;
+            }
+            default(DATABASE_CHECK_INTERVAL) => {
+                if let Some(link) = &mut database {
+                    if let Err(error) = link.attempt(&deferred) {
+                        fatal = Some(error);
+                        break;
+                    }
+                }
             }
         }
     }
@@ -238,7 +273,77 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
         worker_counters.file_errors.load(Ordering::Relaxed),
         counters.dropped_events.load(Ordering::Relaxed),
     );
-    Ok(())
+    drop(database); // releases the instance lock last
+    fatal.map_or(Ok(()), Err)
+}
+
+/// The connection to the shared database: the instance lock and the registry.
+struct DatabaseLink {
+    settings: PostgresSettings,
+    origin: Origin,
+    lock: Option<InstanceLock>,
+    /// The database was reported down and not yet back (log once each way).
+    reported_down: bool,
+}
+
+impl DatabaseLink {
+    fn new(config: &DatabaseConfig, origin: &Origin) -> DatabaseLink {
+        DatabaseLink {
+            settings: PostgresSettings {
+                url: config.url.clone(),
+                schema: config.schema.clone(),
+                pool_size: config.pool_size,
+                connect_timeout: DATABASE_CONNECT_TIMEOUT,
+            },
+            origin: origin.clone(),
+            lock: None,
+            reported_down: false,
+        }
+    }
+
+    /// Takes the instance lock, then installs the registry; afterwards checks
+    /// that the lock is still ours (a database restart drops it). Fails only
+    /// when another live process holds our instance id, or the database
+    /// refuses us for a reason waiting will not fix.
+    fn attempt(&mut self, deferred: &Deferred) -> Result<(), RunError> {
+        let instance_id = &self.origin.instance_id;
+        let result = match &mut self.lock {
+            None => InstanceLock::acquire(&self.settings, instance_id).map(|lock| self.lock = Some(lock)),
+            Some(lock) => lock.verify(),
+        };
+        match result {
+            Ok(()) => {}
+            Err(LockError::Unavailable { detail, .. }) => {
+                self.report_down(&detail);
+                return Ok(());
+            }
+            Err(error) => return Err(RunError::InstanceLock(error)),
+        }
+        if !deferred.is_set() {
+            match PostgresRegistry::connect(&self.settings, self.origin.clone()) {
+                Ok(registry) => deferred.set(Box::new(registry)),
+                Err(RegistryError::Unavailable(detail)) => {
+                    self.report_down(&detail);
+                    return Ok(());
+                }
+                Err(error) => return Err(RunError::Registry(error)),
+            }
+        }
+        if std::mem::take(&mut self.reported_down) {
+            log::info!("database {} is reachable again", redact_url(&self.settings.url));
+        }
+        Ok(())
+    }
+
+    fn report_down(&mut self, detail: &str) {
+        if !self.reported_down {
+            self.reported_down = true;
+            log::error!(
+                "database {} unavailable ({detail}); still watching, changes are held until it is back",
+                redact_url(&self.settings.url)
+            );
+        }
+    }
 }
 
 fn check_data_dir(path: &Path) -> Result<(), RunError> {

@@ -6,6 +6,7 @@
 //! RabbitMQ after the broker's publisher confirm. Anything unconfirmed stays in
 //! the outbox and goes out again, with the same `message_id`.
 
+use std::collections::HashSet;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -229,7 +230,7 @@ impl BrokerSink {
                 Err(error) => {
                     self.failed_connects += 1;
                     self.next_connect = Instant::now() + crate::worker::backoff(self.failed_connects.min(6));
-                    return Err(SinkError::Unavailable(error.to_string()));
+                    return Err(SinkError::Unavailable(error_chain(&error)));
                 }
             }
         }
@@ -248,7 +249,8 @@ impl Sink for BrokerSink {
             let reason = broker.blocked_reason().unwrap_or_default();
             if !self.blocked {
                 self.blocked = true;
-                log::warn!("RabbitMQ blocked publishing ({reason}); pausing until it unblocks");
+                // The broker module has already warned, with the broker's reason.
+                log::debug!("RabbitMQ blocked publishing ({reason}); pausing until it unblocks");
             }
             return Err(SinkError::Unavailable(format!(
                 "RabbitMQ blocked publishing ({reason})"
@@ -265,10 +267,11 @@ impl Sink for BrokerSink {
                         .fetch_add(published.unroutable as u64, Ordering::Relaxed);
                 }
                 // Keep the recorded order: stop at the first message the broker refused.
+                let acked: HashSet<Uuid> = published.acked.into_iter().collect();
                 let confirmed: Vec<Uuid> = messages
                     .iter()
                     .map(|message| message.message_id)
-                    .take_while(|id| published.acked.contains(id))
+                    .take_while(|id| acked.contains(id))
                     .collect();
                 Ok(confirmed)
             }
@@ -276,7 +279,7 @@ impl Sink for BrokerSink {
                 if let Some(broker) = self.broker.take() {
                     broker.close();
                 }
-                Err(SinkError::Unavailable(error.to_string()))
+                Err(SinkError::Unavailable(error_chain(&error)))
             }
         }
     }
@@ -288,4 +291,19 @@ impl Sink for BrokerSink {
             Duration::ZERO
         }
     }
+}
+
+/// An error and its causes on one line ("cannot connect …: Connection refused").
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }

@@ -188,9 +188,6 @@ pub struct SettleOptions {
     pub max_pending: usize,
     /// Run a full scan (and sweep) right after start.
     pub initial_scan: bool,
-    /// Follow a full scan with a sweep for vanished files (needs a registry
-    /// that knows the tree: always true except on a first stdout-mode scan).
-    pub sweep_after_full_scan: bool,
     /// Optional file whose absence means the share is not mounted.
     pub sentinel: Option<PathBuf>,
 }
@@ -822,7 +819,7 @@ impl Settle {
                         "cannot read {}: skipping the sweep for vanished files",
                         self.root_text
                     );
-                } else if self.options.sweep_after_full_scan {
+                } else {
                     self.ready.push_back(ReadyItem::Tree {
                         job: Job::Sweep {
                             dir: self.root_text.clone(),
@@ -833,7 +830,6 @@ impl Settle {
                         not_before: None,
                     });
                 }
-                self.options.sweep_after_full_scan = true;
                 if std::mem::take(&mut self.full_scan_again) {
                     self.request_full_scan("changes were dropped during the last scan");
                 }

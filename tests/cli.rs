@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::SystemTime;
+use std::time::{Duration, Instant};
 
 use common::{event_type, write_file, Daemon, CONFIG_VARIABLES, DEADLINE};
 use serde_json::Value;
@@ -278,14 +278,16 @@ fn json_log_lines_parse_with_required_fields() {
 #[test]
 fn sigterm_exits_zero() {
     let mut daemon = Daemon::start();
-    let started = SystemTime::now();
+    let started = Instant::now();
     let status = daemon.terminate();
     assert!(
         status.success(),
         "SIGTERM exit: {status:?}\n{}",
         daemon.stderr_text()
     );
-    assert!(started.elapsed().unwrap() < DEADLINE);
+    // "Within a few seconds": an idle daemon has nothing to finish.
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(5), "SIGTERM took {elapsed:?}");
 }
 
 #[test]
@@ -339,7 +341,7 @@ fn closed_stdout_ends_the_process_cleanly() {
         "panicked on a closed stdout:\n{stderr}"
     );
     assert!(
-        status.code().is_some(),
-        "killed by a signal ({status:?}) instead of exiting:\n{stderr}"
+        status.success(),
+        "a closed stdout is a normal end, got {status:?}:\n{stderr}"
     );
 }

@@ -231,6 +231,34 @@ fn slow_writer_gives_one_created_hashed_over_final_content() {
 }
 
 #[test]
+fn slow_rewrite_of_announced_file_gives_one_modified() {
+    let daemon = Daemon::start();
+    let path = create_announced(&daemon, "slow.flac", b"before");
+    let mut file = File::create(daemon.path("slow.flac")).unwrap();
+    let mut written = Vec::new();
+    for piece in 0..3u8 {
+        if piece > 0 {
+            // Part of the scenario: a writer pausing longer than SETTLE_MS.
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let chunk = vec![piece + 10; 32 * 1024];
+        file.write_all(&chunk).unwrap();
+        written.extend_from_slice(&chunk);
+    }
+    drop(file);
+    let modified = daemon.wait_for_event("modified", &path);
+    assert_content(&modified, &written);
+    daemon.barrier();
+    assert_eq!(
+        summary(&daemon.messages_for(&path)),
+        vec![
+            ("created".to_owned(), path.clone()),
+            ("modified".to_owned(), path.clone())
+        ]
+    );
+}
+
+#[test]
 fn create_then_delete_before_settling_gives_nothing() {
     let daemon = Daemon::start();
     let path = daemon.path_str("fleeting.flac");
@@ -332,6 +360,27 @@ fn move_to_other_directory_gives_moved() {
     assert_content(&moved, b"moving");
     let after_create = daemon.barrier().split_off(1);
     assert_eq!(triples(&after_create), vec![triple("moved", &new, Some(&old))]);
+}
+
+#[test]
+fn file_moved_in_from_outside_gives_created() {
+    let daemon = Daemon::start();
+    let path = daemon.path_str("arrived.flac");
+    write_file(&daemon.outside().join("arrived.flac"), b"from outside");
+    fs::rename(daemon.outside().join("arrived.flac"), daemon.path("arrived.flac")).unwrap();
+    let created = daemon.wait_for_event("created", &path);
+    assert_content(&created, b"from outside");
+    assert_eq!(triples(&daemon.barrier()), vec![triple("created", &path, None)]);
+}
+
+#[test]
+fn file_moved_out_gives_deleted() {
+    let daemon = Daemon::start();
+    let path = create_announced(&daemon, "leaving.flac", b"leaving");
+    fs::rename(daemon.path("leaving.flac"), daemon.outside().join("leaving.flac")).unwrap();
+    daemon.wait_for_event("deleted", &path);
+    let after_create = daemon.barrier().split_off(1);
+    assert_eq!(triples(&after_create), vec![triple("deleted", &path, None)]);
 }
 
 #[test]

@@ -170,8 +170,8 @@ impl Registry for MemoryRegistry {
         let state = self.lock();
         let prefix = format!("{dir}/");
         let start = match after {
-            Some(after) => Bound::Excluded(after.to_owned()),
-            None => Bound::Included(prefix.clone()),
+            Some(after) if after >= prefix.as_str() => Bound::Excluded(after.to_owned()),
+            _ => Bound::Included(prefix.clone()),
         };
         Ok(state
             .rows

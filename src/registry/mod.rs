@@ -196,6 +196,59 @@ pub trait Registry: Send + Sync {
     fn mark_published(&self, message_ids: &[Uuid]) -> Result<(), RegistryError>;
 }
 
+/// A registry that is not there yet: the database was down at start. Every
+/// call answers `Unavailable` (so workers hold their changes and the
+/// publisher waits) until [`Deferred::set`] installs the real one.
+#[derive(Default)]
+pub struct Deferred {
+    inner: std::sync::OnceLock<Box<dyn Registry>>,
+}
+
+impl Deferred {
+    /// Installs the registry; later calls are ignored.
+    pub fn set(&self, registry: Box<dyn Registry>) {
+        let _ = self.inner.set(registry);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.inner.get().is_some()
+    }
+
+    fn get(&self) -> Result<&dyn Registry, RegistryError> {
+        self.inner
+            .get()
+            .map(|registry| registry.as_ref())
+            .ok_or_else(|| RegistryError::Unavailable("not connected to the database yet".into()))
+    }
+}
+
+impl Registry for Deferred {
+    fn lookup(&self, path: &str) -> Result<Option<Row>, RegistryError> {
+        self.get()?.lookup(path)
+    }
+
+    fn apply(&self, change: &Change, correlation_id: Uuid) -> Result<Applied, RegistryError> {
+        self.get()?.apply(change, correlation_id)
+    }
+
+    fn present_under(
+        &self,
+        dir: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, RegistryError> {
+        self.get()?.present_under(dir, after, limit)
+    }
+
+    fn outgoing(&self, limit: usize) -> Result<Vec<Message>, RegistryError> {
+        self.get()?.outgoing(limit)
+    }
+
+    fn mark_published(&self, message_ids: &[Uuid]) -> Result<(), RegistryError> {
+        self.get()?.mark_published(message_ids)
+    }
+}
+
 /// What a `Present` change means, given what the registry holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {

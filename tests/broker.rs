@@ -1,0 +1,736 @@
+//! The RabbitMQ sink against a real broker (`RABBITMQ_TEST_URL`, default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`).
+//!
+//! Every test declares its own exchange (`test_<uuid>`) through the `Broker`
+//! and deletes it when done, and reads through its own exclusive auto-delete
+//! queue, so tests run in parallel and rerun without cleanup. The test side
+//! talks to RabbitMQ with lapin directly, the way a consumer would.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use async_io::Timer;
+use file_watcher::broker::{exchange_declarations, Broker, BrokerError, BrokerSettings};
+use file_watcher::message::{Content, EventType, Message, Origin, SCHEMA_VERSION};
+use futures_lite::{future, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::uri::AMQPUri;
+use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// How long any single step may take before the test fails instead of hanging.
+const STEP: Duration = Duration::from_secs(15);
+
+fn test_url() -> String {
+    std::env::var("RABBITMQ_TEST_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn settings(exchange: &str) -> BrokerSettings {
+    BrokerSettings {
+        url: test_url(),
+        exchange: exchange.to_owned(),
+        dead_letter_exchange: format!("{exchange}.dlx"),
+        connection_name: format!("file_watcher_{}", Uuid::new_v4().simple()),
+        connect_timeout: Duration::from_secs(10),
+        confirm_timeout: Duration::from_secs(10),
+        heartbeat: Duration::from_secs(10),
+    }
+}
+
+fn unique_exchange() -> String {
+    format!("test_{}", Uuid::new_v4().simple())
+}
+
+/// Runs `work` to completion, failing the test after `STEP`.
+fn within<T>(what: &str, work: impl Future<Output = T>) -> T {
+    future::block_on(future::or(async { Some(work.await) }, async {
+        Timer::after(STEP).await;
+        None
+    }))
+    .unwrap_or_else(|| panic!("{what} did not finish within {STEP:?}"))
+}
+
+/// The consumer's side: its own connection, and the exchanges it removes on drop.
+struct Consumers {
+    connection: Connection,
+    channel: Channel,
+    exchanges: Vec<String>,
+}
+
+impl Consumers {
+    /// Connects and takes charge of deleting `exchange` and its `.dlx` at the end.
+    fn connect(exchange: &str) -> Consumers {
+        let connection = within(
+            "test connection",
+            Connection::connect(&test_url(), ConnectionProperties::default()),
+        )
+        .expect("the test side connects to RabbitMQ");
+        let channel = within("test channel", connection.create_channel()).expect("test channel opens");
+        Consumers {
+            connection,
+            channel,
+            exchanges: vec![exchange.to_owned(), format!("{exchange}.dlx")],
+        }
+    }
+
+    /// An exclusive auto-delete queue bound to `exchange` with `keys`, consumed without acks.
+    fn consume(&self, exchange: &str, keys: &[&str]) -> Consumer {
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        };
+        let queue = within(
+            "queue.declare",
+            self.channel
+                .queue_declare("".into(), options, FieldTable::default()),
+        )
+        .expect("test queue is declared");
+        for key in keys {
+            within(
+                "queue.bind",
+                self.channel.queue_bind(
+                    queue.name().clone(),
+                    exchange.into(),
+                    (*key).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .expect("test queue is bound");
+        }
+        let options = BasicConsumeOptions {
+            no_ack: true,
+            ..BasicConsumeOptions::default()
+        };
+        within(
+            "basic.consume",
+            self.channel
+                .basic_consume(queue.name().clone(), "".into(), options, FieldTable::default()),
+        )
+        .expect("test consumer starts")
+    }
+}
+
+impl Drop for Consumers {
+    fn drop(&mut self) {
+        for exchange in &self.exchanges {
+            let deleting = self
+                .channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default());
+            let _ = future::block_on(future::or(async { Some(deleting.await) }, async {
+                Timer::after(STEP).await;
+                None
+            }));
+        }
+        let closing = self.connection.close(200, "test done".into());
+        let _ = future::block_on(future::or(async { Some(closing.await) }, async {
+            Timer::after(STEP).await;
+            None
+        }));
+    }
+}
+
+fn next_delivery(consumer: &mut Consumer) -> Delivery {
+    within("delivery", consumer.next())
+        .expect("the consumer stream is open")
+        .expect("the delivery is intact")
+}
+
+fn sample_message(event_type: EventType) -> Message {
+    let origin = Origin {
+        instance_id: "inst42".into(),
+        watched_directory: "/data/music".into(),
+    };
+    let content = Content {
+        sha256_hash: "a".repeat(64),
+        xxh128_hash: "b".repeat(32),
+        size_bytes: 1234,
+        modified_time: "2026-01-02T03:04:05.678Z".into(),
+        file_type: "flac".into(),
+    };
+    origin.message(
+        event_type,
+        "/data/music/artist/song.flac",
+        None,
+        Uuid::new_v4(),
+        Some(content),
+    )
+}
+
+fn short(value: &Option<ShortString>) -> Option<&str> {
+    value.as_ref().map(ShortString::as_str)
+}
+
+/// Log records as `(target, text)`, captured for the whole test binary.
+fn captured_logs() -> &'static Mutex<Vec<(String, String)>> {
+    static RECORDS: OnceLock<Mutex<Vec<(String, String)>>> = OnceLock::new();
+    static LOGGER: Capture = Capture;
+    struct Capture;
+    impl log::Log for Capture {
+        fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+            metadata.level() <= log::Level::Warn
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            if self.enabled(record.metadata()) {
+                let entry = (record.target().to_owned(), record.args().to_string());
+                captured_logs().lock().unwrap().push(entry);
+            }
+        }
+        fn flush(&self) {}
+    }
+    let records = RECORDS.get_or_init(|| Mutex::new(Vec::new()));
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+    records
+}
+
+#[test]
+fn body_properties_and_headers_follow_the_contract() {
+    let exchange = unique_exchange();
+    let mut broker = Broker::connect(&settings(&exchange)).expect("connects");
+    let consumers = Consumers::connect(&exchange);
+    let mut consumer = consumers.consume(&exchange, &["file.#"]);
+
+    let message = sample_message(EventType::Created);
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let published = broker.publish(std::slice::from_ref(&message)).expect("publishes");
+    assert_eq!(published.acked, [message.message_id]);
+    assert!(published.nacked.is_empty());
+    assert_eq!(published.unroutable, 0);
+
+    let delivery = next_delivery(&mut consumer);
+    assert_eq!(delivery.data, message.to_json());
+    assert_eq!(delivery.routing_key.as_str(), "file.created");
+    assert_eq!(delivery.exchange.as_str(), exchange);
+    let properties = &delivery.properties;
+    assert_eq!(properties.delivery_mode(), &Some(2));
+    assert_eq!(short(properties.content_type()), Some("application/json"));
+    assert_eq!(
+        short(properties.message_id()),
+        Some(message.message_id.to_string().as_str())
+    );
+    assert_eq!(
+        short(properties.correlation_id()),
+        Some(message.correlation_id.to_string().as_str())
+    );
+    let timestamp = properties.timestamp().expect("timestamp is set");
+    assert!(
+        (before..=before + 60).contains(&timestamp),
+        "timestamp {timestamp} is unix seconds now"
+    );
+    assert_eq!(short(properties.app_id()), Some("file-watcher"));
+    assert_eq!(short(properties.kind()), Some("created"));
+    let headers = properties.headers().as_ref().expect("headers are set").inner();
+    assert_eq!(headers["x-instance-id"], AMQPValue::LongString("inst42".into()));
+    assert_eq!(
+        headers["x-watched-directory"],
+        AMQPValue::LongString("/data/music".into())
+    );
+    assert_eq!(headers["x-event-type"], AMQPValue::LongString("created".into()));
+    let schema_version = match &headers["x-schema-version"] {
+        AMQPValue::LongLongInt(value) => *value,
+        AMQPValue::LongInt(value) => i64::from(*value),
+        other => panic!("x-schema-version must be an integer, not {other:?}"),
+    };
+    assert_eq!(schema_version, i64::from(SCHEMA_VERSION));
+    broker.close();
+}
+
+#[test]
+fn batches_are_confirmed_and_delivered_in_order() {
+    let exchange = unique_exchange();
+    let mut broker = Broker::connect(&settings(&exchange)).expect("connects");
+    let consumers = Consumers::connect(&exchange);
+    let mut consumer = consumers.consume(&exchange, &["file.*"]);
+
+    let messages: Vec<Message> = (0..300)
+        .map(|index| sample_message(EventType::ALL[index % EventType::ALL.len()]))
+        .collect();
+    let published = broker.publish(&messages).expect("publishes");
+    let ids: Vec<Uuid> = messages.iter().map(|message| message.message_id).collect();
+    assert_eq!(published.acked, ids);
+    assert!(published.nacked.is_empty() && published.unroutable == 0);
+    for message in &messages {
+        let delivery = next_delivery(&mut consumer);
+        assert_eq!(
+            short(delivery.properties.message_id()),
+            Some(message.message_id.to_string().as_str())
+        );
+        assert_eq!(delivery.routing_key.as_str(), message.routing_key());
+    }
+    assert!(broker.is_usable() && !broker.is_blocked());
+    assert_eq!(
+        broker.publish(&[]).expect("an empty batch is fine"),
+        Default::default()
+    );
+}
+
+#[test]
+fn connection_name_is_visible_while_connected() {
+    let exchange = unique_exchange();
+    let settings = settings(&exchange);
+    let _consumers = Consumers::connect(&exchange);
+    let broker = Broker::connect(&settings).expect("connects");
+    let listed = || {
+        let output = Command::new("rabbitmqctl")
+            .args(["-q", "list_connections", "name", "client_properties"])
+            .output()
+            .expect("rabbitmqctl runs");
+        assert!(
+            output.status.success(),
+            "rabbitmqctl: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).contains(&settings.connection_name)
+    };
+    let poll_until = |wanted: bool, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while listed() != wanted {
+            assert!(Instant::now() < deadline, "{what}: {}", settings.connection_name);
+        }
+    };
+    poll_until(true, "rabbitmqctl never listed the connection");
+    broker.close();
+    poll_until(false, "the connection is still listed after close");
+}
+
+#[test]
+fn unroutable_message_is_acked_counted_and_logged() {
+    let logs = captured_logs();
+    let exchange = unique_exchange();
+    let _consumers = Consumers::connect(&exchange);
+    let mut broker = Broker::connect(&settings(&exchange)).expect("connects");
+    let message = sample_message(EventType::Deleted);
+    let published = broker.publish(std::slice::from_ref(&message)).expect("publishes");
+    assert_eq!(published.unroutable, 1);
+    assert_eq!(published.acked, [message.message_id]);
+    assert!(published.nacked.is_empty());
+    assert!(
+        broker.is_usable(),
+        "a returned message does not break the channel"
+    );
+
+    let records = logs.lock().unwrap().clone();
+    let ours = records.iter().find(|(target, text)| {
+        target == "file_watcher::broker" && text.contains(&exchange) && text.contains("file.deleted")
+    });
+    assert!(
+        ours.is_some(),
+        "no warning naming exchange and routing key in {records:#?}"
+    );
+    // lapin logs through `tracing`; its `log` feature must carry the event to `log`.
+    let lapin = records
+        .iter()
+        .find(|(target, text)| target.starts_with("lapin") && text.contains(&exchange));
+    assert!(
+        lapin.is_some(),
+        "lapin's own warning did not reach `log`: {records:#?}"
+    );
+}
+
+#[test]
+fn definitions_match_the_declarations_and_the_consumers() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/compose/rabbitmq/definitions.json");
+    let definitions: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("definitions.json exists"))
+            .expect("definitions.json is JSON");
+    assert_eq!(definitions["vhosts"], json!([{"name": "/"}]));
+
+    let exchanges = definitions["exchanges"].as_array().expect("exchanges is a list");
+    let declarations = exchange_declarations("file_events", "file_events.dlx");
+    assert_eq!(
+        exchanges.len(),
+        declarations.len(),
+        "exactly the daemon's exchanges"
+    );
+    for declaration in &declarations {
+        let exchange = exchanges
+            .iter()
+            .find(|exchange| exchange["name"] == declaration.name.as_str())
+            .unwrap_or_else(|| panic!("exchange {} is missing", declaration.name));
+        assert_eq!(exchange["vhost"], "/", "{}", declaration.name);
+        assert_eq!(exchange["type"], declaration.kind, "{}", declaration.name);
+        assert_eq!(exchange["durable"], declaration.durable, "{}", declaration.name);
+        assert_eq!(
+            exchange["auto_delete"], declaration.auto_delete,
+            "{}",
+            declaration.name
+        );
+        assert_eq!(exchange["internal"], declaration.internal, "{}", declaration.name);
+        let arguments: serde_json::Map<String, Value> = declaration.arguments.clone().into_iter().collect();
+        assert_eq!(
+            exchange["arguments"],
+            Value::Object(arguments),
+            "{}",
+            declaration.name
+        );
+    }
+
+    let queue_arguments = json!({"x-dead-letter-exchange": "file_events.dlx", "x-message-ttl": 86_400_000});
+    let queues = definitions["queues"].as_array().expect("queues is a list");
+    let names: BTreeSet<&str> = queues
+        .iter()
+        .map(|queue| queue["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from([
+            "cataloging.file.events",
+            "tracklist.file.lifecycle",
+            "analysis.lifecycle.events"
+        ])
+    );
+    for queue in queues {
+        assert_eq!(queue["vhost"], "/", "{queue}");
+        assert_eq!(queue["durable"], true, "{queue}");
+        assert_eq!(queue["auto_delete"], false, "{queue}");
+        assert_eq!(queue["arguments"], queue_arguments, "{queue}");
+    }
+
+    let bindings: BTreeSet<(String, String)> = definitions["bindings"]
+        .as_array()
+        .expect("bindings is a list")
+        .iter()
+        .map(|binding| {
+            assert_eq!(binding["source"], "file_events", "{binding}");
+            assert_eq!(binding["vhost"], "/", "{binding}");
+            assert_eq!(binding["destination_type"], "queue", "{binding}");
+            assert_eq!(binding["arguments"], json!({}), "{binding}");
+            let destination = binding["destination"].as_str().unwrap().to_owned();
+            (destination, binding["routing_key"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    let mut expected = BTreeSet::new();
+    for queue in ["cataloging.file.events", "tracklist.file.lifecycle"] {
+        for event_type in EventType::ALL {
+            expected.insert((queue.to_owned(), event_type.routing_key()));
+        }
+    }
+    expected.insert(("analysis.lifecycle.events".to_owned(), "file.#".to_owned()));
+    assert_eq!(bindings, expected);
+}
+
+#[test]
+fn closed_port_fails_within_connect_timeout_without_the_password() {
+    let mut settings = settings(&unique_exchange());
+    settings.url = "amqp://watcher:s3cret-Pa55@127.0.0.1:1/%2f".to_owned();
+    settings.connect_timeout = Duration::from_secs(3);
+    let started = Instant::now();
+    let error = Broker::connect(&settings)
+        .err()
+        .expect("nothing listens on port 1");
+    assert!(started.elapsed() < settings.connect_timeout + Duration::from_millis(500));
+    let mut chain = format!("{error:?}");
+    let mut source: Option<&dyn std::error::Error> = Some(&error);
+    while let Some(current) = source {
+        chain.push_str(&format!("\n{current}"));
+        source = current.source();
+    }
+    assert!(!chain.contains("s3cret-Pa55"), "{chain}");
+    assert!(chain.contains("watcher:***@127.0.0.1:1"), "{chain}");
+}
+
+#[test]
+fn silent_broker_times_out_and_its_socket_is_released() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binds a port");
+    let port = listener.local_addr().unwrap().port();
+    // Accepts, then says nothing, like a frozen broker whose kernel still answers.
+    let silent = thread::Builder::new()
+        .name("silent-broker".into())
+        .spawn(move || {
+            let (mut socket, _) = listener.accept().expect("the daemon connects");
+            socket.set_read_timeout(Some(STEP)).unwrap();
+            let mut received = Vec::new();
+            let mut buffer = [0; 64];
+            loop {
+                match socket.read(&mut buffer) {
+                    Ok(0) => return Ok(received),
+                    Ok(count) => received.extend_from_slice(&buffer[..count]),
+                    Err(error) => return Err(error),
+                }
+            }
+        })
+        .unwrap();
+
+    let mut settings = settings(&unique_exchange());
+    settings.url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    settings.connect_timeout = Duration::from_secs(1);
+    let started = Instant::now();
+    let error = Broker::connect(&settings)
+        .err()
+        .expect("a silent broker cannot be connected to");
+    assert!(matches!(error, BrokerError::ConnectTimeout { .. }), "{error:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let received = silent
+        .join()
+        .unwrap()
+        .expect("the daemon closes its socket instead of leaving it open");
+    assert_eq!(
+        received, b"AMQP\x00\x00\x09\x01",
+        "only the protocol header was sent"
+    );
+}
+
+#[test]
+fn consumers_redeclare_the_same_exchanges() {
+    let exchange = unique_exchange();
+    let _broker = Broker::connect(&settings(&exchange)).expect("connects");
+    let consumers = Consumers::connect(&exchange);
+    let as_consumers_do = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    for name in [exchange.clone(), format!("{exchange}.dlx")] {
+        within(
+            "exchange.declare",
+            consumers.channel.exchange_declare(
+                name.as_str().into(),
+                ExchangeKind::Topic,
+                as_consumers_do,
+                FieldTable::default(),
+            ),
+        )
+        .unwrap_or_else(|error| panic!("redeclaring {name} as a consumer does: {error}"));
+    }
+    // The check above means something: a different declaration is refused.
+    let other = within(
+        "second test connection",
+        Connection::connect(&test_url(), ConnectionProperties::default()),
+    )
+    .expect("connects");
+    let channel = within("channel", other.create_channel()).expect("channel opens");
+    let transient = ExchangeDeclareOptions::default();
+    let refused = within(
+        "exchange.declare",
+        channel.exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Topic,
+            transient,
+            FieldTable::default(),
+        ),
+    );
+    assert!(
+        refused.is_err(),
+        "a non-durable redeclare must fail with PRECONDITION_FAILED"
+    );
+}
+
+#[test]
+fn heartbeat_comes_from_settings_or_from_the_url() {
+    let exchange = unique_exchange();
+    let _consumers = Consumers::connect(&exchange);
+    let mut settings = settings(&exchange);
+    settings.heartbeat = Duration::from_secs(7);
+    let broker = Broker::connect(&settings).expect("connects");
+    assert_eq!(broker.heartbeat(), Duration::from_secs(7));
+    broker.close();
+
+    let separator = if settings.url.contains('?') { '&' } else { '?' };
+    settings.url = format!("{}{separator}heartbeat=5", settings.url);
+    let broker = Broker::connect(&settings).expect("connects");
+    assert_eq!(broker.heartbeat(), Duration::from_secs(5));
+}
+
+#[test]
+fn a_failed_channel_makes_the_broker_unusable() {
+    let exchange = unique_exchange();
+    let consumers = Consumers::connect(&exchange);
+    let mut broker = Broker::connect(&settings(&exchange)).expect("connects");
+    within(
+        "exchange.delete",
+        consumers
+            .channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()),
+    )
+    .expect("the exchange is deleted behind the daemon's back");
+
+    let error = broker
+        .publish(&[sample_message(EventType::Modified)])
+        .expect_err("publishing to a missing exchange fails");
+    assert!(
+        matches!(error, BrokerError::Confirm { .. } | BrokerError::Publish { .. }),
+        "{error:?}"
+    );
+    assert!(!broker.is_usable());
+    let again = broker.publish(&[sample_message(EventType::Modified)]);
+    assert!(matches!(again, Err(BrokerError::Unusable { .. })), "{again:?}");
+}
+
+/// A TCP proxy in front of RabbitMQ for one connection, which can be frozen:
+/// from then on it forwards nothing either way, as a broker stopped with
+/// SIGSTOP would behave (its kernel still takes our bytes).
+struct FreezableProxy {
+    url: String,
+    frozen: Arc<AtomicBool>,
+    worker: JoinHandle<()>,
+}
+
+impl FreezableProxy {
+    fn start() -> FreezableProxy {
+        let mut uri: AMQPUri = test_url().parse().expect("RABBITMQ_TEST_URL parses");
+        let upstream = (uri.authority.host.clone(), uri.authority.port);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binds a port");
+        uri.authority.host = "127.0.0.1".to_owned();
+        uri.authority.port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let frozen = frozen.clone();
+            thread::Builder::new()
+                .name("freezable-proxy".into())
+                .spawn(move || {
+                    let (client, _) = listener.accept().expect("the daemon connects");
+                    let server = TcpStream::connect(upstream).expect("the proxy reaches RabbitMQ");
+                    thread::scope(|scope| {
+                        scope.spawn(|| forward(&client, &server, &frozen, false));
+                        scope.spawn(|| forward(&server, &client, &frozen, true));
+                    });
+                })
+                .unwrap()
+        };
+        FreezableProxy {
+            url: uri.to_string(),
+            frozen,
+            worker,
+        }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits for both directions to end, which they do once either side closes.
+    fn join(self) {
+        self.worker.join().expect("the proxy does not panic");
+    }
+}
+
+/// Copies `from` to `to` until `from` ends, dropping the bytes while frozen;
+/// then closes both, so the opposite direction ends too. Except that a frozen
+/// proxy tells the daemon nothing: when RabbitMQ hangs up on it (it misses our
+/// heartbeats too), the daemon's side stays open and silent, so only the
+/// daemon's own heartbeat check can notice.
+fn forward(mut from: &TcpStream, mut to: &TcpStream, frozen: &AtomicBool, to_daemon: bool) {
+    let mut buffer = [0; 16 * 1024];
+    while let Ok(count @ 1..) = from.read(&mut buffer) {
+        if !frozen.load(Ordering::SeqCst) && to.write_all(&buffer[..count]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    if !(to_daemon && frozen.load(Ordering::SeqCst)) {
+        let _ = to.shutdown(Shutdown::Both);
+    }
+}
+
+#[test]
+fn frozen_broker_is_caught_by_the_heartbeat() {
+    let logs = captured_logs();
+    let exchange = unique_exchange();
+    let _consumers = Consumers::connect(&exchange);
+    let proxy = FreezableProxy::start();
+    let mut settings = settings(&exchange);
+    settings.url = proxy.url.clone();
+    settings.heartbeat = Duration::from_secs(1);
+    let broker = Broker::connect(&settings).expect("connects through the proxy");
+    assert_eq!(broker.heartbeat(), Duration::from_secs(1));
+
+    proxy.freeze();
+    let frozen_at = Instant::now();
+    let deadline = frozen_at + Duration::from_secs(10);
+    while broker.is_usable() {
+        assert!(
+            Instant::now() < deadline,
+            "a frozen broker went unnoticed for 10 s"
+        );
+        // The polling interval only; the deadline above is what bounds the wait.
+        thread::sleep(Duration::from_millis(20));
+    }
+    // lapin gives up after two heartbeat intervals without a byte from the broker.
+    assert!(
+        frozen_at.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        frozen_at.elapsed()
+    );
+    let records = logs.lock().unwrap().clone();
+    let noticed = records.iter().any(|(target, text)| {
+        target == "file_watcher::broker"
+            && text.contains(&settings.connection_name)
+            && text.contains("heartbeat")
+    });
+    assert!(
+        noticed,
+        "the failure was not put down to the heartbeat: {records:#?}"
+    );
+    drop(broker);
+    proxy.join();
+}
+
+#[test]
+fn frozen_broker_fails_a_batch_within_the_confirm_timeout() {
+    let exchange = unique_exchange();
+    let _consumers = Consumers::connect(&exchange);
+    let proxy = FreezableProxy::start();
+    let mut settings = settings(&exchange);
+    settings.url = proxy.url.clone();
+    settings.confirm_timeout = Duration::from_secs(1);
+    let mut broker = Broker::connect(&settings).expect("connects through the proxy");
+    let first = sample_message(EventType::Created);
+    assert_eq!(
+        broker
+            .publish(std::slice::from_ref(&first))
+            .expect("publishes")
+            .acked,
+        [first.message_id]
+    );
+
+    proxy.freeze();
+    let started = Instant::now();
+    let error = broker
+        .publish(&[
+            sample_message(EventType::Modified),
+            sample_message(EventType::Deleted),
+        ])
+        .expect_err("nothing is confirmed by a frozen broker");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        started.elapsed()
+    );
+    match error {
+        BrokerError::ConfirmTimeout {
+            unconfirmed, total, ..
+        } => assert_eq!((unconfirmed, total), (2, 2)),
+        other => panic!("expected a confirm timeout, got {other:?}"),
+    }
+    assert!(!broker.is_usable(), "a timed-out batch retires the connection");
+    let started = Instant::now();
+    drop(broker);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "dropping took {:?}",
+        started.elapsed()
+    );
+    proxy.join();
+}
