@@ -61,6 +61,7 @@ use log::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::message::Message;
+use crate::redact::redact_url;
 
 /// `app_id` of every message, so consumers can tell who published it.
 pub const APP_ID: &str = "file-watcher";
@@ -220,34 +221,6 @@ pub fn exchange_declarations(exchange: &str, dead_letter_exchange: &str) -> Vec<
             arguments: BTreeMap::new(),
         })
         .collect()
-}
-
-/// `amqp://guest:***@127.0.0.1:5672/%2f`: `url` with its password replaced,
-/// for logs and errors.
-///
-/// Errs towards hiding too much: everything between the first `:` of the
-/// userinfo and the *last* `@` is hidden, so a password holding an unescaped
-/// `/`, `?`, `#` or `@` is still hidden. Text that is not `scheme://…` cannot
-/// be split safely, so none of it is shown.
-pub fn redact_url(url: &str) -> String {
-    const UNPARSEABLE: &str = "<unparseable URL>";
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return UNPARSEABLE.to_owned();
-    };
-    let scheme_is_valid = scheme.starts_with(|character: char| character.is_ascii_alphabetic())
-        && scheme
-            .chars()
-            .all(|character| character.is_ascii_alphanumeric() || "+-.".contains(character));
-    if !scheme_is_valid {
-        return UNPARSEABLE.to_owned();
-    }
-    match rest.rsplit_once('@') {
-        Some((userinfo, host_and_path)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host_and_path}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
 }
 
 /// A connection to RabbitMQ with one channel in confirm mode, on which the
@@ -792,64 +765,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
     use crate::message::{EventType, Origin};
-
-    #[test]
-    fn redaction_hides_the_password() {
-        assert_eq!(
-            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(
-            redact_url("amqp://user:secret@rabbitmq/%2f?heartbeat=10"),
-            "amqp://user:***@rabbitmq/%2f?heartbeat=10"
-        );
-    }
-
-    #[test]
-    fn redaction_keeps_urls_without_password() {
-        assert_eq!(
-            redact_url("amqp://guest@127.0.0.1:5672/%2f"),
-            "amqp://guest@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(
-            redact_url("amqp://127.0.0.1:5672/%2f"),
-            "amqp://127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redact_url("amqp://rabbitmq"), "amqp://rabbitmq");
-    }
-
-    #[test]
-    fn redaction_hides_passwords_with_unescaped_delimiters() {
-        for (url, password) in [
-            ("amqp://user:pa/ss@host:5672/%2f", "pa/ss"),
-            ("amqp://user:p@ss@host/%2f", "p@ss"),
-            ("amqp://user:pa?s#s@host/%2f", "pa?s#s"),
-            ("amqp://user:x:y@host/", "x:y"),
-        ] {
-            let redacted = redact_url(url);
-            assert!(!redacted.contains(password), "{url} became {redacted}");
-            assert!(
-                redacted.starts_with("amqp://user:***@"),
-                "{url} became {redacted}"
-            );
-        }
-    }
-
-    #[test]
-    fn invalid_urls_leak_nothing() {
-        for url in [
-            "guest:secret@127.0.0.1:5672",
-            "amqp:guest:secret@host",
-            "host=rabbitmq password=secret",
-            "://guest:secret@host",
-            "1amqp://guest:secret@host",
-            "",
-        ] {
-            let redacted = redact_url(url);
-            assert!(!redacted.contains("secret"), "{url:?} became {redacted:?}");
-        }
-        assert_eq!(redact_url("guest:secret@127.0.0.1:5672"), "<unparseable URL>");
-    }
 
     fn settings(url: &str) -> BrokerSettings {
         BrokerSettings {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::filter::Filter;
+use crate::redact::redact_url;
 
 pub const DEFAULT_EXTENSIONS: &str = "mp3,flac,wav,wave,m4a,mp4,m4b,m4p,m4v,m4r,ogg,oga,opus,aac,wma";
 
@@ -446,26 +447,6 @@ fn percent_encode(text: &str) -> String {
     encoded
 }
 
-/// `scheme://user:***@host...`: the password of a URL replaced, for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "<unparseable url>".to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}{path}")
-            } else {
-                format!("{scheme}://{user}@{host}{path}")
-            }
-        }
-        None => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,20 +517,6 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(config.broker.unwrap().url, "amqp://a:b@h/%2f");
-    }
-
-    #[test]
-    fn redaction_hides_only_the_password() {
-        assert_eq!(
-            redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(
-            redact_url("postgres://postgres@127.0.0.1/test"),
-            "postgres://postgres@127.0.0.1/test"
-        );
-        assert_eq!(redact_url("postgres://u:p@w@h/db"), "postgres://u:***@h/db");
-        assert_eq!(redact_url("host=x password=y"), "<unparseable url>");
     }
 
     #[test]

@@ -32,6 +32,7 @@
 //! - Invariant: a registry row is written only after a fresh `stat` agrees
 //!   with the observation; a deletion only when that `stat` says gone.
 pub mod config;
+pub mod redact;
 pub mod filter;
 pub mod logging;
 pub mod watcher;

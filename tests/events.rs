@@ -693,8 +693,8 @@ fn polling_mode_announces_created_file_once() {
 
 #[test]
 fn symlinked_directories_are_not_followed() {
-    let target = tempfile::tempdir().unwrap();
-    let target = target.path().canonicalize().unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    let target = target_dir.path().canonicalize().unwrap();
     write_file(&target.join("present.flac"), b"behind a link");
     let daemon = Daemon::builder().arg("--scan-existing").start();
     std::os::unix::fs::symlink(&target, daemon.path("linked")).unwrap();
@@ -713,8 +713,8 @@ fn symlinked_directories_are_not_followed() {
 
 #[test]
 fn symlinked_directory_present_at_start_is_not_scanned_or_watched() {
-    let target = tempfile::tempdir().unwrap();
-    let target = target.path().canonicalize().unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    let target = target_dir.path().canonicalize().unwrap();
     write_file(&target.join("present.flac"), b"behind a link");
     let daemon = Daemon::builder()
         .arg("--scan-existing")
