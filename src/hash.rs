@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::Xxh3;
@@ -23,6 +24,39 @@ pub struct Digests {
 
 pub fn hash_file(path: &Path) -> io::Result<Digests> {
     hash_reader(File::open(path)?)
+}
+
+/// Like [`hash_file`], but gives up (`ErrorKind::Interrupted`) as soon as
+/// `stop` is raised, so shutdown never waits for a multi-gigabyte read.
+pub fn hash_file_until(path: &Path, stop: &AtomicBool) -> io::Result<Digests> {
+    hash_reader(Stoppable {
+        inner: File::open(path)?,
+        stop,
+    })
+}
+
+struct Stoppable<'a, R> {
+    inner: R,
+    stop: &'a AtomicBool,
+}
+
+impl<R: Read> Read for Stoppable<'_, R> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        if self.stop.load(Ordering::Acquire) {
+            // Not `Interrupted`: `hash_reader` retries that one.
+            return Err(io::Error::other(Stopped));
+        }
+        self.inner.read(buffer)
+    }
+}
+
+/// The error a stopped hash ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped")]
+pub struct Stopped;
+
+pub fn is_stopped(error: &io::Error) -> bool {
+    error.get_ref().is_some_and(|inner| inner.is::<Stopped>())
 }
 
 pub fn hash_reader(mut reader: impl Read) -> io::Result<Digests> {
@@ -85,6 +119,20 @@ mod tests {
         );
         assert_eq!(big.xxh128, "1b208d2839093774d36c0e13a3df139e");
         assert_eq!(big.bytes, 1 << 20);
+    }
+
+    #[test]
+    fn a_raised_stop_flag_ends_the_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.flac");
+        std::fs::write(&path, b"abc").unwrap();
+        let stop = AtomicBool::new(false);
+        assert_eq!(
+            hash_file_until(&path, &stop).unwrap().xxh128,
+            "06b05ab6733a618578af5f94892f3950"
+        );
+        stop.store(true, Ordering::Release);
+        assert!(is_stopped(&hash_file_until(&path, &stop).unwrap_err()));
     }
 
     /// Reads arrive in odd-sized pieces; the digest must not depend on them.

@@ -154,8 +154,10 @@ impl Worker {
         let (sha256, xxh128) = match reusable {
             Some(row) => (row.sha256, row.xxh128),
             None => {
-                let digests = match hash::hash_file(Path::new(path)) {
+                let digests = match hash::hash_file_until(Path::new(path), &self.stopping) {
                     Ok(digests) => digests,
+                    // Shutting down: hand the job back; the next start picks the file up.
+                    Err(error) if hash::is_stopped(&error) => return Ok(Outcome::Retry(Duration::ZERO)),
                     Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                         return self.vanished(path, renamed_from, correlation);
                     }
