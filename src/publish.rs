@@ -46,6 +46,13 @@ pub trait Sink: Send {
         Ok(())
     }
 
+    /// True when delivering needs no new connection. The final drain at
+    /// shutdown delivers only through a connection that is already open, so
+    /// stopping is never held up by a connect attempt.
+    fn is_connected(&self) -> bool {
+        true
+    }
+
     /// How long to wait before the next delivery is worth trying (a
     /// reconnect backoff); zero when the sink is ready.
     fn wait_hint(&self) -> Duration {
@@ -126,6 +133,10 @@ impl Publisher {
             };
             if !stopping && Instant::now() < not_before {
                 continue; // nudged during a backoff: the backoff still holds
+            }
+            if stopping && !self.sink.is_connected() {
+                log::info!("not connected to the sink: unpublished messages stay in the outbox");
+                return PublisherExit::Stopped;
             }
             let deadline = stopping.then(|| Instant::now() + final_drain);
             match self.drain(deadline) {
@@ -282,6 +293,10 @@ impl Sink for BrokerSink {
                 Err(SinkError::Unavailable(error_chain(&error)))
             }
         }
+    }
+
+    fn is_connected(&self) -> bool {
+        self.broker.as_ref().is_some_and(|broker| broker.is_usable())
     }
 
     fn wait_hint(&self) -> Duration {
