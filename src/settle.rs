@@ -571,7 +571,13 @@ impl Settle {
     }
 
     fn on_rename(&mut self, from: String, to: String, now: Instant) {
-        let to_is_directory = std::fs::symlink_metadata(&to).is_ok_and(|metadata| metadata.is_dir());
+        let to_is_directory = match std::fs::symlink_metadata(&to) {
+            Ok(metadata) => metadata.is_dir(),
+            // Renamed again before we looked (A → B → C): a name we would not
+            // announce as a file is taken as a directory. If it was not one,
+            // the registry holds nothing below it and the rename is a no-op.
+            Err(_) => !self.announces(&from) && !self.announces(&to),
+        };
         if to_is_directory {
             self.on_directory_renamed(from, to, now);
             return;

@@ -148,6 +148,10 @@ impl Worker {
         };
         // Unchanged size and mtime: the recorded hashes still hold (renames keep both).
         let known = self.registry.lookup(renamed_from.unwrap_or(path))?;
+        if renamed_from.is_none() && known.as_ref().is_some_and(|row| row.stat == before) {
+            // The very observation already recorded (a rescan of an unchanged file).
+            return Ok(Outcome::Finished);
+        }
         let reusable = known.filter(|row| {
             !row.sha256.is_empty() && row.stat.size == before.size && row.stat.mtime_ns == before.mtime_ns
         });

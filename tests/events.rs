@@ -763,3 +763,30 @@ fn events_for_one_path_arrive_in_the_order_they_happened() {
     );
     assert_content(&messages[1], &edited);
 }
+
+#[test]
+fn directory_renamed_twice_quickly_gives_moved_to_the_final_name() {
+    let daemon = Daemon::start();
+    fs::create_dir(daemon.path("a")).unwrap();
+    write_file(&daemon.path("a/one.flac"), b"one");
+    let first = daemon.path_str("a/one.flac");
+    daemon.wait_for_event("created", &first);
+    fs::rename(daemon.path("a"), daemon.path("b")).unwrap();
+    fs::rename(daemon.path("b"), daemon.path("c")).unwrap();
+    let last = daemon.path_str("c/one.flac");
+    let moved = daemon.wait_for(
+        |message| event_type(message) == "moved" && file_path(message) == last,
+        Duration::from_secs(15),
+    );
+    assert!(old_path(&moved).is_some());
+    let messages = daemon.barrier();
+    let created_at_final: Vec<_> = messages
+        .iter()
+        .filter(|message| event_type(message) == "created" && file_path(message) == last)
+        .collect();
+    assert!(
+        created_at_final.is_empty(),
+        "the file moved; it was not created: {:?}",
+        summary(&messages)
+    );
+}
