@@ -76,20 +76,10 @@ pub fn hash_reader(mut reader: impl Read) -> io::Result<Digests> {
         bytes += read as u64;
     }
     Ok(Digests {
-        sha256: hex(&sha256.finalize()),
+        sha256: format!("{:x}", sha256.finalize()),
         xxh128: format!("{:032x}", xxh3.digest128()),
         bytes,
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut text, byte| {
-            let _ = write!(text, "{byte:02x}");
-            text
-        })
 }
 
 #[cfg(test)]
