@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use file_watcher::message::{EventType, Message, Origin};
 use file_watcher::registry::postgres::{
-    InstanceLock, LockError, PostgresRegistry, PostgresSettings, MIGRATIONS,
+    InstanceLock, LockError, PostgresRegistry, PostgresSettings, MIGRATIONS, ORPHAN_GRACE,
 };
 use file_watcher::registry::{Applied, Change, Observed, Registry, RegistryError, Stat};
 use postgres::{Client, NoTls};
@@ -892,8 +892,20 @@ fn outgoing_is_limited_to_the_watched_tree() {
 
     assert_eq!(music_registry.outgoing(10).unwrap(), from_music);
     assert_eq!(music2_registry.outgoing(10).unwrap(), from_music2);
-    assert_eq!(parent_registry.outgoing(10).unwrap().len(), 2);
+    // Another instance's fresh messages are its own to publish ...
+    assert!(parent_registry.outgoing(10).unwrap().is_empty());
+    // ... until they have waited out the grace period (their recorder is gone).
     let mut sql = fixture.sql();
+    sql.execute(
+        &format!(
+            "UPDATE {}.outbox SET created_at = now() - interval '{} seconds'",
+            fixture.schema,
+            ORPHAN_GRACE.as_secs() + 1
+        ),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(parent_registry.outgoing(10).unwrap().len(), 2);
     let body = &outbox(&mut sql)[0].2;
     assert_eq!(music_registry.outgoing(10).unwrap()[0].to_json(), body.as_bytes());
 

@@ -127,6 +127,10 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 /// `pg_stat_activity` (kept when the URL sets its own).
 const APPLICATION_NAME: &str = "file-watcher";
 
+/// How long a message recorded by another instance waits before this one
+/// publishes it too (its recorder is presumably gone, or stuck).
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(30);
+
 /// `application_name` of the dedicated connection that holds an instance lock.
 const LOCK_APPLICATION_NAME: &str = "file-watcher instance lock";
 
@@ -138,10 +142,11 @@ pub struct Migration {
 }
 
 /// Every migration, oldest first. Run with `search_path` set to the registry schema.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "files and outbox",
-    sql: r#"
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "files and outbox",
+        sql: r#"
 CREATE TABLE files (
     file_path         text COLLATE "C" PRIMARY KEY,
     state             text NOT NULL CHECK (state IN ('present', 'deleted')),
@@ -170,7 +175,17 @@ CREATE TABLE outbox (
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        description: "outbox rows name the instance that recorded them",
+        sql: r#"
+ALTER TABLE outbox ADD COLUMN instance_id text;
+UPDATE outbox SET instance_id = (body::jsonb) ->> 'instance_id' WHERE instance_id IS NULL;
+ALTER TABLE outbox ALTER COLUMN instance_id SET NOT NULL;
+"#,
+    },
+];
 
 /// How to reach the registry database.
 #[derive(Clone)]
@@ -781,14 +796,27 @@ impl Registry for PostgresRegistry {
         })
     }
 
+    /// Messages under this instance's tree: its own at once, and those of
+    /// other instances (overlapping trees, or a crashed predecessor with
+    /// another id) once they have waited `ORPHAN_GRACE`, so two instances on
+    /// one tree do not both deliver every message.
     fn outgoing(&self, limit: usize) -> Result<Vec<Message>, RegistryError> {
         let (lower, upper) = tree_bounds(&self.origin.watched_directory);
+        let grace = ORPHAN_GRACE.as_secs_f64();
         self.read(|client| {
             let records = client
                 .query(
                     "SELECT id, message_id::text, body FROM outbox \
-                     WHERE file_path > $1 AND file_path < $2 ORDER BY id LIMIT $3",
-                    &[&lower, &upper, &to_bigint(limit as u64)],
+                     WHERE file_path > $1 AND file_path < $2 \
+                       AND (instance_id = $4 OR created_at < now() - make_interval(secs => $5)) \
+                     ORDER BY id LIMIT $3",
+                    &[
+                        &lower,
+                        &upper,
+                        &to_bigint(limit as u64),
+                        &self.origin.instance_id,
+                        &grace,
+                    ],
                 )
                 .map_err(fault("read the outbox"))?;
             records
@@ -947,18 +975,19 @@ fn queue(transaction: &mut Transaction<'_>, messages: &[Message]) -> Result<(), 
     }
     let ids: Vec<String> = messages.iter().map(|m| m.message_id.to_string()).collect();
     let paths: Vec<&str> = messages.iter().map(|m| m.file_path.as_str()).collect();
+    let instances: Vec<&str> = messages.iter().map(|m| m.instance_id.as_str()).collect();
     let bodies: Vec<String> = messages
         .iter()
         .map(|m| String::from_utf8(m.to_json()).expect("serde_json writes UTF-8"))
         .collect();
     transaction
         .execute(
-            "INSERT INTO outbox (message_id, file_path, body) \
-             SELECT queued.message_id::uuid, queued.file_path, queued.body \
-             FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY \
-                 AS queued(message_id, file_path, body, position) \
+            "INSERT INTO outbox (message_id, file_path, body, instance_id) \
+             SELECT queued.message_id::uuid, queued.file_path, queued.body, queued.instance_id \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY \
+                 AS queued(message_id, file_path, body, instance_id, position) \
              ORDER BY queued.position",
-            &[&ids, &paths, &bodies],
+            &[&ids, &paths, &bodies, &instances],
         )
         .map_err(fault("queue messages in the outbox"))?;
     Ok(())
