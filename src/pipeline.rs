@@ -32,7 +32,7 @@ use crate::publish::{BrokerSink, Publisher, PublisherExit, Sink, StdoutSink};
 use crate::redact::redact_url;
 use crate::registry::memory::MemoryRegistry;
 use crate::registry::postgres::{InstanceLock, LockError, PostgresRegistry, PostgresSettings};
-use crate::registry::{Deferred, Registry, RegistryError, Stat};
+use crate::registry::{Deferred, Health, Registry, RegistryError, Stat};
 use crate::scan;
 use crate::settle::{Settle, SettleChannels, SettleOptions};
 use crate::watcher::{start_with_fallback, Callback, WatchCounters, WatchError, CHANNEL_CAPACITY};
@@ -88,10 +88,11 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
         Some(memory) => memory.clone(),
         None => deferred.clone(),
     };
+    let health = Arc::new(Health::default());
     let mut database = config
         .database
         .as_ref()
-        .map(|database| DatabaseLink::new(database, &origin));
+        .map(|database| DatabaseLink::new(database, &origin, health.clone()));
     if let Some(link) = &mut database {
         link.attempt(&deferred)?;
     }
@@ -169,7 +170,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
     let (wake_sender, wake_receiver) = bounded(1);
     let stopping = Arc::new(AtomicBool::new(false));
     let worker_counters = Arc::new(WorkerCounters::default());
-    let registry_down = Arc::new(AtomicBool::new(false));
+
     let guard = RootGuard::new(config.data_dir.clone(), config.sentinel.clone());
     let mut workers = Threads::default();
     for index in 0..config.workers {
@@ -178,7 +179,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
             counters: worker_counters.clone(),
             wake_publisher: wake_sender.clone(),
             stopping: stopping.clone(),
-            registry_down: registry_down.clone(),
+            health: health.clone(),
             guard: guard.clone(),
         };
         let jobs = job_receiver.clone();
@@ -216,6 +217,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
     let publisher = Publisher {
         registry: registry.clone(),
         sink,
+        health: health.clone(),
     };
     let publisher_thread = std::thread::Builder::new()
         .name("publisher".into())
@@ -283,12 +285,11 @@ struct DatabaseLink {
     settings: PostgresSettings,
     origin: Origin,
     lock: Option<InstanceLock>,
-    /// The database was reported down and not yet back (log once each way).
-    reported_down: bool,
+    health: Arc<Health>,
 }
 
 impl DatabaseLink {
-    fn new(config: &DatabaseConfig, origin: &Origin) -> DatabaseLink {
+    fn new(config: &DatabaseConfig, origin: &Origin, health: Arc<Health>) -> DatabaseLink {
         DatabaseLink {
             settings: PostgresSettings {
                 url: config.url.clone(),
@@ -298,7 +299,7 @@ impl DatabaseLink {
             },
             origin: origin.clone(),
             lock: None,
-            reported_down: false,
+            health,
         }
     }
 
@@ -315,7 +316,7 @@ impl DatabaseLink {
         match result {
             Ok(()) => {}
             Err(LockError::Unavailable { detail, .. }) => {
-                self.report_down(&detail);
+                self.health.down(&detail);
                 return Ok(());
             }
             Err(error) => return Err(RunError::InstanceLock(error)),
@@ -324,26 +325,14 @@ impl DatabaseLink {
             match PostgresRegistry::connect(&self.settings, self.origin.clone()) {
                 Ok(registry) => deferred.set(Box::new(registry)),
                 Err(RegistryError::Unavailable(detail)) => {
-                    self.report_down(&detail);
+                    self.health.down(&detail);
                     return Ok(());
                 }
                 Err(error) => return Err(RunError::Registry(error)),
             }
         }
-        if std::mem::take(&mut self.reported_down) {
-            log::info!("database {} is reachable again", redact_url(&self.settings.url));
-        }
+        self.health.up();
         Ok(())
-    }
-
-    fn report_down(&mut self, detail: &str) {
-        if !self.reported_down {
-            self.reported_down = true;
-            log::error!(
-                "database {} unavailable ({detail}); still watching, changes are held until it is back",
-                redact_url(&self.settings.url)
-            );
-        }
     }
 }
 

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::broker::{Broker, BrokerSettings};
 use crate::message::Message;
-use crate::registry::Registry;
+use crate::registry::{Health, Registry, RegistryError};
 
 /// Messages taken from the outbox per round.
 const BATCH: usize = 256;
@@ -33,6 +33,10 @@ pub enum SinkError {
     /// Not delivered now; try again later.
     #[error("{0}")]
     Unavailable(String),
+    /// The outbox cannot be read (the database is down, already reported):
+    /// try again later, quietly.
+    #[error("waiting for the database")]
+    Waiting,
 }
 
 /// Where messages go.
@@ -97,6 +101,8 @@ impl Sink for StdoutSink {
 pub struct Publisher {
     pub registry: Arc<dyn Registry>,
     pub sink: Box<dyn Sink>,
+    /// Registry outages are reported there (once), not by the publisher.
+    pub health: Arc<Health>,
 }
 
 /// Why the publisher stopped.
@@ -148,6 +154,9 @@ impl Publisher {
                     retry_at = None;
                 }
                 Err(SinkError::Closed) => return PublisherExit::SinkClosed,
+                Err(SinkError::Waiting) => {
+                    retry_at = Some(Instant::now() + IDLE_POLL);
+                }
                 Err(SinkError::Unavailable(reason)) => {
                     failures += 1;
                     if failures == 1 {
@@ -164,6 +173,16 @@ impl Publisher {
         }
     }
 
+    /// A registry outage is the health flag's to report; the publisher just waits.
+    fn registry_error(&self, error: RegistryError) -> SinkError {
+        if error.is_unavailable() {
+            self.health.down(&error);
+            SinkError::Waiting
+        } else {
+            SinkError::Unavailable(error.to_string())
+        }
+    }
+
     /// Publishes until the outbox is empty (or the deadline passes).
     fn drain(&mut self, deadline: Option<Instant>) -> Result<(), SinkError> {
         loop {
@@ -173,14 +192,14 @@ impl Publisher {
             let batch = self
                 .registry
                 .outgoing(BATCH)
-                .map_err(|error| SinkError::Unavailable(error.to_string()))?;
+                .map_err(|error| self.registry_error(error))?;
             if batch.is_empty() {
                 return Ok(());
             }
             let confirmed = self.sink.deliver(&batch)?;
             self.registry
                 .mark_published(&confirmed)
-                .map_err(|error| SinkError::Unavailable(error.to_string()))?;
+                .map_err(|error| self.registry_error(error))?;
             if confirmed.len() < batch.len() {
                 return Err(SinkError::Unavailable(format!(
                     "{} of {} messages were not confirmed",

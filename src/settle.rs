@@ -103,6 +103,9 @@ pub enum Outcome {
     /// The registry could not be reached (or the job was cut short by
     /// shutdown): keep the job and try again after this long.
     Retry(Duration),
+    /// The registry cannot be reached: keep the job, and hold all dispatching
+    /// for a while (one probe per backoff period, not one retry per path).
+    Unavailable,
 }
 
 /// What a job holds while it is in flight: a single path, or a whole subtree.
@@ -236,6 +239,10 @@ pub struct Settle {
     full_scan_again: bool,
     /// Entries changed since the last pass (their deadlines may have moved).
     touched: Vec<String>,
+    /// The registry was unreachable: dispatch nothing before this.
+    hold_until: Option<Instant>,
+    /// Consecutive unreachable answers, for the hold's backoff.
+    outage_attempts: u32,
     /// The notify watcher; owned here so it can be restarted when the root
     /// comes back, or swapped for polling when inotify runs out of watches.
     watcher: Option<Watcher>,
@@ -279,6 +286,8 @@ impl Settle {
             full_scan_running: false,
             full_scan_again: false,
             touched: Vec::new(),
+            hold_until: None,
+            outage_attempts: 0,
         }
     }
 
@@ -353,6 +362,9 @@ impl Settle {
 
     fn next_wakeup(&self, now: Instant) -> Instant {
         let mut next = now + MAX_WAIT;
+        if let Some(until) = self.hold_until.filter(|until| *until > now) {
+            next = next.min(until);
+        }
         if let Some(Reverse((at, _))) = self.timers.peek() {
             next = next.min(*at);
         }
@@ -881,6 +893,9 @@ impl Settle {
     }
 
     fn dispatch(&mut self, now: Instant) {
+        if self.hold_until.is_some_and(|until| until > now) {
+            return; // the registry is down: nothing would get through
+        }
         let mut blocked: Vec<Key> = self.in_flight.values().flatten().cloned().collect();
         let mut kept = VecDeque::with_capacity(self.ready.len());
         let mut looked_at = 0;
@@ -961,9 +976,17 @@ impl Settle {
             ..
         } = done.dispatch;
         let (retry_after, changing) = match done.outcome {
-            Outcome::Finished => return,
+            Outcome::Finished => {
+                self.outage_attempts = 0;
+                return;
+            }
             Outcome::Changing => (None, true),
             Outcome::Retry(after) => (Some(now + after), false),
+            Outcome::Unavailable => {
+                self.hold_until = Some(now + crate::worker::backoff(self.outage_attempts));
+                self.outage_attempts = self.outage_attempts.saturating_add(1);
+                (None, false)
+            }
         };
         match job {
             Job::Check { path, renamed_from } => {

@@ -14,7 +14,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::guard::RootGuard;
 use crate::hash;
-use crate::registry::{Applied, Change, Observed, Registry, RegistryError, Stat};
+use crate::registry::{Applied, Change, Health, Observed, Registry, RegistryError, Stat};
 use crate::settle::{Dispatch, Done, Job, Outcome};
 
 /// Hard (non-connection) registry errors a job survives before it is dropped;
@@ -42,9 +42,8 @@ pub struct Worker {
     pub wake_publisher: Sender<()>,
     /// Raised at shutdown: do not start new jobs, hand them back.
     pub stopping: Arc<AtomicBool>,
-    /// Tells whether the registry was reachable at the last attempt, so the
-    /// outage and the recovery are each logged once.
-    pub registry_down: Arc<AtomicBool>,
+    /// Whether the registry answered last time (outages are logged once).
+    pub health: Arc<Health>,
     /// Asked before every deletion: an unmounted tree deletes nothing.
     pub guard: RootGuard,
 }
@@ -83,16 +82,12 @@ impl Worker {
         };
         match result {
             Ok(outcome) => {
-                if self.registry_down.swap(false, Ordering::AcqRel) {
-                    log::info!("registry reachable again; catching up on held changes");
-                }
+                self.health.up();
                 outcome
             }
             Err(error) if error.is_unavailable() => {
-                if !self.registry_down.swap(true, Ordering::AcqRel) {
-                    log::error!("{error}; holding changes and retrying");
-                }
-                Outcome::Retry(backoff(dispatch.attempt))
+                self.health.down(&error);
+                Outcome::Unavailable
             }
             Err(error) => {
                 self.counters.registry_errors.fetch_add(1, Ordering::Relaxed);

@@ -196,6 +196,30 @@ pub trait Registry: Send + Sync {
     fn mark_published(&self, message_ids: &[Uuid]) -> Result<(), RegistryError>;
 }
 
+/// Whether the database answers, shared by everyone who talks to it, so an
+/// outage is logged once when it starts and once when it ends, not once per
+/// file or per component.
+#[derive(Debug, Default)]
+pub struct Health {
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl Health {
+    /// Something could not reach the database.
+    pub fn down(&self, detail: &dyn std::fmt::Display) {
+        if !self.down.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            log::error!("database unavailable ({detail}); still watching, changes are held until it is back");
+        }
+    }
+
+    /// Something reached the database.
+    pub fn up(&self) {
+        if self.down.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            log::info!("database reachable again; catching up on held changes");
+        }
+    }
+}
+
 /// A registry that is not there yet: the database was down at start. Every
 /// call answers `Unavailable` (so workers hold their changes and the
 /// publisher waits) until [`Deferred::set`] installs the real one.

@@ -1131,6 +1131,9 @@ fn describe(error: &postgres::Error) -> String {
 /// Prefixes an `Unavailable` error with the (redacted) database it is about.
 fn name_database(database: &str, error: RegistryError) -> RegistryError {
     match error {
+        RegistryError::Unavailable(detail) if detail.starts_with(database) => {
+            RegistryError::Unavailable(detail)
+        }
         RegistryError::Unavailable(detail) => RegistryError::Unavailable(format!("{database}: {detail}")),
         other => other,
     }
