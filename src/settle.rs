@@ -78,6 +78,38 @@ impl Job {
     }
 }
 
+/// Keys that jobs later in a dispatch pass must not overlap: file keys
+/// hashed, subtree keys (rare) in a list.
+#[derive(Default)]
+struct BlockedKeys {
+    files: std::collections::HashSet<String>,
+    trees: Vec<String>,
+}
+
+impl BlockedKeys {
+    fn insert(&mut self, key: Key) {
+        match key {
+            Key::File(path) => {
+                self.files.insert(path);
+            }
+            Key::Tree(path) => self.trees.push(path),
+        }
+    }
+
+    fn conflicts(&self, key: &Key) -> bool {
+        let trees = self.trees.iter().map(|tree| Key::Tree(tree.clone()));
+        match key {
+            Key::File(path) => self.files.contains(path) || trees.into_iter().any(|tree| tree.conflicts(key)),
+            Key::Tree(_) => {
+                self.files
+                    .iter()
+                    .any(|file| key.conflicts(&Key::File(file.clone())))
+                    || trees.into_iter().any(|tree| tree.conflicts(key))
+            }
+        }
+    }
+}
+
 /// A job as sent to a worker.
 #[derive(Debug, Clone)]
 pub struct Dispatch {
@@ -216,9 +248,11 @@ const RENAME_PAIRING: Duration = Duration::from_millis(100);
 const MAX_WAIT: Duration = Duration::from_millis(250);
 /// How often the root's presence and identity are checked.
 const WATCHDOG_INTERVAL: Duration = Duration::from_secs(2);
+/// Raw events handled per pass before timers and dispatch get a turn.
+const RAW_BATCH: usize = 4096;
 /// Ready items looked at per dispatch pass; keeps a huge backlog from making
 /// every pass quadratic.
-const DISPATCH_WINDOW: usize = 4096;
+const DISPATCH_WINDOW: usize = 1024;
 
 pub struct Settle {
     options: SettleOptions,
@@ -309,8 +343,10 @@ impl Settle {
                 recv(self.channels.raw) -> raw => match raw {
                     Ok(raw) => {
                         self.on_raw(raw);
-                        // Drain what is already queued before looking at timers.
-                        while let Ok(raw) = self.channels.raw.try_recv() {
+                        // Take what is already queued in one go, but not so
+                        // much that timers and dispatch starve under a flood.
+                        for _ in 0..RAW_BATCH {
+                            let Ok(raw) = self.channels.raw.try_recv() else { break };
                             self.on_raw(raw);
                         }
                     }
@@ -892,32 +928,32 @@ impl Settle {
         }
     }
 
+    /// Hands ready jobs to the workers, oldest first. A job whose keys
+    /// overlap a job in flight, or an older job still waiting, is skipped (and
+    /// blocks its keys for the rest of the pass, which keeps per-path order).
+    /// Only a window at the front of the queue is looked at, and the rest is
+    /// never moved, so a pass costs the same with ten or a million ready jobs.
     fn dispatch(&mut self, now: Instant) {
         if self.hold_until.is_some_and(|until| until > now) {
             return; // the registry is down: nothing would get through
         }
-        let mut blocked: Vec<Key> = self.in_flight.values().flatten().cloned().collect();
-        let mut kept = VecDeque::with_capacity(self.ready.len());
-        let mut looked_at = 0;
-        let mut channel_full = false;
-        while let Some(item) = self.ready.pop_front() {
-            if channel_full || looked_at >= DISPATCH_WINDOW {
-                kept.push_back(item);
-                continue;
-            }
-            looked_at += 1;
+        let mut blocked = BlockedKeys::default();
+        for key in self.in_flight.values().flatten() {
+            blocked.insert(key.clone());
+        }
+        let mut skipped = Vec::new();
+        while skipped.len() < DISPATCH_WINDOW {
+            let Some(item) = self.ready.pop_front() else {
+                break;
+            };
             let Some((job, correlation_id, attempt, not_before)) = self.job_for(&item) else {
                 continue; // the entry went away meanwhile
             };
             let keys = job.keys();
             let waiting = not_before.is_some_and(|at| at > now);
-            if waiting
-                || keys
-                    .iter()
-                    .any(|key| blocked.iter().any(|other| key.conflicts(other)))
-            {
-                blocked.extend(keys);
-                kept.push_back(item);
+            if waiting || keys.iter().any(|key| blocked.conflicts(key)) {
+                keys.into_iter().for_each(|key| blocked.insert(key));
+                skipped.push(item);
                 continue;
             }
             let dispatch = Dispatch {
@@ -928,20 +964,23 @@ impl Settle {
             };
             match self.channels.jobs.try_send(dispatch) {
                 Ok(()) => {
-                    self.next_id += 1;
                     if let ReadyItem::Path(path) = &item {
                         self.pending.remove(path);
                     }
-                    blocked.extend(keys.iter().cloned());
-                    self.in_flight.insert(self.next_id - 1, keys);
+                    keys.iter().cloned().for_each(|key| blocked.insert(key));
+                    self.in_flight.insert(self.next_id, keys);
+                    self.next_id += 1;
                 }
-                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                    channel_full = true;
-                    kept.push_back(item);
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                    skipped.push(item);
+                    break;
                 }
             }
         }
-        self.ready = kept;
+        // Skipped jobs go back to the front, in their order.
+        for item in skipped.into_iter().rev() {
+            self.ready.push_front(item);
+        }
     }
 
     fn job_for(&self, item: &ReadyItem) -> Option<(Job, Uuid, u32, Option<Instant>)> {
@@ -1043,6 +1082,216 @@ fn deadline(entry: &Entry, settle: Duration) -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crossbeam_channel::{bounded, unbounded, Receiver};
+
+    /// A settle stage on a real (empty) temporary tree, driven by hand.
+    struct Harness {
+        settle: Settle,
+        jobs: Receiver<Dispatch>,
+        root: String,
+        _dir: tempfile::TempDir,
+        _keep: Vec<Box<dyn std::any::Any>>,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().to_owned();
+            let (raw_sender, raw) = bounded(16);
+            let (discovered_sender, discovered) = bounded(16);
+            let (done_sender, done) = unbounded();
+            let (stop_sender, stop) = bounded(0);
+            let (job_sender, jobs) = bounded(64);
+            let (scan_sender, scan_receiver) = unbounded();
+            let counters = Arc::new(WatchCounters::default());
+            let watcher = Watcher::start(
+                &root,
+                WatchMode::Inotify,
+                Callback::new(raw_sender.clone(), counters.clone(), false),
+            )
+            .unwrap();
+            let options = SettleOptions {
+                root: root.clone(),
+                filter: Filter::new("flac", "").unwrap(),
+                settle: Duration::ZERO,
+                mode: WatchMode::Inotify,
+                max_pending: 1000,
+                initial_scan: false,
+                sentinel: None,
+            };
+            let channels = SettleChannels {
+                raw,
+                discovered,
+                done,
+                stop,
+                jobs: job_sender,
+                scan_requests: scan_sender,
+            };
+            let guard = RootGuard::new(root.clone(), None);
+            let settle = Settle::new(options, channels, counters, watcher, raw_sender, guard);
+            Harness {
+                settle,
+                jobs,
+                root: root.to_str().unwrap().to_owned(),
+                _dir: dir,
+                _keep: vec![
+                    Box::new(discovered_sender),
+                    Box::new(done_sender),
+                    Box::new(stop_sender),
+                    Box::new(scan_receiver),
+                ],
+            }
+        }
+
+        fn path(&self, name: &str) -> String {
+            format!("{}/{name}", self.root)
+        }
+
+        /// One pass of the loop's bookkeeping, far enough in the future that
+        /// every settle deadline has passed.
+        fn pass(&mut self) -> Vec<Dispatch> {
+            let later = Instant::now() + Duration::from_secs(1);
+            self.settle.reschedule_touched();
+            self.settle.promote_due(later);
+            self.settle.dispatch(later);
+            self.jobs.try_iter().collect()
+        }
+
+        fn finish(&mut self, dispatch: Dispatch) {
+            self.settle.on_done(Done {
+                dispatch,
+                outcome: Outcome::Finished,
+            });
+        }
+    }
+
+    #[test]
+    fn one_job_per_path_in_flight_and_later_changes_wait_for_it() {
+        let mut harness = Harness::new();
+        let path = harness.path("a.flac");
+        harness.settle.on_closed(path.clone(), Instant::now());
+        let first = harness.pass();
+        assert_eq!(first.len(), 1);
+        // The file changes again while the first job is in flight.
+        harness.settle.on_closed(path.clone(), Instant::now());
+        assert!(
+            harness.pass().is_empty(),
+            "a second job for the same path must wait"
+        );
+        harness.finish(first.into_iter().next().unwrap());
+        let second = harness.pass();
+        assert_eq!(second.len(), 1);
+        assert_eq!(
+            second[0].job,
+            Job::Check {
+                path,
+                renamed_from: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_rename_waits_for_the_job_on_its_old_name() {
+        let mut harness = Harness::new();
+        let old = harness.path("a.flac");
+        let new = harness.path("b.flac");
+        harness.settle.on_closed(old.clone(), Instant::now());
+        let in_flight = harness.pass();
+        assert_eq!(in_flight.len(), 1);
+        std::fs::write(&new, b"x").unwrap();
+        harness.settle.on_rename(old.clone(), new.clone(), Instant::now());
+        assert!(
+            harness.pass().is_empty(),
+            "the rename must wait for the job on the old name"
+        );
+        harness.finish(in_flight.into_iter().next().unwrap());
+        let rename = harness.pass();
+        assert_eq!(
+            rename[0].job,
+            Job::Check {
+                path: new,
+                renamed_from: Some(old)
+            }
+        );
+    }
+
+    #[test]
+    fn jobs_below_a_renamed_directory_wait_for_the_directory_rename() {
+        let mut harness = Harness::new();
+        let from = harness.path("album");
+        let to = harness.path("album2");
+        std::fs::create_dir(&to).unwrap();
+        // A blocker in flight on the old directory keeps the rename waiting ...
+        harness.settle.on_closed(format!("{from}/1.flac"), Instant::now());
+        let blocker = harness.pass();
+        assert_eq!(blocker.len(), 1);
+        harness
+            .settle
+            .on_directory_renamed(from.clone(), to.clone(), Instant::now());
+        // ... and a change below the new name, ready later, must not overtake it.
+        harness.settle.on_closed(format!("{to}/2.flac"), Instant::now());
+        assert!(harness.pass().is_empty());
+        harness.finish(blocker.into_iter().next().unwrap());
+        let next = harness.pass();
+        assert_eq!(
+            next.iter()
+                .map(|dispatch| dispatch.job.clone())
+                .collect::<Vec<_>>(),
+            [Job::RenameDirectory {
+                from: from.clone(),
+                to: to.clone()
+            }],
+            "the directory rename goes first, alone"
+        );
+        harness.finish(next.into_iter().next().unwrap());
+        let after = harness.pass();
+        assert_eq!(
+            after[0].job,
+            Job::Check {
+                path: format!("{to}/2.flac"),
+                renamed_from: None
+            }
+        );
+    }
+
+    #[test]
+    fn create_then_remove_before_settling_is_one_gone_job() {
+        let mut harness = Harness::new();
+        let path = harness.path("a.flac");
+        harness.settle.on_closed(path.clone(), Instant::now());
+        harness.settle.mark_removed(path.clone(), Instant::now());
+        let jobs = harness.pass();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].job, Job::Gone { path });
+    }
+
+    #[test]
+    fn a_registry_outage_holds_all_dispatch() {
+        let mut harness = Harness::new();
+        harness.settle.on_closed(harness.path("a.flac"), Instant::now());
+        harness.settle.on_closed(harness.path("b.flac"), Instant::now());
+        let jobs = harness.pass();
+        assert_eq!(jobs.len(), 2);
+        let mut jobs = jobs.into_iter();
+        harness.settle.on_done(Done {
+            dispatch: jobs.next().unwrap(),
+            outcome: Outcome::Unavailable,
+        });
+        harness.settle.on_closed(harness.path("c.flac"), Instant::now());
+        // Still within the hold (its backoff is at least 400 ms).
+        let now = Instant::now();
+        harness.settle.reschedule_touched();
+        harness.settle.promote_due(now + Duration::from_millis(10));
+        harness.settle.dispatch(now + Duration::from_millis(10));
+        assert_eq!(
+            harness.jobs.try_iter().count(),
+            0,
+            "nothing goes out while the registry is down"
+        );
+        // After the hold, the held job and the new one go out.
+        harness.settle.dispatch(now + Duration::from_secs(5));
+        assert_eq!(harness.jobs.try_iter().count(), 2);
+    }
 
     #[test]
     fn keys_conflict_on_same_path_and_on_subtrees() {
