@@ -8,7 +8,8 @@
 #   scripts/bench.sh --big 2048           # one 2 GiB file: hashing speed and flat memory
 #
 # Prints files/s, MB/s hashed and the daemon's peak resident memory (VmHWM).
-# Talks to 127.0.0.1 only; uses its own schema and exchange and removes them.
+# Talks to 127.0.0.1 only; uses its own schema (dropped afterwards) and the
+# exchange file_watcher_bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +31,8 @@ tree=$work/tree
 mkdir -p "$tree"
 id="bench$$"
 schema="bench_$$"
-exchange="bench_$$"
+# One fixed exchange, declared the same way every run (rabbitmqctl cannot delete exchanges).
+exchange="file_watcher_bench"
 env_args=(DATA_DIR="$tree" INSTANCE_ID="$id" SETTLE_MS=200 LOG_LEVEL=info)
 if [ "$sinks" = 1 ]; then
     scripts/services.sh
@@ -42,8 +44,6 @@ cleanup() {
     [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
     if [ "$sinks" = 1 ]; then
         psql -q -h 127.0.0.1 -U postgres test -c "DROP SCHEMA IF EXISTS $schema CASCADE" >/dev/null 2>&1 || true
-        rabbitmqctl -q delete_exchange "$exchange" >/dev/null 2>&1 || true
-        rabbitmqctl -q delete_exchange "$exchange.dlx" >/dev/null 2>&1 || true
     fi
     rm -rf "$work"
 }
