@@ -587,7 +587,12 @@ impl Broker {
             let deadline = Instant::now() + self.close_timeout;
             let closing = self.connection.close(200, "file-watcher closing".into());
             match block_on_until(deadline, closing) {
-                Some(Ok(())) => debug!("closed RabbitMQ connection {}", self.connection_name),
+                Some(Ok(())) => {
+                    // lapin ends its I/O loop and the socket itself after a clean
+                    // close; shutting the socket under it makes it log errors.
+                    debug!("closed RabbitMQ connection {}", self.connection_name);
+                    return;
+                }
                 Some(Err(error)) => debug!(
                     "closing RabbitMQ connection {} at {}: {error}",
                     self.connection_name, self.redacted_url
@@ -600,6 +605,7 @@ impl Broker {
                 ),
             }
         }
+        // Not closed cleanly (or never connected): end lapin's I/O thread by force.
         self.socket.shut_down();
     }
 

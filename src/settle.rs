@@ -135,6 +135,10 @@ pub enum Outcome {
     /// The registry could not be reached (or the job was cut short by
     /// shutdown): keep the job and try again after this long.
     Retry(Duration),
+    /// A `Check` found nothing at its path: unless a rename already
+    /// accounts for it, it becomes a removal, after a settle period (so a
+    /// rename event still on its way can claim it first).
+    Vanished,
     /// The registry cannot be reached: keep the job, and hold all dispatching
     /// for a while (one probe per backoff period, not one retry per path).
     Unavailable,
@@ -618,6 +622,26 @@ impl Settle {
         entry.closed = true;
     }
 
+    /// A file was gone when a worker looked. If a pending rename starts at
+    /// it, the rename accounts for it; otherwise it (and where it was renamed
+    /// from) is removed, after the usual settle period.
+    fn on_vanished(&mut self, path: String, renamed_from: Option<String>, now: Instant) {
+        let claimed = |candidate: &str| {
+            self.pending
+                .values()
+                .any(|entry| entry.renamed_from.as_deref() == Some(candidate))
+        };
+        if self.pending.contains_key(&path) || claimed(&path) {
+            return;
+        }
+        if let Some(from) = renamed_from {
+            if !claimed(&from) {
+                self.mark_removed(from, now);
+            }
+        }
+        self.mark_removed(path, now);
+    }
+
     fn on_rename(&mut self, from: String, to: String, now: Instant) {
         let to_is_directory = match std::fs::symlink_metadata(&to) {
             Ok(metadata) => metadata.is_dir(),
@@ -1017,9 +1041,21 @@ impl Settle {
         let (retry_after, changing) = match done.outcome {
             Outcome::Finished => {
                 self.outage_attempts = 0;
+                if let Job::Sweep { dir, files_found } = &job {
+                    log::info!(
+                        "catch-up complete: {dir} scanned ({files_found} files) and the registry swept; \
+                         changes found are being recorded and published"
+                    );
+                }
                 return;
             }
             Outcome::Changing => (None, true),
+            Outcome::Vanished => {
+                if let Job::Check { path, renamed_from } = job {
+                    self.on_vanished(path, renamed_from, now);
+                }
+                return;
+            }
             Outcome::Retry(after) => (Some(now + after), false),
             Outcome::Unavailable => {
                 self.hold_until = Some(now + crate::worker::backoff(self.outage_attempts));
@@ -1252,6 +1288,45 @@ mod tests {
                 renamed_from: None
             }
         );
+    }
+
+    #[test]
+    fn a_vanished_file_that_was_renamed_is_followed_not_deleted() {
+        let mut harness = Harness::new();
+        let old = harness.path("a.flac");
+        let new = harness.path("b.flac");
+        harness.settle.on_closed(old.clone(), Instant::now());
+        let check = harness.pass().into_iter().next().unwrap();
+        // The rename happens while the check is in flight; the worker finds nothing.
+        std::fs::write(&new, b"x").unwrap();
+        harness.settle.on_rename(old.clone(), new.clone(), Instant::now());
+        harness.settle.on_done(Done {
+            dispatch: check,
+            outcome: Outcome::Vanished,
+        });
+        let jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        assert_eq!(
+            jobs,
+            [Job::Check {
+                path: new,
+                renamed_from: Some(old)
+            }],
+            "no deletion of the old name: the rename accounts for it"
+        );
+    }
+
+    #[test]
+    fn a_vanished_file_with_no_rename_becomes_a_removal() {
+        let mut harness = Harness::new();
+        let path = harness.path("a.flac");
+        harness.settle.on_closed(path.clone(), Instant::now());
+        let check = harness.pass().into_iter().next().unwrap();
+        harness.settle.on_done(Done {
+            dispatch: check,
+            outcome: Outcome::Vanished,
+        });
+        let jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        assert_eq!(jobs, [Job::Gone { path }]);
     }
 
     #[test]

@@ -135,7 +135,7 @@ impl Worker {
     ) -> Result<Outcome, RegistryError> {
         let before = match Stat::of(Path::new(path)) {
             Ok(Some(stat)) => stat,
-            Ok(None) => return self.vanished(path, renamed_from, correlation),
+            Ok(None) => return self.vanished(path),
             Err(error) => {
                 self.file_error(path, &error);
                 return Ok(Outcome::Finished);
@@ -158,7 +158,7 @@ impl Worker {
                     // Shutting down: hand the job back; the next start picks the file up.
                     Err(error) if hash::is_stopped(&error) => return Ok(Outcome::Retry(Duration::ZERO)),
                     Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                        return self.vanished(path, renamed_from, correlation);
+                        return self.vanished(path);
                     }
                     Err(error) => {
                         self.file_error(path, &error);
@@ -192,22 +192,14 @@ impl Worker {
         )
     }
 
-    /// The file disappeared before we could read it: if it had a recorded
-    /// name, that one is gone now.
-    fn vanished(
-        &self,
-        path: &str,
-        renamed_from: Option<&str>,
-        correlation: uuid::Uuid,
-    ) -> Result<Outcome, RegistryError> {
+    /// The file disappeared before we could read it. Most likely it was just
+    /// renamed or deleted, and that event is on its way to the settle stage
+    /// (or, for another instance watching the same tree, already recorded as
+    /// a rename): recording a deletion now would turn a rename into
+    /// `deleted` + `created`. The settle stage decides, after a settle period.
+    fn vanished(&self, path: &str) -> Result<Outcome, RegistryError> {
         log::debug!("{path} vanished before it was read");
-        if let Some(from) = renamed_from {
-            let outcome = self.gone(from, correlation)?;
-            if outcome != Outcome::Finished {
-                return Ok(outcome);
-            }
-        }
-        self.gone(path, correlation)
+        Ok(Outcome::Vanished)
     }
 
     /// Records that `path` is gone, unless the whole tree looks unmounted:

@@ -44,6 +44,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
+pub mod services;
+
 /// How long any single wait may take. Generous: CI has two cores and builds
 /// other tests at the same time.
 pub const DEADLINE: Duration = Duration::from_secs(15);
@@ -708,22 +710,12 @@ pub fn summary(messages: &[Value]) -> Vec<(String, String)> {
 /// Lower-case hex SHA-256, as the messages carry it.
 pub fn sha256_hex(content: &[u8]) -> String {
     use sha2::Digest;
-    hex(&sha2::Sha256::digest(content))
+    format!("{:x}", sha2::Sha256::digest(content))
 }
 
 /// Lower-case hex XXH3-128, as the messages carry it.
 pub fn xxh128_hex(content: &[u8]) -> String {
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(content))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut text, byte| {
-            let _ = write!(text, "{byte:02x}");
-            text
-        })
 }
 
 /// Opens (creating or truncating), writes and closes: one finished write.
