@@ -485,6 +485,18 @@ impl Broker {
                 self.abandoned = true;
                 return Err(error);
             }
+            // The broker stopped reading from us (memory or disk alarm): the
+            // connection is fine, the batch just waits in it. Keep the
+            // connection; the caller resends what was not confirmed (same
+            // message ids) once the broker unblocks.
+            None if self.is_blocked() => {
+                return Err(BrokerError::Blocked {
+                    connection_name: self.connection_name.clone(),
+                    reason: self
+                        .blocked_reason()
+                        .unwrap_or_else(|| "no reason given".to_owned()),
+                });
+            }
             None => {
                 self.abandoned = true;
                 return Err(BrokerError::ConfirmTimeout {

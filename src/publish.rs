@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use uuid::Uuid;
 
-use crate::broker::{Broker, BrokerSettings};
+use crate::broker::{Broker, BrokerError, BrokerSettings};
 use crate::message::Message;
 use crate::registry::{Health, Registry, RegistryError};
 
@@ -33,10 +33,10 @@ pub enum SinkError {
     /// Not delivered now; try again later.
     #[error("{0}")]
     Unavailable(String),
-    /// The outbox cannot be read (the database is down, already reported):
-    /// try again later, quietly.
-    #[error("waiting for the database")]
-    Waiting,
+    /// Not now, and whoever noticed has already said so (the database is
+    /// down, the broker blocked publishing): try again later, quietly.
+    #[error("paused: {0}")]
+    Paused(String),
 }
 
 /// Where messages go.
@@ -154,7 +154,8 @@ impl Publisher {
                     retry_at = None;
                 }
                 Err(SinkError::Closed) => return PublisherExit::SinkClosed,
-                Err(SinkError::Waiting) => {
+                Err(SinkError::Paused(reason)) => {
+                    log::debug!("publishing paused: {reason}");
                     retry_at = Some(Instant::now() + IDLE_POLL);
                 }
                 Err(SinkError::Unavailable(reason)) => {
@@ -177,7 +178,7 @@ impl Publisher {
     fn registry_error(&self, error: RegistryError) -> SinkError {
         if error.is_unavailable() {
             self.health.down(&error);
-            SinkError::Waiting
+            SinkError::Paused("waiting for the database".into())
         } else {
             SinkError::Unavailable(error.to_string())
         }
@@ -276,15 +277,9 @@ impl Sink for BrokerSink {
     fn deliver(&mut self, messages: &[Message]) -> Result<Vec<Uuid>, SinkError> {
         let broker = self.connected()?;
         if broker.is_blocked() {
-            let reason = broker.blocked_reason().unwrap_or_default();
-            if !self.blocked {
-                self.blocked = true;
-                // The broker module has already warned, with the broker's reason.
-                log::debug!("RabbitMQ blocked publishing ({reason}); pausing until it unblocks");
-            }
-            return Err(SinkError::Unavailable(format!(
-                "RabbitMQ blocked publishing ({reason})"
-            )));
+            // The broker module warned once, with the broker's reason.
+            self.blocked = true;
+            return Err(SinkError::Paused("RabbitMQ blocked publishing".into()));
         }
         if std::mem::take(&mut self.blocked) {
             log::info!("RabbitMQ unblocked publishing; resuming");
@@ -305,6 +300,10 @@ impl Sink for BrokerSink {
                     .collect();
                 Ok(confirmed)
             }
+            Err(BrokerError::Blocked { .. }) => {
+                self.blocked = true;
+                Err(SinkError::Paused("RabbitMQ blocked publishing".into()))
+            }
             Err(error) => {
                 if let Some(broker) = self.broker.take() {
                     broker.close();
@@ -315,7 +314,9 @@ impl Sink for BrokerSink {
     }
 
     fn is_connected(&self) -> bool {
-        self.broker.as_ref().is_some_and(|broker| broker.is_usable())
+        self.broker
+            .as_ref()
+            .is_some_and(|broker| broker.is_usable() && !broker.is_blocked())
     }
 
     fn wait_hint(&self) -> Duration {
