@@ -88,14 +88,7 @@ fn walk(
         files: 0,
         failed: false,
     };
-    let walker = WalkDir::new(dir)
-        .follow_links(false)
-        .into_iter()
-        .filter_entry(|entry| {
-            let relative = entry.path().strip_prefix(root).unwrap_or(entry.path());
-            relative.as_os_str().is_empty() || !filter.excludes(relative)
-        });
-    for entry in walker {
+    for entry in tree_walk(root, filter, dir) {
         let entry = match entry {
             Ok(entry) => entry,
             Err(error) => {
@@ -129,17 +122,26 @@ fn walk(
     Ok(outcome)
 }
 
+/// Everything below `dir` (inside the watched `root`), without following
+/// symlinks and without entering excluded directories.
+fn tree_walk<'a>(
+    root: &'a Path,
+    filter: &'a Filter,
+    dir: &Path,
+) -> impl Iterator<Item = walkdir::Result<walkdir::DirEntry>> + 'a {
+    WalkDir::new(dir)
+        .follow_links(false)
+        .into_iter()
+        .filter_entry(move |entry| {
+            let relative = entry.path().strip_prefix(root).unwrap_or(entry.path());
+            relative.as_os_str().is_empty() || !filter.excludes(relative)
+        })
+}
+
 /// Walks the tree once and calls `visit` for every announced file, on the
 /// caller's thread. Used at start without a database to learn what exists.
 pub fn for_each_file(root: &Path, filter: &Filter, mut visit: impl FnMut(&Path)) {
-    let walker = WalkDir::new(root)
-        .follow_links(false)
-        .into_iter()
-        .filter_entry(|entry| {
-            let relative = entry.path().strip_prefix(root).unwrap_or(entry.path());
-            relative.as_os_str().is_empty() || !filter.excludes(relative)
-        });
-    for entry in walker.flatten() {
+    for entry in tree_walk(root, filter, root).flatten() {
         if entry.file_type().is_file()
             && filter.announces(entry.path().strip_prefix(root).unwrap_or(entry.path()))
         {
