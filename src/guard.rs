@@ -67,6 +67,25 @@ impl RootGuard {
         identity(&self.root)
     }
 
+    /// True when the accepted root was a mount point (on another device than
+    /// its parent) and what is there now is not (on the parent's device): the
+    /// share was unmounted and we see the empty mount point. That is never
+    /// accepted as a new root; a deliberate switch to a local directory needs
+    /// a restart.
+    pub fn looks_unmounted(&self) -> bool {
+        let parent_device = self
+            .root
+            .parent()
+            .and_then(|parent| std::fs::metadata(parent).ok())
+            .map(|metadata| metadata.dev());
+        let (Some(parent_device), Some((expected_device, _)), Some((current_device, _))) =
+            (parent_device, self.expected(), self.current())
+        else {
+            return false;
+        };
+        expected_device != parent_device && current_device == parent_device
+    }
+
     pub fn expected(&self) -> Option<Identity> {
         *self
             .expected

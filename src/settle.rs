@@ -612,10 +612,10 @@ impl Settle {
             .get(&path)
             .and_then(|entry| entry.renamed_from.clone())
         {
-            // It was renamed here and never recorded here: what goes is the old name.
+            // It was renamed here and never recorded here: the old name goes,
+            // and so does whatever was recorded here before the rename replaced it.
             self.pending.remove(&path);
             self.mark_removed(from, now);
-            return;
         }
         let entry = self.touch(path, now);
         entry.state = State::Removed;
@@ -790,7 +790,12 @@ impl Settle {
                 }
             }
             // Back, but as another directory (remounted, recreated): the old watches are dead.
-            Err(_) if current.is_some() && current != self.guard.expected() && self.sentinel_present() => {
+            Err(_)
+                if current.is_some()
+                    && current != self.guard.expected()
+                    && self.sentinel_present()
+                    && !self.guard.looks_unmounted() =>
+            {
                 log::info!(
                     "watched directory {} was remounted or replaced: watching it again and catching up",
                     self.root_text
@@ -1327,6 +1332,19 @@ mod tests {
         });
         let jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
         assert_eq!(jobs, [Job::Gone { path }]);
+    }
+
+    #[test]
+    fn renamed_over_a_file_then_removed_removes_both_names() {
+        // `mv a b; rm b` within one settle period: `b` may have been recorded
+        // before the rename replaced it, so it goes as well as `a`.
+        let mut harness = Harness::new();
+        let (a, b) = (harness.path("a.flac"), harness.path("b.flac"));
+        harness.settle.on_rename(a.clone(), b.clone(), Instant::now());
+        harness.settle.mark_removed(b.clone(), Instant::now());
+        let mut jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        jobs.sort_by(|one, other| format!("{one:?}").cmp(&format!("{other:?}")));
+        assert_eq!(jobs, [Job::Gone { path: a }, Job::Gone { path: b }]);
     }
 
     #[test]
