@@ -6,17 +6,19 @@
 //! queue, so tests run in parallel and rerun without cleanup. The test side
 //! talks to RabbitMQ with lapin directly, the way a consumer would.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io::Read;
+use std::net::{TcpListener, ToSocketAddrs};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::{self, JoinHandle};
+use std::sync::{Mutex, OnceLock};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use async_io::Timer;
+use common::proxy::FaultProxy;
 use file_watcher::broker::{exchange_declarations, Broker, BrokerError, BrokerSettings};
 use file_watcher::message::{Content, EventType, Message, Origin, SCHEMA_VERSION};
 use futures_lite::{future, StreamExt};
@@ -578,70 +580,18 @@ fn a_failed_channel_makes_the_broker_unusable() {
     assert!(matches!(again, Err(BrokerError::Unusable { .. })), "{again:?}");
 }
 
-/// A TCP proxy in front of RabbitMQ for one connection, which can be frozen:
-/// from then on it forwards nothing either way, as a broker stopped with
-/// SIGSTOP would behave (its kernel still takes our bytes).
-struct FreezableProxy {
-    url: String,
-    frozen: Arc<AtomicBool>,
-    worker: JoinHandle<()>,
-}
-
-impl FreezableProxy {
-    fn start() -> FreezableProxy {
-        let mut uri: AMQPUri = test_url().parse().expect("RABBITMQ_TEST_URL parses");
-        let upstream = (uri.authority.host.clone(), uri.authority.port);
-        let listener = TcpListener::bind("127.0.0.1:0").expect("binds a port");
-        uri.authority.host = "127.0.0.1".to_owned();
-        uri.authority.port = listener.local_addr().unwrap().port();
-        let frozen = Arc::new(AtomicBool::new(false));
-        let worker = {
-            let frozen = frozen.clone();
-            thread::Builder::new()
-                .name("freezable-proxy".into())
-                .spawn(move || {
-                    let (client, _) = listener.accept().expect("the daemon connects");
-                    let server = TcpStream::connect(upstream).expect("the proxy reaches RabbitMQ");
-                    thread::scope(|scope| {
-                        scope.spawn(|| forward(&client, &server, &frozen, false));
-                        scope.spawn(|| forward(&server, &client, &frozen, true));
-                    });
-                })
-                .unwrap()
-        };
-        FreezableProxy {
-            url: uri.to_string(),
-            frozen,
-            worker,
-        }
-    }
-
-    fn freeze(&self) {
-        self.frozen.store(true, Ordering::SeqCst);
-    }
-
-    /// Waits for both directions to end, which they do once either side closes.
-    fn join(self) {
-        self.worker.join().expect("the proxy does not panic");
-    }
-}
-
-/// Copies `from` to `to` until `from` ends, dropping the bytes while frozen;
-/// then closes both, so the opposite direction ends too. Except that a frozen
-/// proxy tells the daemon nothing: when RabbitMQ hangs up on it (it misses our
-/// heartbeats too), the daemon's side stays open and silent, so only the
-/// daemon's own heartbeat check can notice.
-fn forward(mut from: &TcpStream, mut to: &TcpStream, frozen: &AtomicBool, to_daemon: bool) {
-    let mut buffer = [0; 16 * 1024];
-    while let Ok(count @ 1..) = from.read(&mut buffer) {
-        if !frozen.load(Ordering::SeqCst) && to.write_all(&buffer[..count]).is_err() {
-            break;
-        }
-    }
-    let _ = from.shutdown(Shutdown::Both);
-    if !(to_daemon && frozen.load(Ordering::SeqCst)) {
-        let _ = to.shutdown(Shutdown::Both);
-    }
+/// A proxy in front of RabbitMQ, and the URL that goes through it.
+fn proxied_broker() -> (FaultProxy, String) {
+    let mut uri: AMQPUri = test_url().parse().expect("RABBITMQ_TEST_URL parses");
+    let upstream = (uri.authority.host.as_str(), uri.authority.port)
+        .to_socket_addrs()
+        .expect("resolve the broker")
+        .next()
+        .expect("the broker has an address");
+    let proxy = FaultProxy::start(upstream);
+    uri.authority.host = "127.0.0.1".to_owned();
+    uri.authority.port = proxy.port();
+    (proxy, uri.to_string())
 }
 
 #[test]
@@ -649,14 +599,14 @@ fn frozen_broker_is_caught_by_the_heartbeat() {
     let logs = captured_logs();
     let exchange = unique_exchange();
     let _consumers = Consumers::connect(&exchange);
-    let proxy = FreezableProxy::start();
+    let (proxy, url) = proxied_broker();
     let mut settings = settings(&exchange);
-    settings.url = proxy.url.clone();
+    settings.url = url;
     settings.heartbeat = Duration::from_secs(1);
     let broker = Broker::connect(&settings).expect("connects through the proxy");
     assert_eq!(broker.heartbeat(), Duration::from_secs(1));
 
-    proxy.freeze();
+    proxy.freeze(true);
     let frozen_at = Instant::now();
     let deadline = frozen_at + Duration::from_secs(10);
     while broker.is_usable() {
@@ -684,16 +634,15 @@ fn frozen_broker_is_caught_by_the_heartbeat() {
         "the failure was not put down to the heartbeat: {records:#?}"
     );
     drop(broker);
-    proxy.join();
 }
 
 #[test]
 fn frozen_broker_fails_a_batch_within_the_confirm_timeout() {
     let exchange = unique_exchange();
     let _consumers = Consumers::connect(&exchange);
-    let proxy = FreezableProxy::start();
+    let (proxy, url) = proxied_broker();
     let mut settings = settings(&exchange);
-    settings.url = proxy.url.clone();
+    settings.url = url;
     settings.confirm_timeout = Duration::from_secs(1);
     let mut broker = Broker::connect(&settings).expect("connects through the proxy");
     let first = sample_message(EventType::Created);
@@ -705,7 +654,7 @@ fn frozen_broker_fails_a_batch_within_the_confirm_timeout() {
         [first.message_id]
     );
 
-    proxy.freeze();
+    proxy.freeze(true);
     let started = Instant::now();
     let error = broker
         .publish(&[
@@ -732,5 +681,4 @@ fn frozen_broker_fails_a_batch_within_the_confirm_timeout() {
         "dropping took {:?}",
         started.elapsed()
     );
-    proxy.join();
 }

@@ -7,15 +7,16 @@
 //! passes and kept for inspection when it fails. The server is
 //! `postgres://postgres@127.0.0.1:5432/test` unless `DATABASE_TEST_URL` says otherwise.
 
+mod common;
+
 use std::fs;
-use std::io;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::proxy::FaultProxy;
 use file_watcher::message::{EventType, Message, Origin};
 use file_watcher::registry::postgres::{
     InstanceLock, LockError, PostgresRegistry, PostgresSettings, MIGRATIONS, ORPHAN_GRACE,
@@ -208,115 +209,27 @@ fn count(sql: &mut Client, query: &str) -> i64 {
     sql.query_one(query, &[]).expect("count").get(0)
 }
 
-/// A TCP relay in front of the database that can cut every connection and
-/// refuse new ones, standing in for a database outage without stopping the
-/// server other tests share.
-struct Outage {
-    address: SocketAddr,
-    down: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    streams: Arc<Mutex<Vec<TcpStream>>>,
-    acceptor: Option<thread::JoinHandle<()>>,
+/// The test database's URL, pointed at `proxy`.
+fn url_through(proxy: &FaultProxy) -> String {
+    let config: postgres::Config = database_url().parse().expect("a database URL");
+    let user = config.get_user().unwrap_or("postgres");
+    let dbname = config.get_dbname().unwrap_or(user);
+    let address = proxy.address();
+    let mut url = format!(
+        "host={} port={} user={user} dbname={dbname}",
+        address.ip(),
+        address.port()
+    );
+    if let Some(password) = config.get_password() {
+        let password = String::from_utf8_lossy(password)
+            .replace('\\', "\\\\")
+            .replace('\'', "\\'");
+        url.push_str(&format!(" password='{password}'"));
+    }
+    url
 }
 
-impl Outage {
-    fn relay_to(target: SocketAddr) -> Outage {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
-        listener.set_nonblocking(true).expect("non-blocking relay");
-        let address = listener.local_addr().unwrap();
-        let down = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let streams: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let acceptor = {
-            let (down, stop, streams) = (down.clone(), stop.clone(), streams.clone());
-            thread::Builder::new()
-                .name("relay-accept".into())
-                .spawn(move || {
-                    let mut pumps = Vec::new();
-                    while !stop.load(Ordering::SeqCst) {
-                        let client = match listener.accept() {
-                            Ok((client, _)) => client,
-                            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                                thread::sleep(Duration::from_millis(5));
-                                continue;
-                            }
-                            Err(error) => panic!("relay accept: {error}"),
-                        };
-                        if down.load(Ordering::SeqCst) {
-                            continue; // dropped: the client sees the connection close
-                        }
-                        client.set_nonblocking(false).unwrap();
-                        let server = TcpStream::connect(target).expect("relay to the database");
-                        let mut held = streams.lock().unwrap();
-                        held.push(client.try_clone().unwrap());
-                        held.push(server.try_clone().unwrap());
-                        for (mut from, mut to) in [
-                            (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                            (server, client),
-                        ] {
-                            pumps.push(thread::spawn(move || {
-                                let _ = io::copy(&mut from, &mut to);
-                                let _ = to.shutdown(Shutdown::Both);
-                            }));
-                        }
-                    }
-                    for pump in pumps {
-                        pump.join().unwrap();
-                    }
-                })
-                .unwrap()
-        };
-        Outage {
-            address,
-            down,
-            stop,
-            streams,
-            acceptor: Some(acceptor),
-        }
-    }
-
-    /// The test database's URL, pointed at the relay.
-    fn url(&self) -> String {
-        let config: postgres::Config = database_url().parse().expect("a database URL");
-        let user = config.get_user().unwrap_or("postgres");
-        let dbname = config.get_dbname().unwrap_or(user);
-        let mut url = format!(
-            "host={} port={} user={user} dbname={dbname}",
-            self.address.ip(),
-            self.address.port()
-        );
-        if let Some(password) = config.get_password() {
-            let password = String::from_utf8_lossy(password)
-                .replace('\\', "\\\\")
-                .replace('\'', "\\'");
-            url.push_str(&format!(" password='{password}'"));
-        }
-        url
-    }
-
-    fn begin(&self) {
-        self.down.store(true, Ordering::SeqCst);
-        for stream in self.streams.lock().unwrap().drain(..) {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-    }
-
-    fn end(&self) {
-        self.down.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Outage {
-    fn drop(&mut self) {
-        self.begin();
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
-        }
-    }
-}
-
-/// Where the test database listens, for the relay.
+/// Where the test database listens, for the proxy.
 fn database_address() -> SocketAddr {
     let config: postgres::Config = database_url().parse().expect("a database URL");
     let host = match config.get_hosts().first() {
@@ -1022,9 +935,10 @@ fn missing_database_is_a_query_error() {
 fn database_outage_is_unavailable_and_the_registry_recovers() {
     let fixture = Fixture::new();
     let root = fixture.root();
-    let outage = Outage::relay_to(database_address());
+    // An outage of this test's own, without stopping the server other tests share.
+    let proxy = FaultProxy::start(database_address());
     let settings = PostgresSettings {
-        url: outage.url(),
+        url: url_through(&proxy),
         connect_timeout: Duration::from_millis(500),
         ..fixture.settings(2)
     };
@@ -1035,7 +949,8 @@ fn database_outage_is_unavailable_and_the_registry_recovers() {
     write(&before, "before");
     apply(&registry, &present(&before, None));
 
-    outage.begin();
+    proxy.refuse(true);
+    proxy.cut();
     write(&during, "during");
     let change = present(&during, None);
     let error = registry.apply(&change, Uuid::new_v4()).unwrap_err();
@@ -1047,7 +962,7 @@ fn database_outage_is_unavailable_and_the_registry_recovers() {
         other => panic!("expected Unavailable, got {other:?}"),
     }
 
-    outage.end();
+    proxy.refuse(false);
     let mut messages = Vec::new();
     wait_until("the registry reaches the database again", || {
         match registry.apply(&change, Uuid::new_v4()) {
@@ -1063,7 +978,7 @@ fn database_outage_is_unavailable_and_the_registry_recovers() {
     });
     assert_eq!(kinds(&messages), [EventType::Created]);
     // The server drops the old session (and its lock) a moment after the
-    // relay cut it; until then the lock reads as held by that session.
+    // proxy cut it; until then the lock reads as held by that session.
     wait_until("the instance lock is held again", || match lock.verify() {
         Ok(()) => true,
         Err(LockError::Unavailable { .. } | LockError::HeldElsewhere { .. }) => false,

@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
+pub mod proxy;
 pub mod services;
 
 /// How long any single wait may take. Generous: CI has two cores and builds
