@@ -28,8 +28,18 @@ pub fn init(
         .level_for("mio", level.min(log::LevelFilter::Info))
         // Spans arrive as log records through tracing's `log` feature; they carry no news.
         .level_for("tracing::span", level.min(log::LevelFilter::Warn))
-        // lapin dumps a returned message byte by byte; `broker` logs it readably.
-        .level_for("lapin::returned_messages", level.min(log::LevelFilter::Error))
+        // lapin reports every failed connect and every lost connection itself,
+        // at ERROR, three lines at a time; `broker` and `publish` report the
+        // same facts once per outage, with the connection name. lapin's own
+        // lines appear from LOG_LEVEL=debug on.
+        .level_for(
+            "lapin",
+            if level >= log::LevelFilter::Debug {
+                level
+            } else {
+                log::LevelFilter::Off
+            },
+        )
         .level_for("postgres", level.min(log::LevelFilter::Info))
         .level_for("tokio_postgres", level.min(log::LevelFilter::Info));
     let dispatch = match format {

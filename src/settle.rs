@@ -246,6 +246,8 @@ pub struct SettleChannels {
 /// finished anyway (some tools never close, or write through mmap); a later
 /// write produces a `modified`.
 const OPEN_WRITER_TIMEOUT: Duration = Duration::from_secs(60);
+/// When a new directory is walked the second time (see `schedule_scan`).
+const SECOND_WALK: Duration = Duration::from_secs(5);
 /// How long an unpaired "moved from" waits for its "moved to".
 const RENAME_PAIRING: Duration = Duration::from_millis(100);
 /// Upper bound on one wait, so counters and flags are looked at regularly.
@@ -847,8 +849,15 @@ impl Settle {
     /// New directories are walked one settle period later: by then notify has
     /// added their watch, so anything written after the walk raises events
     /// and anything written before it is found by the walk.
+    ///
+    /// notify adds a new directory's watch only once it has drained the
+    /// kernel queue, which under a sustained stream of events can take longer
+    /// than the settle time; a second walk a few seconds later finds what was
+    /// written before the watch existed. Files found twice cost a `stat`.
     fn schedule_scan(&mut self, dir: PathBuf, now: Instant) {
-        self.delayed_scans.push((now + self.settle_time(), dir));
+        self.delayed_scans.push((now + self.settle_time(), dir.clone()));
+        self.delayed_scans
+            .push((now + self.settle_time() + SECOND_WALK, dir));
     }
 
     fn start_due_scans(&mut self, now: Instant) {
