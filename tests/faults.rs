@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use async_io::Timer;
 use common::proxy::FaultProxy;
-use common::services::{database_url, rabbitmq_url, FileRow};
+use common::services::{database_url, file_row, rabbitmq_url, FileRow, FILE_ROW_SELECT};
 use common::{sha256_hex, Daemon, DaemonBuilder, DEADLINE};
 use file_watcher::config::{DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS};
 use file_watcher::filter::Filter;
@@ -510,9 +510,6 @@ struct SchemaView {
     client: Mutex<Option<postgres::Client>>,
 }
 
-const FILE_ROW_SELECT: &str = "SELECT file_path, state, sha256, xxh128, size_bytes, mtime_ns, last_event, \
-     old_path, instance_id, watched_directory, message_id::text, published_at FROM files";
-
 impl SchemaView {
     fn new() -> SchemaView {
         SchemaView {
@@ -619,23 +616,6 @@ impl Drop for SchemaView {
             return;
         }
         let _ = self.try_query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema), &[]);
-    }
-}
-
-fn file_row(record: &postgres::Row) -> FileRow {
-    FileRow {
-        file_path: record.get(0),
-        state: record.get(1),
-        sha256: record.get(2),
-        xxh128: record.get(3),
-        size_bytes: record.get(4),
-        mtime_ns: record.get(5),
-        last_event: record.get(6),
-        old_path: record.get(7),
-        instance_id: record.get(8),
-        watched_directory: record.get(9),
-        message_id: record.get::<_, &str>(10).parse().expect("message_id is a UUID"),
-        published_at: record.get(11),
     }
 }
 

@@ -530,10 +530,12 @@ impl Drop for TestDatabase {
     }
 }
 
-const FILE_ROW_SELECT: &str = "SELECT file_path, state, sha256, xxh128, size_bytes, mtime_ns, last_event, \
+/// Selects every column `file_row` reads, in its order.
+pub const FILE_ROW_SELECT: &str =
+    "SELECT file_path, state, sha256, xxh128, size_bytes, mtime_ns, last_event, \
      old_path, instance_id, watched_directory, message_id::text, published_at FROM files";
 
-fn file_row(record: &postgres::Row) -> FileRow {
+pub fn file_row(record: &postgres::Row) -> FileRow {
     FileRow {
         file_path: record.get(0),
         state: record.get(1),
