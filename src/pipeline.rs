@@ -137,9 +137,10 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
     // Watch first, then look: anything that changes from here on raises an event.
     let counters = Arc::new(WatchCounters::default());
     let (raw_sender, raw_receiver) = bounded(CHANNEL_CAPACITY);
-    let (watcher, watch_mode) = start_with_fallback(&config.data_dir, config.watch_mode, |poll| {
-        Callback::new(raw_sender.clone(), counters.clone(), poll)
-    })?;
+    let (watcher, watch_mode) =
+        start_with_fallback(&config.data_dir, config.watch_mode, &config.filter, |poll| {
+            Callback::new(raw_sender.clone(), counters.clone(), poll)
+        })?;
 
     if let Some(memory) = memory.as_ref().filter(|_| !config.scan_existing) {
         // Without a database: learn what exists, so changes to it read as

@@ -124,7 +124,7 @@ fn walk(
 
 /// Everything below `dir` (inside the watched `root`), without following
 /// symlinks and without entering excluded directories.
-fn tree_walk<'a>(
+pub(crate) fn tree_walk<'a>(
     root: &'a Path,
     filter: &'a Filter,
     dir: &Path,

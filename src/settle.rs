@@ -824,13 +824,32 @@ impl Settle {
             .is_none_or(|sentinel| std::fs::symlink_metadata(sentinel).is_ok())
     }
 
+    /// A directory appeared (created, renamed, moved in): watch it and
+    /// everything below it before it is walked.
+    fn watch_tree(&mut self, dir: &Path) {
+        let Some(watcher) = self.watcher.as_mut() else {
+            return;
+        };
+        if let Err(error) = watcher.watch_tree(dir) {
+            log::error!(
+                "{error}; polling the tree every {} s instead until the limit is raised and the process restarted",
+                WATCH_LIMIT_POLL_INTERVAL.as_secs()
+            );
+            self.options.mode = WatchMode::Poll(WATCH_LIMIT_POLL_INTERVAL);
+            self.restart_watcher("inotify watch limit reached");
+        }
+    }
+
     fn restart_watcher(&mut self, reason: &str) {
         self.watcher = None;
         let sender = self.raw_sender.clone();
         let counters = self.counters.clone();
-        let started = start_with_fallback(&self.options.root, self.options.mode, |poll| {
-            Callback::new(sender.clone(), counters.clone(), poll)
-        });
+        let started = start_with_fallback(
+            &self.options.root,
+            self.options.mode,
+            &self.options.filter,
+            |poll| Callback::new(sender.clone(), counters.clone(), poll),
+        );
         match started {
             Ok((watcher, mode)) => {
                 self.watcher = Some(watcher);
@@ -855,6 +874,7 @@ impl Settle {
     /// than the settle time; a second walk a few seconds later finds what was
     /// written before the watch existed. Files found twice cost a `stat`.
     fn schedule_scan(&mut self, dir: PathBuf, now: Instant) {
+        self.watch_tree(&dir);
         self.delayed_scans.push((now + self.settle_time(), dir.clone()));
         self.delayed_scans
             .push((now + self.settle_time() + SECOND_WALK, dir));
@@ -1154,15 +1174,17 @@ mod tests {
             let (job_sender, jobs) = bounded(64);
             let (scan_sender, scan_receiver) = unbounded();
             let counters = Arc::new(WatchCounters::default());
+            let filter = Filter::new("flac", "").unwrap();
             let watcher = Watcher::start(
                 &root,
                 WatchMode::Inotify,
+                &filter,
                 Callback::new(raw_sender.clone(), counters.clone(), false),
             )
             .unwrap();
             let options = SettleOptions {
                 root: root.clone(),
-                filter: Filter::new("flac", "").unwrap(),
+                filter,
                 settle: Duration::ZERO,
                 mode: WatchMode::Inotify,
                 max_pending: 1000,

@@ -22,6 +22,7 @@ use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{Event, EventKind, PollWatcher, RecommendedWatcher, RecursiveMode, Watcher as _};
 
 use crate::config::WatchMode;
+use crate::filter::Filter;
 
 /// Events between notify's thread and the settle stage.
 pub const CHANNEL_CAPACITY: usize = 16 * 1024;
@@ -106,8 +107,19 @@ fn stall_while_present(file: &Path) {
 
 /// Owns the notify watcher; dropping it stops notify's thread and with it the
 /// sender side of the raw-event channel.
+///
+/// With inotify, every directory that is not excluded gets a watch of its
+/// own (non-recursive): excluded directories such as `@eaDir` are never
+/// watched, so their churn costs neither watches nor events. New directories
+/// get their watches from the settle stage ([`Watcher::watch_tree`]) before
+/// they are walked, so nothing written into them is missed. Polling watches
+/// the whole tree recursively (it has no watches to spare) and the settle
+/// stage drops events for excluded names.
 pub struct Watcher {
-    _inner: Box<dyn notify::Watcher + Send>,
+    inner: Box<dyn notify::Watcher + Send>,
+    mode: WatchMode,
+    root: PathBuf,
+    filter: Filter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,23 +134,33 @@ pub enum WatchError {
     Notify { path: PathBuf, source: notify::Error },
 }
 
-impl Watcher {
-    /// Starts watching `root` recursively, without following symlinks.
-    pub fn start(root: &Path, mode: WatchMode, callback: Callback) -> Result<Watcher, WatchError> {
-        let notify_error = |source: notify::Error| match source.kind {
+impl WatchError {
+    fn from_notify(path: &Path, source: notify::Error) -> WatchError {
+        match source.kind {
             notify::ErrorKind::MaxFilesWatch => WatchError::WatchLimit {
-                path: root.to_owned(),
+                path: path.to_owned(),
             },
             _ => WatchError::Notify {
-                path: root.to_owned(),
+                path: path.to_owned(),
                 source,
             },
-        };
+        }
+    }
+}
+
+impl Watcher {
+    /// Starts watching the tree at `root`, without following symlinks.
+    pub fn start(
+        root: &Path,
+        mode: WatchMode,
+        filter: &Filter,
+        callback: Callback,
+    ) -> Result<Watcher, WatchError> {
         let handler = move |result: notify::Result<Event>| callback.handle(result);
-        let mut inner: Box<dyn notify::Watcher + Send> = match mode {
+        let inner: Box<dyn notify::Watcher + Send> = match mode {
             WatchMode::Inotify => Box::new(
                 RecommendedWatcher::new(handler, notify::Config::default().with_follow_symlinks(false))
-                    .map_err(notify_error)?,
+                    .map_err(|source| WatchError::from_notify(root, source))?,
             ),
             WatchMode::Poll(interval) => Box::new(
                 PollWatcher::new(
@@ -147,13 +169,48 @@ impl Watcher {
                         .with_poll_interval(interval)
                         .with_follow_symlinks(false),
                 )
-                .map_err(notify_error)?,
+                .map_err(|source| WatchError::from_notify(root, source))?,
             ),
         };
-        inner
-            .watch(root, RecursiveMode::Recursive)
-            .map_err(notify_error)?;
-        Ok(Watcher { _inner: inner })
+        let mut watcher = Watcher {
+            inner,
+            mode,
+            root: root.to_owned(),
+            filter: filter.clone(),
+        };
+        match mode {
+            WatchMode::Inotify => watcher.watch_tree(root)?,
+            WatchMode::Poll(_) => watcher
+                .inner
+                .watch(root, RecursiveMode::Recursive)
+                .map_err(|source| WatchError::from_notify(root, source))?,
+        }
+        Ok(watcher)
+    }
+
+    /// Watches `dir` and every directory below it that is not excluded (a
+    /// no-op when polling, which covers the whole tree already). Directories
+    /// that vanish meanwhile are skipped.
+    pub fn watch_tree(&mut self, dir: &Path) -> Result<(), WatchError> {
+        if matches!(self.mode, WatchMode::Poll(_)) {
+            return Ok(());
+        }
+        for entry in crate::scan::tree_walk(&self.root, &self.filter, dir).flatten() {
+            if !entry.file_type().is_dir() {
+                continue;
+            }
+            match self.inner.watch(entry.path(), RecursiveMode::NonRecursive) {
+                Ok(()) => {}
+                Err(error) => match WatchError::from_notify(entry.path(), error) {
+                    limit @ WatchError::WatchLimit { .. } => return Err(limit),
+                    WatchError::Notify { path, source } => {
+                        // Gone between the walk and the watch: its removal raised events.
+                        log::debug!("not watching {}: {source}", path.display());
+                    }
+                },
+            }
+        }
+        Ok(())
     }
 }
 
@@ -166,10 +223,11 @@ pub const WATCH_LIMIT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 pub fn start_with_fallback(
     root: &Path,
     mode: WatchMode,
+    filter: &Filter,
     callback: impl Fn(bool) -> Callback,
 ) -> Result<(Watcher, WatchMode), WatchError> {
     let poll = matches!(mode, WatchMode::Poll(_));
-    match Watcher::start(root, mode, callback(poll)) {
+    match Watcher::start(root, mode, filter, callback(poll)) {
         Ok(watcher) => Ok((watcher, mode)),
         Err(error @ WatchError::WatchLimit { .. }) => {
             log::error!(
@@ -177,7 +235,7 @@ pub fn start_with_fallback(
                 WATCH_LIMIT_POLL_INTERVAL.as_secs()
             );
             let fallback = WatchMode::Poll(WATCH_LIMIT_POLL_INTERVAL);
-            Ok((Watcher::start(root, fallback, callback(true))?, fallback))
+            Ok((Watcher::start(root, fallback, filter, callback(true))?, fallback))
         }
         Err(error) => Err(error),
     }

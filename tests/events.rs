@@ -790,3 +790,54 @@ fn directory_renamed_twice_quickly_gives_moved_to_the_final_name() {
         summary(&messages)
     );
 }
+
+/// The inotify watches the daemon holds, read from /proc (one `inotify wd:`
+/// line per watch in the fdinfo of its inotify descriptor).
+fn inotify_watches(pid: u32) -> usize {
+    let mut watches = 0;
+    for entry in fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let is_inotify = fs::read_link(entry.path())
+            .map(|target| target.to_string_lossy().contains("inotify"))
+            .unwrap_or(false);
+        if is_inotify {
+            let info = fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                entry.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            watches += info
+                .lines()
+                .filter(|line| line.starts_with("inotify wd:"))
+                .count();
+        }
+    }
+    watches
+}
+
+#[test]
+fn excluded_directories_are_never_watched() {
+    let daemon = Daemon::builder()
+        .file("a/one.flac", "1")
+        .file("b/two.flac", "2")
+        .file("@eaDir/SYNOFILE_THUMB.flac", "x")
+        .file("a/@eaDir/SYNOFILE_THUMB.flac", "x")
+        .file(".sync/x.flac", "x")
+        .start();
+    // The root, a and b; not @eaDir, a/@eaDir or .sync.
+    assert_eq!(inotify_watches(daemon.pid()), 3);
+
+    fs::create_dir_all(daemon.path("c/@eaDir")).unwrap();
+    write_file(&daemon.path("c/@eaDir/thumb.flac"), b"thumbnail");
+    write_file(&daemon.path("c/new.flac"), b"3");
+    daemon.wait_for_event("created", &daemon.path_str("c/new.flac"));
+    // c is watched now; c/@eaDir is not.
+    assert_eq!(inotify_watches(daemon.pid()), 4);
+    let messages = daemon.barrier();
+    assert!(
+        messages
+            .iter()
+            .all(|message| !file_path(message).contains("@eaDir")),
+        "{:?}",
+        summary(&messages)
+    );
+}
