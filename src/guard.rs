@@ -100,10 +100,6 @@ impl RootGuard {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = identity;
     }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
 }
 
 fn identity(root: &Path) -> Option<Identity> {

@@ -26,8 +26,9 @@ pub fn hash_file(path: &Path) -> io::Result<Digests> {
     hash_reader(File::open(path)?)
 }
 
-/// Like [`hash_file`], but gives up (`ErrorKind::Interrupted`) as soon as
-/// `stop` is raised, so shutdown never waits for a multi-gigabyte read.
+/// Like [`hash_file`], but gives up (with the [`Stopped`] error, see
+/// [`is_stopped`]) as soon as `stop` is raised, so shutdown never waits for a
+/// multi-gigabyte read.
 pub fn hash_file_until(path: &Path, stop: &AtomicBool) -> io::Result<Digests> {
     hash_reader(Stoppable {
         inner: File::open(path)?,

@@ -425,17 +425,10 @@ impl Settle {
         match raw {
             RawEvent::Fs(event) => self.on_event(event),
             RawEvent::Error(error) => match error.kind {
-                notify::ErrorKind::MaxFilesWatch => {
-                    log::error!(
-                        "inotify watch limit reached while adding {:?}; raise it with \
-                         `sysctl fs.inotify.max_user_watches=524288` (persist it in /etc/sysctl.d); \
-                         polling the tree every {} s meanwhile",
-                        error.paths,
-                        WATCH_LIMIT_POLL_INTERVAL.as_secs()
-                    );
-                    self.options.mode = WatchMode::Poll(WATCH_LIMIT_POLL_INTERVAL);
-                    self.restart_watcher("inotify watch limit reached");
-                }
+                notify::ErrorKind::MaxFilesWatch => self.fall_back_to_polling(&format!(
+                    "inotify watch limit reached while adding {:?}",
+                    error.paths
+                )),
                 notify::ErrorKind::WatchNotFound | notify::ErrorKind::PathNotFound => {
                     log::debug!("watch already gone: {error}")
                 }
@@ -831,13 +824,20 @@ impl Settle {
             return;
         };
         if let Err(error) = watcher.watch_tree(dir) {
-            log::error!(
-                "{error}; polling the tree every {} s instead until the limit is raised and the process restarted",
-                WATCH_LIMIT_POLL_INTERVAL.as_secs()
-            );
-            self.options.mode = WatchMode::Poll(WATCH_LIMIT_POLL_INTERVAL);
-            self.restart_watcher("inotify watch limit reached");
+            self.fall_back_to_polling(&error);
         }
+    }
+
+    /// inotify ran out of watches: poll the whole tree rather than leave
+    /// part of it unwatched, and rescan to catch what was missed.
+    fn fall_back_to_polling(&mut self, reason: &dyn std::fmt::Display) {
+        log::error!(
+            "{reason}; raise it with `sysctl fs.inotify.max_user_watches=524288` (persist it in \
+             /etc/sysctl.d); polling the tree every {} s until then (restart after raising it)",
+            WATCH_LIMIT_POLL_INTERVAL.as_secs()
+        );
+        self.options.mode = WatchMode::Poll(WATCH_LIMIT_POLL_INTERVAL);
+        self.restart_watcher("inotify watch limit reached");
     }
 
     fn restart_watcher(&mut self, reason: &str) {

@@ -55,10 +55,6 @@ impl MemoryRegistry {
         self.lock().rows.insert(path, row);
     }
 
-    pub fn dropped_messages(&self) -> u64 {
-        self.lock().dropped
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data behind; keep going.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
