@@ -10,8 +10,9 @@
 //!          worker ──record──▶ registry (rows + outbox) ◀── publisher ──▶ stdout / RabbitMQ
 //! ```
 //!
-//! Shutdown goes in pipeline order: the notify watcher is dropped, the settle
-//! stage is told to stop, workers finish the job in hand (new ones are handed
+//! Shutdown goes in pipeline order: the settle stage is told to stop and
+//! drops the notify watcher (it owns it, to restart it when the root comes
+//! back), workers finish the job in hand (new ones are handed
 //! back) and are joined, then the publisher drains the outbox for a bounded
 //! time. Whatever was not published stays in the outbox (with a database) and
 //! goes out at the next start.
