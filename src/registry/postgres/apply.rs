@@ -32,9 +32,8 @@ use uuid::Uuid;
 use super::faults::{fault, Fault};
 use super::{row_from_record, to_bigint, tree_bounds, PostgresRegistry};
 use crate::message::{EventType, Message};
-use crate::registry::{
-    fresh_stat, message_for_carried_row, messages_for, plan_present, rebase, Applied, Observed, Plan, Row,
-};
+use crate::registry::plan::{message_for_carried_row, messages_for, plan_present, rebase, Plan};
+use crate::registry::{fresh_stat, Applied, Observed, Row};
 
 impl PostgresRegistry {
     pub(super) fn apply_present(
