@@ -10,10 +10,8 @@ use std::sync::Mutex;
 
 use uuid::Uuid;
 
-use super::{
-    fresh_stat, message_for_carried_row, messages_for, plan_present, rebase, Applied, Change, Plan, Registry,
-    RegistryError, Row, Stat,
-};
+use super::plan::{message_for_carried_row, messages_for, plan_present, rebase, Plan};
+use super::{fresh_stat, Applied, Change, Registry, RegistryError, Row, Stat};
 use crate::message::{EventType, Message, Origin};
 
 /// Messages kept for a sink that cannot take them (a broker that is down)

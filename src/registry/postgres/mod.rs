@@ -1,0 +1,451 @@
+//! The PostgreSQL registry shared by every instance, and the lock that keeps
+//! one instance id to one live process.
+//!
+//! This module owns the registry schema and its migrations, the connection pool,
+//! the transaction that records a change together with its outbox messages,
+//! the classification of database errors, and [`InstanceLock`]; each in a file
+//! of its own (see "Where the code is" below).
+//!
+//! # Tables
+//!
+//! All tables live in one schema (`PostgresSettings::schema`, `public` when
+//! unset); the DDL is in [`MIGRATIONS`].
+//!
+//! - `files`: one row per path the registry ever recorded, keyed by
+//!   `file_path text COLLATE "C"` so that the primary key is in byte order and
+//!   a directory's rows form one contiguous key range. `state` is `present` or
+//!   `deleted`: a deleted file and the old path of a rename keep their row as a
+//!   tombstone that says how the path was left (`last_event`) and whether that
+//!   message went out. Content and stat columns describe the file as last
+//!   observed (on a tombstone: as it was before it left). `message_id` is the
+//!   last message the row's latest change produced; `published_at` is NULL
+//!   while that message is still waiting for the sink's confirmation.
+//!   Tombstones are never pruned by the daemon; an operator may delete old ones
+//!   (`DELETE FROM files WHERE state = 'deleted' AND published_at < now() - interval '30 days'`).
+//! - `outbox`: messages recorded but not yet confirmed, in the order they were
+//!   recorded (`id`). `body` is exactly `Message::to_json()`, so every
+//!   redelivery sends the same bytes.
+//! - `schema_migrations`: the migration versions already applied.
+//!
+//! # Queries worth knowing
+//!
+//! The same content in several places ([`PostgresRegistry::same_content`],
+//! served by the partial index `files_present_sha256`):
+//!
+//! ```sql
+//! SELECT file_path FROM files WHERE sha256 = $1 AND state = 'present' ORDER BY file_path;
+//! ```
+//!
+//! Changes whose message has not been confirmed yet (index `files_unpublished`):
+//!
+//! ```sql
+//! SELECT file_path, last_event, message_id, updated_at FROM files WHERE published_at IS NULL;
+//! ```
+//!
+//! Rows under a directory use an exact byte-range test on the `"C"` key,
+//! never `LIKE` (whose `_` and `%` would match too much):
+//! `file_path > '/dir/' AND file_path < '/dir0'` (`'0'` is the byte after `'/'`).
+//!
+//! # Where the code is
+//!
+//! - `schema`: [`MIGRATIONS`] and the start-up step that applies them;
+//! - `pool`: the connection pool, and telling an unreachable database from
+//!   busy connections;
+//! - `apply`: the transaction that records a change with its outbox messages,
+//!   and how concurrent instances converge (its module docs: Concurrency);
+//! - `faults`: which database errors are lost races, which mean the database
+//!   is unreachable, and the retry loop (its module docs: Errors);
+//! - `lock`: [`InstanceLock`].
+//!
+//! No error text or log line holds the password: URLs are shown through
+//! [`redact_url`], and PostgreSQL's own messages never include it.
+
+mod apply;
+mod faults;
+mod lock;
+mod pool;
+mod schema;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use postgres::NoTls;
+use r2d2::Pool;
+use uuid::Uuid;
+
+pub use lock::{InstanceLock, LockError};
+pub use schema::{Migration, MIGRATIONS};
+
+use faults::{describe, fault, name_database, query_error, Fault};
+use pool::Manager;
+use schema::migrate;
+
+use super::{Applied, Change, Registry, RegistryError, Row, Stat};
+use crate::message::{Message, Origin};
+use crate::redact::redact_url;
+
+/// Connections per process when the configuration does not say otherwise:
+/// enough for a few workers and the publisher without crowding a server
+/// shared by many instances.
+pub const DEFAULT_POOL_SIZE: u32 = 4;
+
+/// How long opening one connection may take, for callers without a limit of
+/// their own. The daemon passes the same 5 s (`pipeline`'s
+/// `DATABASE_CONNECT_TIMEOUT`).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema used when `PostgresSettings::schema` is `None`.
+pub const DEFAULT_SCHEMA: &str = "public";
+
+/// `application_name` of pooled connections, so operators can find them in
+/// `pg_stat_activity` (kept when the URL sets its own).
+const APPLICATION_NAME: &str = "file-watcher";
+
+/// How long a message recorded by another instance waits before this one
+/// publishes it too (its recorder is presumably gone, or stuck).
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(30);
+
+/// How to reach the registry database.
+#[derive(Clone)]
+pub struct PostgresSettings {
+    /// `postgres://user:password@host:port/database` or a `key=value`
+    /// connection string. May hold a password: show it only through [`redact_url`].
+    pub url: String,
+    /// Schema holding the registry tables; `None` means [`DEFAULT_SCHEMA`].
+    /// Must be a plain lower-case identifier (`[a-z_][a-z0-9_]*`, at most 63
+    /// bytes, PostgreSQL's limit). `Config` checks that for `DB_SCHEMA`, where
+    /// the error can name the variable; it is not checked again here.
+    pub schema: Option<String>,
+    /// Most connections this process opens; threads beyond that wait for one.
+    pub pool_size: u32,
+    /// Limit for opening one connection. Also how long a thread waits for a
+    /// pooled connection before checking whether the pool is merely busy.
+    pub connect_timeout: Duration,
+}
+
+impl fmt::Debug for PostgresSettings {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("PostgresSettings")
+            .field("url", &redact_url(&self.url))
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+impl PostgresSettings {
+    fn schema_name(&self) -> &str {
+        self.schema.as_deref().unwrap_or(DEFAULT_SCHEMA)
+    }
+
+    fn client_config(&self, application_name: &str) -> Result<postgres::Config, RegistryError> {
+        let mut config = postgres::Config::from_str(&self.url).map_err(|error| RegistryError::Query {
+            what: "parse the database URL",
+            detail: format!("{}: {}", redact_url(&self.url), describe(&error)),
+        })?;
+        config.connect_timeout(self.connect_timeout);
+        if config.get_application_name().is_none() {
+            config.application_name(application_name);
+        }
+        // The driver logs server notices at info level; "schema already exists,
+        // skipping" at every start is not news.
+        config
+            .notice_callback(|notice| log::debug!("PostgreSQL {}: {}", notice.severity(), notice.message()));
+        Ok(config)
+    }
+}
+
+/// The registry every instance shares; see the module docs.
+pub struct PostgresRegistry {
+    pool: Pool<Manager>,
+    /// Stamped into every message, and the tree whose messages `outgoing` returns.
+    origin: Origin,
+    schema: String,
+    /// Seed of the path-lock hash, derived from the schema, so registries in
+    /// different schemas of one database do not wait on each other's paths.
+    path_lock_seed: i64,
+    /// The URL without its password, for error texts.
+    database: String,
+    pool_size: u32,
+    connect_timeout: Duration,
+    /// The last failure to open a pooled connection, described in full (r2d2
+    /// keeps only the error's first line).
+    last_connect_failure: Arc<Mutex<Option<String>>>,
+}
+
+impl fmt::Debug for PostgresRegistry {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("PostgresRegistry")
+            .field("database", &self.database)
+            .field("schema", &self.schema)
+            .field("origin", &self.origin)
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+impl PostgresRegistry {
+    /// Connects, creates the schema if missing and applies pending migrations.
+    ///
+    /// Migrations run under a transaction-level advisory lock keyed on the
+    /// schema, taken before anything else (even `CREATE SCHEMA IF NOT EXISTS`
+    /// fails when two sessions race on it), so any number of processes may
+    /// start at once. They run on a connection of their own, whose errors are
+    /// typed: a wrong password or a missing database is reported as such
+    /// instead of as a pool timeout.
+    pub fn connect(settings: &PostgresSettings, origin: Origin) -> Result<PostgresRegistry, RegistryError> {
+        let schema = settings.schema_name().to_owned();
+        if settings.pool_size == 0 {
+            return Err(RegistryError::Query {
+                what: "check the pool size",
+                detail: "pool_size must be at least 1".into(),
+            });
+        }
+        if settings.connect_timeout.is_zero() {
+            return Err(RegistryError::Query {
+                what: "check the connect timeout",
+                detail: "connect_timeout must be longer than zero".into(),
+            });
+        }
+        let database = redact_url(&settings.url);
+        let config = settings.client_config(APPLICATION_NAME)?;
+
+        // Start-up errors name the database even when they are not about
+        // reaching it: a wrong password or a missing database is a setting.
+        let at_database = |error: RegistryError| match error {
+            RegistryError::Query { what, detail } => RegistryError::Query {
+                what,
+                detail: format!("{database}: {detail}"),
+            },
+            other => name_database(&database, other),
+        };
+        let mut client = config
+            .connect(NoTls)
+            .map_err(|error| at_database(query_error("connect")(error)))?;
+        migrate(&mut client, &schema).map_err(at_database)?;
+        let path_lock_seed: i64 = client
+            .query_one(
+                "SELECT hashtextextended($1, 0)",
+                &[&format!("file-watcher paths {schema}")],
+            )
+            .map_err(|error| at_database(query_error("derive the path lock seed")(error)))?
+            .get(0);
+        drop(client);
+
+        let (pool, last_connect_failure) = pool::build(settings, config, &schema, &database);
+        log::info!(
+            "registry ready: {database}, schema {schema}, up to {} connections",
+            settings.pool_size
+        );
+        Ok(PostgresRegistry {
+            pool,
+            origin,
+            schema,
+            path_lock_seed,
+            database,
+            pool_size: settings.pool_size,
+            connect_timeout: settings.connect_timeout,
+            last_connect_failure,
+        })
+    }
+
+    /// Present paths whose content has this SHA-256, in byte order: the same
+    /// file kept in several places. The query is in the module docs.
+    pub fn same_content(&self, sha256: &str) -> Result<Vec<String>, RegistryError> {
+        self.read(|client| {
+            let records = client
+                .query(
+                    "SELECT file_path FROM files WHERE sha256 = $1 AND state = 'present' \
+                     ORDER BY file_path",
+                    &[&sha256],
+                )
+                .map_err(fault("find files with the same content"))?;
+            Ok(records.iter().map(|record| record.get(0)).collect())
+        })
+    }
+}
+
+impl Registry for PostgresRegistry {
+    fn lookup(&self, path: &str) -> Result<Option<Row>, RegistryError> {
+        self.read(|client| {
+            let record = client
+                .query_opt(
+                    "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128 FROM files \
+                     WHERE file_path = $1 AND state = 'present'",
+                    &[&path],
+                )
+                .map_err(fault("look up the file row"))?;
+            Ok(record.as_ref().map(row_from_record))
+        })
+    }
+
+    fn apply(&self, change: &Change, correlation_id: Uuid) -> Result<Applied, RegistryError> {
+        self.transact(change.path(), |transaction| match change {
+            Change::Present {
+                observed,
+                renamed_from,
+            } => self.apply_present(transaction, observed, renamed_from.as_deref(), correlation_id),
+            Change::Gone { path } => self.apply_gone(transaction, path, correlation_id),
+            Change::DirectoryRenamed { from, to } => {
+                self.apply_directory_rename(transaction, from, to, correlation_id)
+            }
+        })
+    }
+
+    fn present_under(
+        &self,
+        dir: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, RegistryError> {
+        let (prefix, upper) = tree_bounds(dir);
+        // Strings compare byte-wise in Rust as they do under COLLATE "C".
+        let lower = match after {
+            Some(after) if after > prefix.as_str() => after.to_owned(),
+            _ => prefix,
+        };
+        self.read(|client| {
+            let records = client
+                .query(
+                    "SELECT file_path FROM files \
+                     WHERE state = 'present' AND file_path > $1 AND file_path < $2 \
+                     ORDER BY file_path LIMIT $3",
+                    &[&lower, &upper, &to_bigint(limit as u64)],
+                )
+                .map_err(fault("list present files under a directory"))?;
+            Ok(records.iter().map(|record| record.get(0)).collect())
+        })
+    }
+
+    /// Messages under this instance's tree: its own at once, and those of
+    /// other instances (overlapping trees, or a crashed predecessor with
+    /// another id) once they have waited `ORPHAN_GRACE`, so two instances on
+    /// one tree do not both deliver every message.
+    fn outgoing(&self, limit: usize) -> Result<Vec<Message>, RegistryError> {
+        let (lower, upper) = tree_bounds(&self.origin.watched_directory);
+        let grace = ORPHAN_GRACE.as_secs_f64();
+        self.read(|client| {
+            let records = client
+                .query(
+                    "SELECT id, message_id::text, body FROM outbox \
+                     WHERE file_path > $1 AND file_path < $2 \
+                       AND (instance_id = $4 OR created_at < now() - make_interval(secs => $5)) \
+                     ORDER BY id LIMIT $3",
+                    &[
+                        &lower,
+                        &upper,
+                        &to_bigint(limit as u64),
+                        &self.origin.instance_id,
+                        &grace,
+                    ],
+                )
+                .map_err(fault("read the outbox"))?;
+            records
+                .iter()
+                .map(|record| {
+                    let body: &str = record.get(2);
+                    serde_json::from_str(body).map_err(|error| {
+                        Fault::Failed(RegistryError::Query {
+                            what: "parse an outbox message",
+                            detail: format!(
+                                "outbox id {}, message {}: {error}",
+                                record.get::<_, i64>(0),
+                                record.get::<_, &str>(1)
+                            ),
+                        })
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn mark_published(&self, message_ids: &[Uuid]) -> Result<(), RegistryError> {
+        if message_ids.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = message_ids.iter().map(Uuid::to_string).collect();
+        self.transact("mark messages published", |transaction| {
+            transaction
+                .execute(
+                    "DELETE FROM outbox WHERE message_id = ANY($1::text[]::uuid[])",
+                    &[&ids],
+                )
+                .map_err(fault("delete published messages from the outbox"))?;
+            // Rows are locked in path order, like everywhere else, so two
+            // publishers and the workers cannot wait on each other in a cycle.
+            transaction
+                .execute(
+                    "UPDATE files SET published_at = now() WHERE file_path IN ( \
+                         SELECT file_path FROM files \
+                         WHERE published_at IS NULL AND message_id = ANY($1::text[]::uuid[]) \
+                         ORDER BY file_path FOR UPDATE)",
+                    &[&ids],
+                )
+                .map_err(fault("mark file rows published"))?;
+            Ok(())
+        })
+    }
+}
+
+fn row_from_record(record: &postgres::Row) -> Row {
+    Row {
+        path: record.get(0),
+        stat: Stat {
+            // The column has CHECK (size_bytes >= 0).
+            size: u64::try_from(record.get::<_, i64>(1)).unwrap_or_default(),
+            mtime_ns: record.get(2),
+            ctime_ns: record.get(3),
+        },
+        sha256: record.get(4),
+        xxh128: record.get(5),
+    }
+}
+
+/// No file or limit comes near 2^63; saturate rather than wrap if one ever did.
+fn to_bigint(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Exclusive bounds of the `"C"`-ordered keys strictly below directory `dir`:
+/// every such key starts with `dir/`, and `dir0` is the first key after them
+/// (`'0'` is the byte after `'/'`).
+fn tree_bounds(dir: &str) -> (String, String) {
+    let dir = dir.trim_end_matches('/');
+    (format!("{dir}/"), format!("{dir}0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_debug_hides_the_password() {
+        let settings = PostgresSettings {
+            url: "postgres://postgres:secret@h/db".into(),
+            schema: None,
+            pool_size: DEFAULT_POOL_SIZE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        };
+        assert!(!format!("{settings:?}").contains("secret"));
+    }
+
+    #[test]
+    fn tree_bounds_cover_exactly_the_subtree() {
+        let (lower, upper) = tree_bounds("/m/a");
+        let inside = |path: &str| path > lower.as_str() && path < upper.as_str();
+        assert!(inside("/m/a/x"));
+        assert!(inside("/m/a/deep/y"));
+        assert!(inside("/m/a/\u{10FFFF}"));
+        assert!(!inside("/m/a"));
+        assert!(!inside("/m/ab/x"));
+        assert!(!inside("/m/a-b/x"));
+        assert!(!inside("/m/a0"));
+        assert_eq!(tree_bounds("/m/a/"), tree_bounds("/m/a"));
+        assert_eq!(tree_bounds("/"), ("/".to_owned(), "0".to_owned()));
+    }
+}

@@ -1,0 +1,125 @@
+//! The connection pool every statement but the migrations and the instance
+//! lock goes through.
+//!
+//! It tells a database that cannot be reached (an `Unavailable` error that
+//! names the last failure to connect in full) from a pool whose connections
+//! are merely busy (wait for one, however long that takes).
+
+use std::sync::{Arc, Mutex};
+
+use postgres::{Client, NoTls};
+use r2d2::{CustomizeConnection, HandleError, Pool, PooledConnection};
+use r2d2_postgres::PostgresConnectionManager;
+
+use super::faults::{describe, name_database, Fault};
+use super::schema::quote_identifier;
+use super::{PostgresRegistry, PostgresSettings};
+use crate::registry::RegistryError;
+
+pub(super) type Manager = PostgresConnectionManager<NoTls>;
+
+/// The pool for `schema`, and where it keeps the last failure to open a
+/// connection. Its connections are opened in the background.
+pub(super) fn build(
+    settings: &PostgresSettings,
+    config: postgres::Config,
+    schema: &str,
+    database: &str,
+) -> (Pool<Manager>, Arc<Mutex<Option<String>>>) {
+    let last_connect_failure = Arc::new(Mutex::new(None));
+    let pool = Pool::builder()
+        .max_size(settings.pool_size)
+        // One warm connection; more are opened under load and closed again
+        // after r2d2's idle timeout, so idle instances do not crowd the server.
+        .min_idle(Some(1))
+        .connection_timeout(settings.connect_timeout)
+        .connection_customizer(Box::new(SearchPath {
+            statement: format!("SET search_path TO {}", quote_identifier(schema)),
+        }))
+        .error_handler(Box::new(ConnectFailures {
+            database: database.to_owned(),
+            last: Arc::clone(&last_connect_failure),
+        }))
+        // The migration connection just proved the server reachable;
+        // connections are opened in the background from here on.
+        .build_unchecked(PostgresConnectionManager::new(config, NoTls));
+    (pool, last_connect_failure)
+}
+
+impl PostgresRegistry {
+    /// A pooled connection, waiting as long as every connection is busy.
+    pub(super) fn connection(&self) -> Result<PooledConnection<Manager>, RegistryError> {
+        loop {
+            let error = match self.pool.get() {
+                Ok(connection) => return Ok(connection),
+                Err(error) => error,
+            };
+            // r2d2 times out with the last connection error when it tried to
+            // open connections and failed, and without one when it simply had
+            // none free.
+            let text = error.to_string();
+            if let Some((_, reason)) = text.split_once(": ") {
+                let described = self
+                    .last_connect_failure
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .clone();
+                return Err(RegistryError::Unavailable(format!(
+                    "{}: {}",
+                    self.database,
+                    described.as_deref().unwrap_or(reason)
+                )));
+            }
+            let state = self.pool.state();
+            if state.connections < self.pool_size {
+                return Err(RegistryError::Unavailable(format!(
+                    "{}: no connection could be opened within {:?}",
+                    self.database, self.connect_timeout
+                )));
+            }
+            log::debug!(
+                "all {} registry connections stayed busy for {:?}; still waiting",
+                self.pool_size,
+                self.connect_timeout
+            );
+        }
+    }
+
+    /// Runs `work` with a pooled connection, outside any explicit transaction.
+    pub(super) fn read<T>(
+        &self,
+        work: impl FnOnce(&mut Client) -> Result<T, Fault>,
+    ) -> Result<T, RegistryError> {
+        let mut connection = self.connection()?;
+        work(&mut connection).map_err(|fault| name_database(&self.database, fault.into()))
+    }
+}
+
+/// Points every pooled connection at the registry schema.
+#[derive(Debug)]
+struct SearchPath {
+    statement: String,
+}
+
+impl CustomizeConnection<Client, postgres::Error> for SearchPath {
+    fn on_acquire(&self, client: &mut Client) -> Result<(), postgres::Error> {
+        client.batch_execute(&self.statement)
+    }
+}
+
+/// Receives r2d2's failures to open a connection (it retries them itself).
+/// Logged at debug only: the threads waiting for a connection get the same
+/// failure as an `Unavailable` error and report it where it matters.
+#[derive(Debug)]
+struct ConnectFailures {
+    database: String,
+    last: Arc<Mutex<Option<String>>>,
+}
+
+impl HandleError<postgres::Error> for ConnectFailures {
+    fn handle_error(&self, error: postgres::Error) {
+        let described = describe(&error);
+        log::debug!("cannot open a connection to {}: {described}", self.database);
+        *self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(described);
+    }
+}

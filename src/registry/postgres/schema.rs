@@ -1,0 +1,159 @@
+//! The registry's tables: every migration, and the start-up step that applies
+//! the ones a schema lacks. The tables themselves are described in the module
+//! docs of [`super`].
+
+use std::collections::HashSet;
+
+use postgres::Client;
+
+use super::faults::query_error;
+use crate::registry::RegistryError;
+
+/// One schema change. Versions only grow; an applied migration is never edited.
+pub struct Migration {
+    pub version: i32,
+    pub description: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every migration, oldest first. Run with `search_path` set to the registry schema.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "files and outbox",
+        sql: r#"
+CREATE TABLE files (
+    file_path         text COLLATE "C" PRIMARY KEY,
+    state             text NOT NULL CHECK (state IN ('present', 'deleted')),
+    sha256            text NOT NULL,
+    xxh128            text NOT NULL,
+    size_bytes        bigint NOT NULL CHECK (size_bytes >= 0),
+    mtime_ns          bigint NOT NULL,
+    ctime_ns          bigint NOT NULL,
+    last_event        text NOT NULL
+                      CHECK (last_event IN ('created', 'modified', 'deleted', 'moved', 'renamed')),
+    old_path          text COLLATE "C",
+    instance_id       text NOT NULL,
+    watched_directory text NOT NULL,
+    message_id        uuid NOT NULL,
+    published_at      timestamptz,
+    updated_at        timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX files_present_sha256 ON files (sha256) WHERE state = 'present';
+CREATE INDEX files_unpublished ON files (message_id) WHERE published_at IS NULL;
+
+CREATE TABLE outbox (
+    id          bigserial PRIMARY KEY,
+    message_id  uuid NOT NULL UNIQUE,
+    file_path   text COLLATE "C" NOT NULL,
+    body        text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+"#,
+    },
+    Migration {
+        version: 2,
+        description: "outbox rows name the instance that recorded them",
+        sql: r#"
+ALTER TABLE outbox ADD COLUMN instance_id text;
+UPDATE outbox SET instance_id = (body::jsonb) ->> 'instance_id' WHERE instance_id IS NULL;
+ALTER TABLE outbox ALTER COLUMN instance_id SET NOT NULL;
+"#,
+    },
+];
+
+/// Creates the schema if needed and applies the migrations it lacks.
+pub(super) fn migrate(client: &mut Client, schema: &str) -> Result<(), RegistryError> {
+    let mut transaction = client
+        .transaction()
+        .map_err(query_error("begin the migration transaction"))?;
+    transaction
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&format!("file-watcher migrations {schema}")],
+        )
+        .map_err(query_error("lock the schema for migration"))?;
+    // Checked before creating, so that a role without CREATE on the database
+    // can use a schema an administrator made for it.
+    let exists: bool = transaction
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema],
+        )
+        .map_err(query_error("look for the schema"))?
+        .get(0);
+    let quoted = quote_identifier(schema);
+    if !exists {
+        log::info!("creating registry schema {schema}");
+        transaction
+            .batch_execute(&format!("CREATE SCHEMA {quoted}"))
+            .map_err(query_error("create the schema"))?;
+    }
+    transaction
+        .batch_execute(&format!(
+            "SET LOCAL search_path TO {quoted}; \
+             CREATE TABLE IF NOT EXISTS schema_migrations ( \
+                 version integer PRIMARY KEY, \
+                 description text NOT NULL, \
+                 applied_at timestamptz NOT NULL DEFAULT now())"
+        ))
+        .map_err(query_error("create schema_migrations"))?;
+    let applied: HashSet<i32> = transaction
+        .query("SELECT version FROM schema_migrations", &[])
+        .map_err(query_error("read schema_migrations"))?
+        .iter()
+        .map(|record| record.get(0))
+        .collect();
+    for migration in MIGRATIONS {
+        if applied.contains(&migration.version) {
+            continue;
+        }
+        log::info!(
+            "applying registry migration {} ({}) to schema {schema}",
+            migration.version,
+            migration.description
+        );
+        transaction
+            .batch_execute(migration.sql)
+            .map_err(query_error("apply a migration"))?;
+        transaction
+            .execute(
+                "INSERT INTO schema_migrations (version, description) VALUES ($1, $2)",
+                &[&migration.version, &migration.description],
+            )
+            .map_err(query_error("record a migration"))?;
+    }
+    let known = MIGRATIONS.last().map_or(0, |migration| migration.version);
+    if let Some(newest) = applied.iter().copied().filter(|version| *version > known).max() {
+        log::warn!(
+            "schema {schema} has registry migration {newest}, newer than this build knows ({known}); \
+             carrying on, as migrations only add"
+        );
+    }
+    transaction.commit().map_err(query_error("commit the migrations"))
+}
+
+/// Quoted although `Config` checks that the schema name is plain: quoting
+/// costs nothing and keeps the statement correct for any name a caller that
+/// builds `PostgresSettings` itself passes.
+pub(super) fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted_whole() {
+        assert_eq!(quote_identifier("file_watcher"), "\"file_watcher\"");
+        assert_eq!(quote_identifier("a\"b; drop"), "\"a\"\"b; drop\"");
+    }
+
+    #[test]
+    fn migration_versions_only_grow() {
+        assert!(MIGRATIONS
+            .windows(2)
+            .all(|pair| pair[0].version < pair[1].version));
+    }
+}
