@@ -1092,7 +1092,7 @@ impl Settle {
             }
             Outcome::Retry(after) => (Some(now + after), false),
             Outcome::Unavailable => {
-                self.hold_until = Some(now + crate::worker::backoff(self.outage_attempts));
+                self.hold_until = Some(now + crate::work::backoff(self.outage_attempts));
                 self.outage_attempts = self.outage_attempts.saturating_add(1);
                 (None, false)
             }
