@@ -29,54 +29,16 @@ use notify::event::{CreateKind, ModifyKind, RemoveKind, RenameMode};
 use notify::{Event, EventKind};
 use uuid::Uuid;
 
+use crate::backoff::RETRY;
 use crate::config::WatchMode;
 use crate::filter::Filter;
 use crate::guard::RootGuard;
+use crate::job::{Dispatch, Done, Job, Key, Outcome};
 use crate::registry::rebase;
 use crate::scan::{Discovery, ScanKind, ScanRequest};
 use crate::watcher::{
     start_with_fallback, Callback, RawEvent, WatchCounters, Watcher, WATCH_LIMIT_POLL_INTERVAL,
 };
-
-/// A unit of work for the workers. Each carries the correlation id shared by
-/// the messages it produces.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Job {
-    /// Look at `path`: if it exists, record its content (following it from
-    /// `renamed_from` when it got there by rename); if not, it is gone.
-    Check {
-        path: String,
-        renamed_from: Option<String>,
-    },
-    /// Nothing should be at `path` any more.
-    Gone { path: String },
-    /// `path` left the tree (moved out, removed as a directory): it and every
-    /// recorded file below it are gone.
-    GoneTree { path: String },
-    /// A directory was renamed inside the tree.
-    RenameDirectory { from: String, to: String },
-    /// After a full scan that found `files_found` files: every recorded file
-    /// below `dir` that no longer exists is gone.
-    Sweep { dir: String, files_found: u64 },
-}
-
-impl Job {
-    fn keys(&self) -> Vec<Key> {
-        match self {
-            Job::Check { path, renamed_from } => {
-                let mut keys = vec![Key::File(path.clone())];
-                keys.extend(renamed_from.iter().map(|from| Key::File(from.clone())));
-                keys
-            }
-            Job::Gone { path } => vec![Key::File(path.clone())],
-            Job::GoneTree { path } => vec![Key::Tree(path.clone())],
-            Job::RenameDirectory { from, to } => {
-                vec![Key::Tree(from.clone()), Key::Tree(to.clone())]
-            }
-            Job::Sweep { dir, .. } => vec![Key::Tree(dir.clone())],
-        }
-    }
-}
 
 /// Keys that jobs later in a dispatch pass must not overlap: file keys
 /// hashed, subtree keys (rare) in a list.
@@ -106,58 +68,6 @@ impl BlockedKeys {
                     .any(|file| key.conflicts(&Key::File(file.clone())))
                     || trees.into_iter().any(|tree| tree.conflicts(key))
             }
-        }
-    }
-}
-
-/// A job as sent to a worker.
-#[derive(Debug, Clone)]
-pub struct Dispatch {
-    pub id: u64,
-    pub job: Job,
-    pub correlation_id: Uuid,
-    /// Failed attempts so far (for backoff and giving up on hard errors).
-    pub attempt: u32,
-}
-
-/// What a worker reports back for every dispatched job.
-#[derive(Debug)]
-pub struct Done {
-    pub dispatch: Dispatch,
-    pub outcome: Outcome,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Finished,
-    /// The file changed while it was being read: settle it again.
-    Changing,
-    /// The registry could not be reached (or the job was cut short by
-    /// shutdown): keep the job and try again after this long.
-    Retry(Duration),
-    /// A `Check` found nothing at its path: unless a rename already
-    /// accounts for it, it becomes a removal, after a settle period (so a
-    /// rename event still on its way can claim it first).
-    Vanished,
-    /// The registry cannot be reached: keep the job, and hold all dispatching
-    /// for a while (one probe per backoff period, not one retry per path).
-    Unavailable,
-}
-
-/// What a job holds while it is in flight: a single path, or a whole subtree.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Key {
-    File(String),
-    Tree(String),
-}
-
-impl Key {
-    fn conflicts(&self, other: &Key) -> bool {
-        let below = |path: &str, tree: &str| path == tree || rebase(path, tree, "").is_some();
-        match (self, other) {
-            (Key::File(a), Key::File(b)) => a == b,
-            (Key::File(file), Key::Tree(tree)) | (Key::Tree(tree), Key::File(file)) => below(file, tree),
-            (Key::Tree(a), Key::Tree(b)) => below(a, b) || below(b, a),
         }
     }
 }
@@ -1092,7 +1002,7 @@ impl Settle {
             }
             Outcome::Retry(after) => (Some(now + after), false),
             Outcome::Unavailable => {
-                self.hold_until = Some(now + crate::work::backoff(self.outage_attempts));
+                self.hold_until = Some(now + RETRY.delay(self.outage_attempts));
                 self.outage_attempts = self.outage_attempts.saturating_add(1);
                 (None, false)
             }
@@ -1415,18 +1325,5 @@ mod tests {
         // After the hold, the held job and the new one go out.
         harness.settle.dispatch(now + Duration::from_secs(5));
         assert_eq!(harness.jobs.try_iter().count(), 2);
-    }
-
-    #[test]
-    fn keys_conflict_on_same_path_and_on_subtrees() {
-        let file = |p: &str| Key::File(p.into());
-        let tree = |p: &str| Key::Tree(p.into());
-        assert!(file("/m/a").conflicts(&file("/m/a")));
-        assert!(!file("/m/a").conflicts(&file("/m/b")));
-        assert!(tree("/m/a").conflicts(&file("/m/a/x.flac")));
-        assert!(tree("/m/a").conflicts(&file("/m/a")));
-        assert!(!tree("/m/a").conflicts(&file("/m/ab/x.flac")));
-        assert!(tree("/m").conflicts(&tree("/m/a")));
-        assert!(!tree("/m/a").conflicts(&tree("/m/b")));
     }
 }

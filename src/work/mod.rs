@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::backoff::RETRY;
 use crate::guard::RootGuard;
+use crate::job::{Dispatch, Done, Job, Outcome};
 use crate::registry::{Applied, Change, Health, Observed, Registry, RegistryError, Stat};
-use crate::settle::{Dispatch, Done, Job, Outcome};
 
 /// Hard (non-connection) registry errors a job survives before it is dropped;
 /// the next full scan picks the file up again.
@@ -109,7 +110,7 @@ impl Worker {
                         dispatch.job,
                         dispatch.attempt + 1
                     );
-                    Outcome::Retry(backoff(dispatch.attempt))
+                    Outcome::Retry(RETRY.delay(dispatch.attempt))
                 }
             }
         }
@@ -290,25 +291,5 @@ impl Worker {
     fn file_error(&self, path: &str, error: &std::io::Error) {
         self.counters.file_errors.fetch_add(1, Ordering::Relaxed);
         log::warn!(target: LOG_TARGET, "cannot read {path}: {error}");
-    }
-}
-
-/// Capped exponential backoff with jitter: 0.5 s, 1 s, 2 s … up to 30 s.
-pub fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(500).saturating_mul(1 << attempt.min(6));
-    let capped = base.min(Duration::from_secs(30));
-    let jitter = rand::random_range(0.8..1.2);
-    capped.mul_f64(jitter)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert!(backoff(0) < Duration::from_millis(700));
-        assert!(backoff(3) > Duration::from_secs(3));
-        assert!(backoff(40) <= Duration::from_secs(36));
     }
 }
