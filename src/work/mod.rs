@@ -32,10 +32,15 @@ const LOG_TARGET: &str = "file_watcher::worker";
 #[derive(Debug, Default)]
 pub struct WorkerCounters {
     pub files_hashed: AtomicU64,
+    /// Bytes read while hashing. Nothing reads it yet: the metrics issue
+    /// (#10) will export it.
     pub bytes_hashed: AtomicU64,
     pub messages_recorded: AtomicU64,
     /// Files that vanished or could not be read while we looked at them.
     pub file_errors: AtomicU64,
+    /// Registry errors other than an outage (the job is retried, then dropped).
+    /// Nothing reads it yet: the metrics issue (#10) will export it with the
+    /// errors by kind.
     pub registry_errors: AtomicU64,
 }
 
