@@ -196,7 +196,9 @@ pub struct Settle {
     /// The notify watcher; owned here so it can be restarted when the root
     /// comes back, or swapped for polling when inotify runs out of watches.
     watcher: Option<Watcher>,
-    /// For building a new watcher's callback.
+    /// For building a new watcher's callback. Being a sender of
+    /// `channels.raw` itself, it keeps that channel connected for as long as
+    /// the stage runs: only `stop` ends the loop.
     raw_sender: Sender<RawEvent>,
     /// Shared with the workers: which root identity the watcher serves.
     guard: RootGuard,
@@ -241,7 +243,7 @@ impl Settle {
         }
     }
 
-    /// Runs until `stop` closes or the raw-event channel disconnects.
+    /// Runs until `stop` closes.
     pub fn run(mut self) {
         if self.options.initial_scan {
             self.request_full_scan("start-up reconciliation");
@@ -256,17 +258,14 @@ impl Settle {
                 never()
             };
             select! {
-                recv(self.channels.raw) -> raw => match raw {
-                    Ok(raw) => {
+                recv(self.channels.raw) -> raw => if let Ok(raw) = raw {
+                    self.on_raw(raw);
+                    // Take what is already queued in one go, but not so
+                    // much that timers and dispatch starve under a flood.
+                    for _ in 0..RAW_BATCH {
+                        let Ok(raw) = self.channels.raw.try_recv() else { break };
                         self.on_raw(raw);
-                        // Take what is already queued in one go, but not so
-                        // much that timers and dispatch starve under a flood.
-                        for _ in 0..RAW_BATCH {
-                            let Ok(raw) = self.channels.raw.try_recv() else { break };
-                            self.on_raw(raw);
-                        }
                     }
-                    Err(_) => break,
                 },
                 recv(discovered) -> discovery => if let Ok(discovery) = discovery {
                     self.on_discovery(discovery);
