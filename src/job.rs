@@ -4,8 +4,9 @@
 //! [`crate::work`]: settle sends a [`Dispatch`], a worker answers with a
 //! [`Done`]. They live here, apart from both, so that neither stage imports
 //! the other, and "who reads a job" is answered by "who imports this module".
-//! [`Key`] is what a job holds while it is in flight; settle uses its
-//! conflict rule to keep one job per path (or overlapping subtree) out.
+//! `Key` is what a job holds while it is in flight; settle uses its
+//! conflict rule so that at most one job per path (or overlapping subtree)
+//! is in flight.
 
 use std::time::Duration;
 
