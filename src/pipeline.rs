@@ -37,7 +37,7 @@ use crate::registry::{Deferred, Health, Registry, RegistryError, Stat};
 use crate::scan;
 use crate::settle::{Settle, SettleChannels, SettleOptions};
 use crate::watcher::{start_with_fallback, Callback, WatchCounters, WatchError, CHANNEL_CAPACITY};
-use crate::worker::{Worker, WorkerCounters};
+use crate::work::{Worker, WorkerCounters};
 
 /// Pending changes the settle stage holds before falling back to a rescan.
 const MAX_PENDING: usize = 200_000;

@@ -22,11 +22,7 @@ pub struct Digests {
     pub bytes: u64,
 }
 
-pub fn hash_file(path: &Path) -> io::Result<Digests> {
-    hash_reader(File::open(path)?)
-}
-
-/// Like [`hash_file`], but gives up (with the [`Stopped`] error, see
+/// Hashes the file at `path`, but gives up (with the [`Stopped`] error, see
 /// [`is_stopped`]) as soon as `stop` is raised, so shutdown never waits for a
 /// multi-gigabyte read.
 pub fn hash_file_until(path: &Path, stop: &AtomicBool) -> io::Result<Digests> {

@@ -1,0 +1,519 @@
+//! The settle stage: the single owner of per-path state.
+//!
+//! Raw events become one pending entry per path. An entry is handed to the
+//! workers only when the file is finished: closed after a write (or renamed
+//! into place) and then quiet for `SETTLE_MS`; in poll mode, unchanged across
+//! two polls. Renames rewrite pending entries, so a worker never hashes a path
+//! that has merely moved, and a file renamed before it was announced is simply
+//! created at its new name.
+//!
+//! Invariants:
+//! - at most one job per path is in flight, and jobs whose paths (or
+//!   subtrees) overlap leave in the order they became ready, so messages for
+//!   one path leave in the order things happened;
+//! - this thread never blocks on a worker: jobs go out with `try_send`, and
+//!   whatever does not fit stays in the ready queue;
+//! - pending entries are capped at `max_pending`: past it they are dropped and
+//!   a full rescan (followed by a sweep) recovers what they described. The
+//!   same rescan follows a kernel queue overflow or a full raw-event channel.
+//!
+//! The stage is one thread and one [`Settle`]; its files follow an event
+//! through it:
+//! - `events`: raw notify events into pending entries;
+//! - `renames`: pairing "moved from" with "moved to", file and directory renames;
+//! - `pending`: the entries, their timers, and promotion to the ready queue;
+//! - `dispatch`: the ready queue, keys in flight, the outage hold, and what
+//!   the workers answer;
+//! - `root`: the watchdog, watcher restarts, falling back to polling, and the
+//!   scans that catch up (with what they discover).
+
+mod events;
+mod renames;
+mod pending;
+mod dispatch;
+mod root;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{never, select, Receiver, Sender};
+
+use self::dispatch::ReadyItem;
+use self::pending::Entry;
+use self::renames::RENAME_PAIRING;
+use self::root::WATCHDOG_INTERVAL;
+use crate::config::WatchMode;
+use crate::filter::Filter;
+use crate::guard::RootGuard;
+use crate::job::{Dispatch, Done, Key};
+use crate::scan::{Discovery, ScanRequest};
+use crate::watcher::{RawEvent, WatchCounters, Watcher};
+
+/// Tunables of the settle stage, from the configuration.
+#[derive(Debug, Clone)]
+pub struct SettleOptions {
+    pub root: PathBuf,
+    pub filter: Filter,
+    pub settle: Duration,
+    pub mode: WatchMode,
+    /// Pending entries before they are dropped in favour of a rescan.
+    pub max_pending: usize,
+    /// Run a full scan (and sweep) right after start.
+    pub initial_scan: bool,
+    /// Optional file whose absence means the share is not mounted.
+    pub sentinel: Option<PathBuf>,
+}
+
+/// The channels the settle stage reads and writes.
+pub struct SettleChannels {
+    pub raw: Receiver<RawEvent>,
+    pub discovered: Receiver<Discovery>,
+    pub done: Receiver<Done>,
+    /// Closed (dropped) by the owner to stop the stage.
+    pub stop: Receiver<()>,
+    pub jobs: Sender<Dispatch>,
+    pub scan_requests: Sender<ScanRequest>,
+}
+
+/// Upper bound on one wait, so counters and flags are looked at regularly.
+const MAX_WAIT: Duration = Duration::from_millis(250);
+/// Raw events handled per pass before timers and dispatch get a turn.
+const RAW_BATCH: usize = 4096;
+/// The target of every log line of the stage, whichever file it comes from:
+/// the one they had before the stage became a folder, so log lines stay
+/// byte-for-byte the same (issue 7). Child modules pass it explicitly.
+const LOG_TARGET: &str = module_path!();
+
+pub struct Settle {
+    options: SettleOptions,
+    root_text: String,
+    channels: SettleChannels,
+    counters: Arc<WatchCounters>,
+    pending: HashMap<String, Entry>,
+    /// When to look at an entry next (lazy: validated against the entry).
+    timers: BinaryHeap<Reverse<(Instant, String)>>,
+    ready: VecDeque<ReadyItem>,
+    in_flight: HashMap<u64, Vec<Key>>,
+    next_id: u64,
+    /// A "moved from" waiting for its pair: (tracker, path, seen at).
+    unpaired_from: Option<(usize, String, Instant)>,
+    /// Directories to walk once their watch surely exists.
+    delayed_scans: Vec<(Instant, PathBuf)>,
+    full_scan_running: bool,
+    full_scan_again: bool,
+    /// Entries changed since the last pass (their deadlines may have moved).
+    touched: Vec<String>,
+    /// The registry was unreachable: dispatch nothing before this.
+    hold_until: Option<Instant>,
+    /// Consecutive unreachable answers, for the hold's backoff.
+    outage_attempts: u32,
+    /// The notify watcher; owned here so it can be restarted when the root
+    /// comes back, or swapped for polling when inotify runs out of watches.
+    watcher: Option<Watcher>,
+    /// For building a new watcher's callback. Being a sender of
+    /// `channels.raw` itself, it keeps that channel connected for as long as
+    /// the stage runs: only `stop` ends the loop.
+    raw_sender: Sender<RawEvent>,
+    /// Shared with the workers: which root identity the watcher serves.
+    guard: RootGuard,
+    /// The root is gone, replaced or without its sentinel: logged once,
+    /// deletions wait.
+    root_unavailable: bool,
+    next_watchdog: Instant,
+}
+
+impl Settle {
+    pub fn new(
+        options: SettleOptions,
+        channels: SettleChannels,
+        counters: Arc<WatchCounters>,
+        watcher: Watcher,
+        raw_sender: Sender<RawEvent>,
+        guard: RootGuard,
+    ) -> Settle {
+        let root_text = options.root.to_string_lossy().into_owned();
+        Settle {
+            watcher: Some(watcher),
+            raw_sender,
+            guard,
+            root_unavailable: false,
+            next_watchdog: Instant::now() + WATCHDOG_INTERVAL,
+            options,
+            root_text,
+            channels,
+            counters,
+            pending: HashMap::new(),
+            timers: BinaryHeap::new(),
+            ready: VecDeque::new(),
+            in_flight: HashMap::new(),
+            next_id: 0,
+            unpaired_from: None,
+            delayed_scans: Vec::new(),
+            full_scan_running: false,
+            full_scan_again: false,
+            touched: Vec::new(),
+            hold_until: None,
+            outage_attempts: 0,
+        }
+    }
+
+    /// Runs until `stop` closes.
+    pub fn run(mut self) {
+        if self.options.initial_scan {
+            self.request_full_scan("start-up reconciliation");
+        }
+        loop {
+            let now = Instant::now();
+            let wait = self.next_wakeup(now).saturating_duration_since(now).min(MAX_WAIT);
+            // Stop reading discoveries while enough work is pending: the walk waits.
+            let discovered = if self.pending.len() < self.options.max_pending / 2 {
+                self.channels.discovered.clone()
+            } else {
+                never()
+            };
+            select! {
+                recv(self.channels.raw) -> raw => if let Ok(raw) = raw {
+                    self.on_raw(raw);
+                    // Take what is already queued in one go, but not so
+                    // much that timers and dispatch starve under a flood.
+                    for _ in 0..RAW_BATCH {
+                        let Ok(raw) = self.channels.raw.try_recv() else { break };
+                        self.on_raw(raw);
+                    }
+                },
+                recv(discovered) -> discovery => if let Ok(discovery) = discovery {
+                    self.on_discovery(discovery);
+                },
+                recv(self.channels.done) -> done => if let Ok(done) = done {
+                    self.on_done(done);
+                },
+                recv(self.channels.stop) -> _ => break,
+                default(wait) => {}
+            }
+            if self.counters.overflowed.swap(false, Ordering::AcqRel) {
+                log::warn!(
+                    "event channel was full: {} events dropped so far; rescanning the tree",
+                    self.counters.dropped_events.load(Ordering::Relaxed)
+                );
+                self.request_full_scan("event channel overflow");
+            }
+            let now = Instant::now();
+            if now >= self.next_watchdog {
+                self.watchdog(now);
+            }
+            self.flush_unpaired_from(now, false);
+            self.start_due_scans(now);
+            self.reschedule_touched();
+            self.promote_due(now);
+            self.dispatch(now);
+        }
+        // Stop watching first: nothing new comes in while we wind down.
+        self.watcher = None;
+        log::debug!(
+            "settle stage stopping: {} pending, {} ready, {} in flight",
+            self.pending.len(),
+            self.ready.len(),
+            self.in_flight.len()
+        );
+    }
+
+    fn settle_time(&self) -> Duration {
+        match self.options.mode {
+            WatchMode::Inotify => self.options.settle,
+            // Unchanged across two polls.
+            WatchMode::Poll(interval) => self.options.settle.max(interval * 2),
+        }
+    }
+
+    fn next_wakeup(&self, now: Instant) -> Instant {
+        let mut next = now + MAX_WAIT;
+        if let Some(until) = self.hold_until.filter(|until| *until > now) {
+            next = next.min(until);
+        }
+        if let Some(Reverse((at, _))) = self.timers.peek() {
+            next = next.min(*at);
+        }
+        if let Some((_, _, seen)) = &self.unpaired_from {
+            next = next.min(*seen + RENAME_PAIRING);
+        }
+        for (at, _) in &self.delayed_scans {
+            next = next.min(*at);
+        }
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{Job, Outcome};
+    use crate::watcher::Callback;
+    use crossbeam_channel::{bounded, unbounded, Receiver};
+
+    /// A settle stage on a real (empty) temporary tree, driven by hand.
+    struct Harness {
+        settle: Settle,
+        jobs: Receiver<Dispatch>,
+        root: String,
+        _dir: tempfile::TempDir,
+        _keep: Vec<Box<dyn std::any::Any>>,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().to_owned();
+            let (raw_sender, raw) = bounded(16);
+            let (discovered_sender, discovered) = bounded(16);
+            let (done_sender, done) = unbounded();
+            let (stop_sender, stop) = bounded(0);
+            let (job_sender, jobs) = bounded(64);
+            let (scan_sender, scan_receiver) = unbounded();
+            let counters = Arc::new(WatchCounters::default());
+            let filter = Filter::new("flac", "").unwrap();
+            let watcher = Watcher::start(
+                &root,
+                WatchMode::Inotify,
+                &filter,
+                Callback::new(raw_sender.clone(), counters.clone(), false),
+            )
+            .unwrap();
+            let options = SettleOptions {
+                root: root.clone(),
+                filter,
+                settle: Duration::ZERO,
+                mode: WatchMode::Inotify,
+                max_pending: 1000,
+                initial_scan: false,
+                sentinel: None,
+            };
+            let channels = SettleChannels {
+                raw,
+                discovered,
+                done,
+                stop,
+                jobs: job_sender,
+                scan_requests: scan_sender,
+            };
+            let guard = RootGuard::new(root.clone(), None);
+            let settle = Settle::new(options, channels, counters, watcher, raw_sender, guard);
+            Harness {
+                settle,
+                jobs,
+                root: root.to_str().unwrap().to_owned(),
+                _dir: dir,
+                _keep: vec![
+                    Box::new(discovered_sender),
+                    Box::new(done_sender),
+                    Box::new(stop_sender),
+                    Box::new(scan_receiver),
+                ],
+            }
+        }
+
+        fn path(&self, name: &str) -> String {
+            format!("{}/{name}", self.root)
+        }
+
+        /// One pass of the loop's bookkeeping, far enough in the future that
+        /// every settle deadline has passed.
+        fn pass(&mut self) -> Vec<Dispatch> {
+            let later = Instant::now() + Duration::from_secs(1);
+            self.settle.reschedule_touched();
+            self.settle.promote_due(later);
+            self.settle.dispatch(later);
+            self.jobs.try_iter().collect()
+        }
+
+        fn finish(&mut self, dispatch: Dispatch) {
+            self.settle.on_done(Done {
+                dispatch,
+                outcome: Outcome::Finished,
+            });
+        }
+    }
+
+    #[test]
+    fn one_job_per_path_in_flight_and_later_changes_wait_for_it() {
+        let mut harness = Harness::new();
+        let path = harness.path("a.flac");
+        harness.settle.on_closed(path.clone(), Instant::now());
+        let first = harness.pass();
+        assert_eq!(first.len(), 1);
+        // The file changes again while the first job is in flight.
+        harness.settle.on_closed(path.clone(), Instant::now());
+        assert!(
+            harness.pass().is_empty(),
+            "a second job for the same path must wait"
+        );
+        harness.finish(first.into_iter().next().unwrap());
+        let second = harness.pass();
+        assert_eq!(second.len(), 1);
+        assert_eq!(
+            second[0].job,
+            Job::Check {
+                path,
+                renamed_from: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_rename_waits_for_the_job_on_its_old_name() {
+        let mut harness = Harness::new();
+        let old = harness.path("a.flac");
+        let new = harness.path("b.flac");
+        harness.settle.on_closed(old.clone(), Instant::now());
+        let in_flight = harness.pass();
+        assert_eq!(in_flight.len(), 1);
+        std::fs::write(&new, b"x").unwrap();
+        harness.settle.on_rename(old.clone(), new.clone(), Instant::now());
+        assert!(
+            harness.pass().is_empty(),
+            "the rename must wait for the job on the old name"
+        );
+        harness.finish(in_flight.into_iter().next().unwrap());
+        let rename = harness.pass();
+        assert_eq!(
+            rename[0].job,
+            Job::Check {
+                path: new,
+                renamed_from: Some(old)
+            }
+        );
+    }
+
+    #[test]
+    fn jobs_below_a_renamed_directory_wait_for_the_directory_rename() {
+        let mut harness = Harness::new();
+        let from = harness.path("album");
+        let to = harness.path("album2");
+        std::fs::create_dir(&to).unwrap();
+        // A blocker in flight on the old directory keeps the rename waiting ...
+        harness.settle.on_closed(format!("{from}/1.flac"), Instant::now());
+        let blocker = harness.pass();
+        assert_eq!(blocker.len(), 1);
+        harness
+            .settle
+            .on_directory_renamed(from.clone(), to.clone(), Instant::now());
+        // ... and a change below the new name, ready later, must not overtake it.
+        harness.settle.on_closed(format!("{to}/2.flac"), Instant::now());
+        assert!(harness.pass().is_empty());
+        harness.finish(blocker.into_iter().next().unwrap());
+        let next = harness.pass();
+        assert_eq!(
+            next.iter()
+                .map(|dispatch| dispatch.job.clone())
+                .collect::<Vec<_>>(),
+            [Job::RenameDirectory {
+                from: from.clone(),
+                to: to.clone()
+            }],
+            "the directory rename goes first, alone"
+        );
+        harness.finish(next.into_iter().next().unwrap());
+        let after = harness.pass();
+        assert_eq!(
+            after[0].job,
+            Job::Check {
+                path: format!("{to}/2.flac"),
+                renamed_from: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_vanished_file_that_was_renamed_is_followed_not_deleted() {
+        let mut harness = Harness::new();
+        let old = harness.path("a.flac");
+        let new = harness.path("b.flac");
+        harness.settle.on_closed(old.clone(), Instant::now());
+        let check = harness.pass().into_iter().next().unwrap();
+        // The rename happens while the check is in flight; the worker finds nothing.
+        std::fs::write(&new, b"x").unwrap();
+        harness.settle.on_rename(old.clone(), new.clone(), Instant::now());
+        harness.settle.on_done(Done {
+            dispatch: check,
+            outcome: Outcome::Vanished,
+        });
+        let jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        assert_eq!(
+            jobs,
+            [Job::Check {
+                path: new,
+                renamed_from: Some(old)
+            }],
+            "no deletion of the old name: the rename accounts for it"
+        );
+    }
+
+    #[test]
+    fn a_vanished_file_with_no_rename_becomes_a_removal() {
+        let mut harness = Harness::new();
+        let path = harness.path("a.flac");
+        harness.settle.on_closed(path.clone(), Instant::now());
+        let check = harness.pass().into_iter().next().unwrap();
+        harness.settle.on_done(Done {
+            dispatch: check,
+            outcome: Outcome::Vanished,
+        });
+        let jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        assert_eq!(jobs, [Job::Gone { path }]);
+    }
+
+    #[test]
+    fn renamed_over_a_file_then_removed_removes_both_names() {
+        // `mv a b; rm b` within one settle period: `b` may have been recorded
+        // before the rename replaced it, so it goes as well as `a`.
+        let mut harness = Harness::new();
+        let (a, b) = (harness.path("a.flac"), harness.path("b.flac"));
+        harness.settle.on_rename(a.clone(), b.clone(), Instant::now());
+        harness.settle.mark_removed(b.clone(), Instant::now());
+        let mut jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        jobs.sort_by(|one, other| format!("{one:?}").cmp(&format!("{other:?}")));
+        assert_eq!(jobs, [Job::Gone { path: a }, Job::Gone { path: b }]);
+    }
+
+    #[test]
+    fn create_then_remove_before_settling_is_one_gone_job() {
+        let mut harness = Harness::new();
+        let path = harness.path("a.flac");
+        harness.settle.on_closed(path.clone(), Instant::now());
+        harness.settle.mark_removed(path.clone(), Instant::now());
+        let jobs = harness.pass();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].job, Job::Gone { path });
+    }
+
+    #[test]
+    fn a_registry_outage_holds_all_dispatch() {
+        let mut harness = Harness::new();
+        harness.settle.on_closed(harness.path("a.flac"), Instant::now());
+        harness.settle.on_closed(harness.path("b.flac"), Instant::now());
+        let jobs = harness.pass();
+        assert_eq!(jobs.len(), 2);
+        let mut jobs = jobs.into_iter();
+        harness.settle.on_done(Done {
+            dispatch: jobs.next().unwrap(),
+            outcome: Outcome::Unavailable,
+        });
+        harness.settle.on_closed(harness.path("c.flac"), Instant::now());
+        // Still within the hold (its backoff is at least 400 ms).
+        let now = Instant::now();
+        harness.settle.reschedule_touched();
+        harness.settle.promote_due(now + Duration::from_millis(10));
+        harness.settle.dispatch(now + Duration::from_millis(10));
+        assert_eq!(
+            harness.jobs.try_iter().count(),
+            0,
+            "nothing goes out while the registry is down"
+        );
+        // After the hold, the held job and the new one go out.
+        harness.settle.dispatch(now + Duration::from_secs(5));
+        assert_eq!(harness.jobs.try_iter().count(), 2);
+    }
+}

@@ -1,0 +1,197 @@
+//! Pending entries and their timers: when a changed file counts as finished.
+//!
+//! Every path with news has one entry. It becomes ready once the writer is
+//! done and the settle time has passed quietly (and any retry backoff is
+//! over); timers are queued lazily and checked against the entry when they
+//! fire. Past `max_pending` entries everything is dropped in favour of a full
+//! rescan.
+
+use std::cmp::Reverse;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::dispatch::ReadyItem;
+use super::{Settle, LOG_TARGET};
+
+/// A writer that keeps a file open without writing for this long is taken as
+/// finished anyway (some tools never close, or write through mmap); a later
+/// write produces a `modified`.
+const OPEN_WRITER_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum State {
+    Changed,
+    Removed,
+}
+
+/// One path's change, from the first event until it is dispatched.
+#[derive(Debug)]
+pub(super) struct Entry {
+    pub(super) state: State,
+    /// The writer is done with it: closed after writing, renamed into place,
+    /// removed, discovered by a scan, or (poll mode) always.
+    pub(super) closed: bool,
+    pub(super) last_activity: Instant,
+    /// Where the file was when it was last recorded, if it got here by rename.
+    pub(super) renamed_from: Option<String>,
+    /// Not before this instant (a retry's backoff).
+    pub(super) not_before: Option<Instant>,
+    pub(super) attempt: u32,
+    pub(super) correlation_id: Uuid,
+    /// Already in the ready queue.
+    pub(super) ready: bool,
+    /// The earliest time a timer for this entry is queued for.
+    pub(super) scheduled: Instant,
+}
+
+impl Entry {
+    fn new(state: State, now: Instant) -> Entry {
+        Entry {
+            state,
+            closed: false,
+            last_activity: now,
+            renamed_from: None,
+            not_before: None,
+            attempt: 0,
+            correlation_id: Uuid::new_v4(),
+            ready: false,
+            scheduled: now,
+        }
+    }
+}
+
+impl Settle {
+    /// The entry for `path`, created if new, with its activity time set to
+    /// `now`. Callers change it in place; `reschedule_touched` then makes sure
+    /// a timer fires at its (possibly earlier) deadline.
+    pub(super) fn touch(&mut self, path: String, now: Instant) -> &mut Entry {
+        if !self.pending.contains_key(&path) && self.pending.len() >= self.options.max_pending {
+            self.shed_pending();
+        }
+        self.touched.push(path.clone());
+        let entry = self.pending.entry(path).or_insert_with(|| {
+            let mut entry = Entry::new(State::Changed, now);
+            entry.scheduled = now + OPEN_WRITER_TIMEOUT * 2; // no timer queued yet
+            entry
+        });
+        entry.last_activity = now;
+        entry
+    }
+
+    /// A close or a cleared backoff moves a deadline earlier than the timer
+    /// already queued: queue one for the new deadline.
+    pub(super) fn reschedule_touched(&mut self) {
+        let settle = self.settle_time();
+        for path in std::mem::take(&mut self.touched) {
+            let Some(entry) = self.pending.get_mut(&path) else {
+                continue;
+            };
+            let deadline = deadline(entry, settle);
+            if !entry.ready && deadline < entry.scheduled {
+                entry.scheduled = deadline;
+                self.timers.push(Reverse((deadline, path)));
+            }
+        }
+    }
+
+    /// Data was written (or, polling, the file changed since the last poll).
+    pub(super) fn on_write(&mut self, path: String, poll: bool, now: Instant) {
+        if !self.announces(&path) {
+            return;
+        }
+        let entry = self.touch(path, now);
+        entry.state = State::Changed;
+        // A write after a close means the file was opened again: wait for the next close.
+        entry.closed = poll;
+    }
+
+    pub(super) fn on_closed(&mut self, path: String, now: Instant) {
+        let entry = self.touch(path, now);
+        entry.state = State::Changed;
+        entry.closed = true;
+    }
+
+    pub(super) fn mark_removed(&mut self, path: String, now: Instant) {
+        if let Some(from) = self
+            .pending
+            .get(&path)
+            .and_then(|entry| entry.renamed_from.clone())
+        {
+            // It was renamed here and never recorded here: the old name goes,
+            // and so does whatever was recorded here before the rename replaced it.
+            self.pending.remove(&path);
+            self.mark_removed(from, now);
+        }
+        let entry = self.touch(path, now);
+        entry.state = State::Removed;
+        entry.closed = true;
+    }
+
+    /// A file was gone when a worker looked. If a pending rename starts at
+    /// it, the rename accounts for it; otherwise it (and where it was renamed
+    /// from) is removed, after the usual settle period.
+    pub(super) fn on_vanished(&mut self, path: String, renamed_from: Option<String>, now: Instant) {
+        let claimed = |candidate: &str| {
+            self.pending
+                .values()
+                .any(|entry| entry.renamed_from.as_deref() == Some(candidate))
+        };
+        if self.pending.contains_key(&path) || claimed(&path) {
+            return;
+        }
+        if let Some(from) = renamed_from {
+            if !claimed(&from) {
+                self.mark_removed(from, now);
+            }
+        }
+        self.mark_removed(path, now);
+    }
+
+    /// Too much pending: drop it all and let a full scan and sweep recover.
+    fn shed_pending(&mut self) {
+        log::warn!(
+            target: LOG_TARGET,
+            "more than {} changes pending: dropping them and rescanning the tree instead",
+            self.options.max_pending
+        );
+        self.pending.clear();
+        self.timers.clear();
+        self.ready.retain(|item| matches!(item, ReadyItem::Tree { .. }));
+        self.request_full_scan("too many pending changes");
+    }
+
+    pub(super) fn promote_due(&mut self, now: Instant) {
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Reverse((_, path)) = self.timers.pop().expect("peeked");
+            let Some(entry) = self.pending.get(&path) else {
+                continue; // dispatched or dropped since
+            };
+            if entry.ready {
+                continue;
+            }
+            let deadline = deadline(entry, self.settle_time());
+            if deadline > now {
+                self.pending.get_mut(&path).expect("looked up above").scheduled = deadline;
+                self.timers.push(Reverse((deadline, path)));
+                continue;
+            }
+            self.pending.get_mut(&path).expect("looked up above").ready = true;
+            self.ready.push_back(ReadyItem::Path(path));
+        }
+    }
+}
+
+/// When an entry is ready: quiet for the settle time after the writer closed
+/// it (or for `OPEN_WRITER_TIMEOUT` while it stays open), and not before a
+/// retry's backoff.
+fn deadline(entry: &Entry, settle: Duration) -> Instant {
+    let quiet = if entry.closed { settle } else { OPEN_WRITER_TIMEOUT };
+    let settled = entry.last_activity + quiet;
+    entry
+        .not_before
+        .map_or(settled, |not_before| not_before.max(settled))
+}

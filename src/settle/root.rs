@@ -1,0 +1,211 @@
+//! The watched root and the scans that catch up with it.
+//!
+//! The watchdog notices a root that is gone, unmounted or replaced, and
+//! restarts the watcher when it is back; inotify running out of watches
+//! switches the tree to polling. Whenever events may have been missed (a new
+//! directory, a restart, an overflow), a scan walks the tree on the scanner
+//! thread, and its discoveries come back here as pending entries and sweeps.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::dispatch::ReadyItem;
+use super::{Settle, LOG_TARGET};
+use crate::config::WatchMode;
+use crate::job::Job;
+use crate::scan::{Discovery, ScanKind, ScanRequest};
+use crate::watcher::{start_with_fallback, Callback, WATCH_LIMIT_POLL_INTERVAL};
+
+/// How often the root's presence and identity are checked.
+pub(super) const WATCHDOG_INTERVAL: Duration = Duration::from_secs(2);
+
+/// When a new directory is walked the second time (see `schedule_scan`).
+const SECOND_WALK: Duration = Duration::from_secs(5);
+
+impl Settle {
+    /// Looks at the root: gone (an unmounted share, a removed directory), or
+    /// back under a new identity (remounted): then the old watches are dead,
+    /// so the watcher is restarted and the tree rescanned to catch up.
+    pub(super) fn watchdog(&mut self, now: Instant) {
+        self.next_watchdog = now + WATCHDOG_INTERVAL;
+        let current = self.guard.current();
+        match self.guard.check() {
+            Ok(()) => {
+                if std::mem::take(&mut self.root_unavailable) {
+                    log::info!(
+                        target: LOG_TARGET,
+                        "watched directory {} is available again: catching up",
+                        self.root_text
+                    );
+                    self.restart_watcher("the watched directory came back");
+                }
+            }
+            // Back, but as another directory (remounted, recreated): the old watches are dead.
+            Err(_)
+                if current.is_some()
+                    && current != self.guard.expected()
+                    && self.sentinel_present()
+                    && !self.guard.looks_unmounted() =>
+            {
+                log::info!(
+                    target: LOG_TARGET,
+                    "watched directory {} was remounted or replaced: watching it again and catching up",
+                    self.root_text
+                );
+                self.root_unavailable = false;
+                self.guard.accept(current);
+                self.restart_watcher("the watched directory was remounted");
+            }
+            Err(reason) => {
+                if !self.root_unavailable {
+                    self.root_unavailable = true;
+                    log::error!(
+                        target: LOG_TARGET,
+                        "watched directory unavailable: {reason}; publishing no deletions until it is back"
+                    );
+                }
+            }
+        }
+    }
+
+    fn sentinel_present(&self) -> bool {
+        self.options
+            .sentinel
+            .as_ref()
+            .is_none_or(|sentinel| std::fs::symlink_metadata(sentinel).is_ok())
+    }
+
+    /// A directory appeared (created, renamed, moved in): watch it and
+    /// everything below it before it is walked.
+    fn watch_tree(&mut self, dir: &Path) {
+        let Some(watcher) = self.watcher.as_mut() else {
+            return;
+        };
+        if let Err(error) = watcher.watch_tree(dir) {
+            self.fall_back_to_polling(&error);
+        }
+    }
+
+    /// inotify ran out of watches: poll the whole tree rather than leave
+    /// part of it unwatched, and rescan to catch what was missed.
+    pub(super) fn fall_back_to_polling(&mut self, reason: &dyn std::fmt::Display) {
+        log::error!(
+            target: LOG_TARGET,
+            "{reason}; raise it with `sysctl fs.inotify.max_user_watches=524288` (persist it in \
+             /etc/sysctl.d); polling the tree every {} s until then (restart after raising it)",
+            WATCH_LIMIT_POLL_INTERVAL.as_secs()
+        );
+        self.options.mode = WatchMode::Poll(WATCH_LIMIT_POLL_INTERVAL);
+        self.restart_watcher("inotify watch limit reached");
+    }
+
+    fn restart_watcher(&mut self, reason: &str) {
+        self.watcher = None;
+        let sender = self.raw_sender.clone();
+        let counters = self.counters.clone();
+        let started = start_with_fallback(
+            &self.options.root,
+            self.options.mode,
+            &self.options.filter,
+            |poll| Callback::new(sender.clone(), counters.clone(), poll),
+        );
+        match started {
+            Ok((watcher, mode)) => {
+                self.watcher = Some(watcher);
+                self.options.mode = mode;
+                self.request_full_scan(reason);
+            }
+            Err(error) => {
+                log::error!(target: LOG_TARGET, "{error}; trying again in {} s", WATCHDOG_INTERVAL.as_secs());
+                self.root_unavailable = true;
+            }
+        }
+    }
+
+    /// New directories are walked one settle period later: by then notify has
+    /// added their watch, so anything written after the walk raises events
+    /// and anything written before it is found by the walk.
+    ///
+    /// notify adds a new directory's watch only once it has drained the
+    /// kernel queue, which under a sustained stream of events can take longer
+    /// than the settle time; a second walk a few seconds later finds what was
+    /// written before the watch existed. Files found twice cost a `stat`.
+    pub(super) fn schedule_scan(&mut self, dir: PathBuf, now: Instant) {
+        self.watch_tree(&dir);
+        self.delayed_scans.push((now + self.settle_time(), dir.clone()));
+        self.delayed_scans
+            .push((now + self.settle_time() + SECOND_WALK, dir));
+    }
+
+    pub(super) fn start_due_scans(&mut self, now: Instant) {
+        let (due, waiting): (Vec<_>, Vec<_>) = self.delayed_scans.drain(..).partition(|(at, _)| *at <= now);
+        self.delayed_scans = waiting;
+        for (_, dir) in due {
+            let request = ScanRequest {
+                dir,
+                kind: ScanKind::Directory,
+            };
+            let _ = self.channels.scan_requests.send(request);
+        }
+    }
+
+    pub(super) fn request_full_scan(&mut self, reason: &str) {
+        if self.full_scan_running {
+            self.full_scan_again = true;
+            return;
+        }
+        log::info!(target: LOG_TARGET, "full scan of {} ({reason})", self.root_text);
+        self.full_scan_running = true;
+        let request = ScanRequest {
+            dir: self.options.root.clone(),
+            kind: ScanKind::Full,
+        };
+        let _ = self.channels.scan_requests.send(request);
+    }
+
+    pub(super) fn on_discovery(&mut self, discovery: Discovery) {
+        let now = Instant::now();
+        match discovery {
+            Discovery::File(path) => {
+                // Known pending entries keep their own state; new ones are checked.
+                if !self.pending.contains_key(&path) {
+                    let entry = self.touch(path, now);
+                    entry.closed = true;
+                }
+            }
+            Discovery::Finished {
+                request,
+                files,
+                failed,
+            } => {
+                if request.kind != ScanKind::Full {
+                    return;
+                }
+                self.full_scan_running = false;
+                log::info!(target: LOG_TARGET, "full scan of {} found {files} files", self.root_text);
+                if failed {
+                    log::error!(
+                        target: LOG_TARGET,
+                        "cannot read {}: skipping the sweep for vanished files",
+                        self.root_text
+                    );
+                } else {
+                    self.ready.push_back(ReadyItem::Tree {
+                        job: Job::Sweep {
+                            dir: self.root_text.clone(),
+                            files_found: files,
+                        },
+                        correlation_id: Uuid::new_v4(),
+                        attempt: 0,
+                        not_before: None,
+                    });
+                }
+                if std::mem::take(&mut self.full_scan_again) {
+                    self.request_full_scan("changes were dropped during the last scan");
+                }
+            }
+        }
+    }
+}
