@@ -22,16 +22,22 @@ use std::thread;
 use std::time::Duration;
 
 use postgres::Transaction;
-use rand::Rng;
 
 use super::PostgresRegistry;
+use crate::backoff::Backoff;
 use crate::registry::RegistryError;
 
 /// Attempts of one transaction that keeps losing races before `apply` gives up.
 const ATTEMPTS: u32 = 5;
 
-/// Upper bound of the pause after the first lost race; doubles with every attempt.
-const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+/// The pause after a lost race: random in the upper half of a window that
+/// starts at 20 ms and doubles with every attempt, so racing instances spread out.
+const CONFLICT: Backoff = Backoff {
+    first: Duration::from_millis(20),
+    doublings: 8,
+    cap: Duration::MAX,
+    jitter: 0.5..1.0,
+};
 
 impl PostgresRegistry {
     /// Runs `work` in a transaction and commits it, running it again (after a
@@ -56,7 +62,7 @@ impl PostgresRegistry {
             match result {
                 Ok(value) => return Ok(value),
                 Err(Fault::Conflict { what, detail }) if attempt < ATTEMPTS => {
-                    let pause = backoff(attempt);
+                    let pause = CONFLICT.delay(attempt - 1);
                     log::debug!(
                         "{subject}: {what} lost a race with another transaction ({detail}); \
                          attempt {attempt} of {ATTEMPTS}, retrying in {pause:?}"
@@ -74,14 +80,6 @@ impl PostgresRegistry {
             }
         }
     }
-}
-
-/// A pause before retrying after `attempt` lost races: random in the upper
-/// half of an exponentially growing window, so racing instances spread out.
-fn backoff(attempt: u32) -> Duration {
-    let window = FIRST_BACKOFF * 2u32.pow(attempt.saturating_sub(1).min(8));
-    let window_micros = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
-    Duration::from_micros(rand::rng().random_range(window_micros / 2..=window_micros))
 }
 
 /// How one statement failed, as far as retrying is concerned.
@@ -187,12 +185,13 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_stays_bounded() {
+        let first = Duration::from_millis(20);
         for attempt in 1..=ATTEMPTS {
-            let window = FIRST_BACKOFF * 2u32.pow(attempt - 1);
-            let pause = backoff(attempt);
+            let window = first * 2u32.pow(attempt - 1);
+            let pause = CONFLICT.delay(attempt - 1);
             assert!(pause >= window / 2 && pause <= window, "{attempt}: {pause:?}");
         }
-        assert!(backoff(u32::MAX) <= FIRST_BACKOFF * 256);
+        assert!(CONFLICT.delay(u32::MAX) <= first * 256);
     }
 
     #[test]
