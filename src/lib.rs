@@ -35,10 +35,8 @@ pub mod config;
 pub mod redact;
 pub mod filter;
 pub mod logging;
-pub mod watcher;
+pub mod watch;
 pub mod settle;
-pub mod scan;
-pub mod guard;
 pub mod hash;
 pub mod worker;
 pub mod message;
@@ -47,3 +45,8 @@ pub mod publish;
 pub mod broker;
 pub mod shutdown;
 pub mod pipeline;
+
+// TODO(layout): remove after merge. The old flat paths, for the branches
+// that still use them (settle.rs, worker.rs, tests/).
+pub use watch as watcher;
+pub use watch::{guard, scan};
