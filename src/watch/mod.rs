@@ -133,12 +133,17 @@ pub struct Watcher {
     filter: Filter,
 }
 
+/// The command that raises the inotify watch limit: the one advice every
+/// message about the limit gives (OPERATIONS.md too; a test keeps it in step).
+pub const WATCH_LIMIT_SYSCTL: &str = "sysctl fs.inotify.max_user_watches=524288";
+
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     #[error(
         "cannot watch {path}: the inotify watch limit is reached; raise it with \
-         `sysctl fs.inotify.max_user_watches=524288` (and persist it in /etc/sysctl.d), \
-         or set POLL_INTERVAL_MS to poll instead"
+         `{sysctl}` (and persist it in /etc/sysctl.d), \
+         or set POLL_INTERVAL_MS to poll instead",
+        sysctl = WATCH_LIMIT_SYSCTL
     )]
     WatchLimit { path: PathBuf },
     #[error("cannot watch {path}: {source}")]
@@ -305,6 +310,24 @@ mod tests {
         callback.handle(event(EventKind::Modify(ModifyKind::Data(DataChange::Any))));
         callback.handle(event(EventKind::Access(AccessKind::Close(AccessMode::Write))));
         assert_eq!(receiver.len(), 2);
+    }
+
+    #[test]
+    fn watch_limit_advice_is_one_sysctl() {
+        let error = WatchError::WatchLimit {
+            path: "/data/music/a".into(),
+        };
+        assert_eq!(
+            error.to_string(),
+            "cannot watch /data/music/a: the inotify watch limit is reached; raise it with \
+             `sysctl fs.inotify.max_user_watches=524288` (and persist it in /etc/sysctl.d), \
+             or set POLL_INTERVAL_MS to poll instead"
+        );
+        let operations = include_str!("../../OPERATIONS.md");
+        assert!(
+            operations.contains(&format!("`{WATCH_LIMIT_SYSCTL}`")),
+            "OPERATIONS.md gives other advice than {WATCH_LIMIT_SYSCTL:?}"
+        );
     }
 
     #[test]
