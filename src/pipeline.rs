@@ -136,7 +136,9 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
     );
 
     // Watch first, then look: anything that changes from here on raises an event.
-    let counters = Arc::new(WatchCounters::default());
+    let counters = Arc::new(WatchCounters::with_test_stall_file(
+        config.test_stall_file.clone(),
+    ));
     let (raw_sender, raw_receiver) = bounded(CHANNEL_CAPACITY);
     let (watcher, watch_mode) =
         start_with_fallback(&config.data_dir, config.watch_mode, &config.filter, |poll| {

@@ -46,13 +46,33 @@ pub enum RawEvent {
     Error(notify::Error),
 }
 
-/// Counters shared between the callback and the settle stage.
+/// Counters shared between the callback and the settle stage; one set per
+/// pipeline, handed to every callback it makes (watcher restarts included).
 #[derive(Debug, Default)]
 pub struct WatchCounters {
     /// Raised when an event was dropped on a full channel; the settle stage
     /// clears it and rescans.
     pub overflowed: AtomicBool,
     pub dropped_events: AtomicU64,
+    /// Test hook, `None` unless the pipeline was given one (see
+    /// [`WatchCounters::with_test_stall_file`]). It rides here, not on
+    /// [`Callback::new`], because this is what every callback of one
+    /// pipeline shares, including the ones the settle stage makes when it
+    /// restarts the watcher.
+    test_stall_file: Option<PathBuf>,
+}
+
+impl WatchCounters {
+    /// Test hook: counters whose callbacks stall while `file` exists (see
+    /// `stall_while_present`). Only the pipeline passes one, from
+    /// [`Config::test_stall_file`](crate::config::Config::test_stall_file);
+    /// `WatchCounters::default()` never stalls.
+    pub fn with_test_stall_file(file: Option<PathBuf>) -> WatchCounters {
+        WatchCounters {
+            test_stall_file: file,
+            ..WatchCounters::default()
+        }
+    }
 }
 
 /// The notify event handler. Public so the full-channel policy can be tested.
@@ -60,8 +80,6 @@ pub struct Callback {
     sender: Sender<RawEvent>,
     counters: Arc<WatchCounters>,
     poll_mode: bool,
-    /// Test-only stall switch (see `stall_while_present`).
-    stall_file: Option<PathBuf>,
 }
 
 impl Callback {
@@ -70,12 +88,11 @@ impl Callback {
             sender,
             counters,
             poll_mode,
-            stall_file: std::env::var_os("FILE_WATCHER_TEST_STALL_FILE").map(PathBuf::from),
         }
     }
 
     pub fn handle(&self, result: notify::Result<Event>) {
-        if let Some(stall_file) = &self.stall_file {
+        if let Some(stall_file) = &self.counters.test_stall_file {
             stall_while_present(stall_file);
         }
         let raw = match result {
