@@ -42,11 +42,11 @@ pub mod worker;
 pub mod message;
 pub mod registry;
 pub mod publish;
-pub mod broker;
 pub mod shutdown;
 pub mod pipeline;
 
 // TODO(layout): remove after merge. The old flat paths, for the branches
 // that still use them (settle.rs, worker.rs, tests/).
+pub use publish::broker;
 pub use watch as watcher;
 pub use watch::{guard, scan};

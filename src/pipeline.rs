@@ -25,10 +25,10 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, select, unbounded, Receiver};
 
-use crate::broker::BrokerSettings;
 use crate::config::{Config, DatabaseConfig, WatchMode};
 use crate::guard::RootGuard;
 use crate::message::Origin;
+use crate::publish::broker::BrokerSettings;
 use crate::publish::{BrokerSink, Publisher, PublisherExit, Sink, StdoutSink};
 use crate::redact::redact_url;
 use crate::registry::memory::MemoryRegistry;

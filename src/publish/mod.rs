@@ -15,9 +15,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use uuid::Uuid;
 
-use crate::broker::{Broker, BrokerError, BrokerSettings};
 use crate::message::Message;
 use crate::registry::{Health, Registry, RegistryError};
+use broker::{Broker, BrokerError, BrokerSettings};
+
+pub mod broker;
 
 /// Messages taken from the outbox per round.
 const BATCH: usize = 256;
