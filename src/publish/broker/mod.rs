@@ -1,8 +1,8 @@
-//! The RabbitMQ sink: one connection, one channel in confirm mode, and the
-//! exchanges the daemon declares.
+//! The lapin connection under the RabbitMQ sink: one connection, one channel
+//! in confirm mode, and the exchanges the daemon declares.
 //!
 //! The rest of the daemon is synchronous threads; lapin is async. All of the
-//! async stays in this file: every call into lapin is driven by
+//! async stays in this module: every call into lapin is driven by
 //! [`futures_lite::future::block_on`] and raced against an [`async_io::Timer`],
 //! so no method of [`Broker`] can wait longer than the timeout it was given,
 //! even against a broker that accepts TCP connections and then says nothing.
@@ -18,9 +18,10 @@
 //! How lapin 4.12 is used, since it is easy to get wrong:
 //! - *Returns*: `mandatory` publishes that match no binding come back as
 //!   `basic.return` before their `basic.ack`; lapin attaches the returned
-//!   message to a [`Confirmation::Ack`]. With a `multiple` ack it may attach it
-//!   to another confirmation of the same batch, so the returned message's own
-//!   properties (not the confirmation it rides on) say which message it was.
+//!   message to a [`Confirmation::Ack`](lapin::Confirmation::Ack). With a
+//!   `multiple` ack it may attach it to another confirmation of the same
+//!   batch, so the returned message's own properties (not the confirmation it
+//!   rides on) say which message it was.
 //! - *Blocking*: `connection.blocked` / `unblocked` set
 //!   [`lapin::ConnectionStatus::blocked`] and are also sent as
 //!   [`lapin::Event`]s on [`lapin::Connection::events_listener`]; the events
@@ -38,30 +39,34 @@
 //!   no tracing subscriber installed, its events become `log` records (targets
 //!   `lapin::…`) and reach our log output like any other (checked by
 //!   `tests/broker.rs`).
+//!
+//! The parts, in the order a connection lives through them: `settings.rs`
+//! (what to connect to, and the URI lapin gets), `connect.rs` (TCP,
+//! handshake, channel, confirms), `declare.rs` (the exchanges), `confirm.rs`
+//! (publishing a batch and reading its confirms); this file holds the
+//! [`Broker`] itself, its errors, its state and its close.
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::future::Future;
-use std::io;
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use async_io::{Async, Timer};
+use async_io::Timer;
 use futures_lite::{future, Stream, StreamExt};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::uri::{AMQPScheme, AMQPUri};
-use lapin::{
-    AsyncTcpStream, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event,
-    ExchangeKind,
-};
+use lapin::{Channel, Connection, Event};
 use log::{debug, info, warn};
 use uuid::Uuid;
 
-use crate::message::Message;
-use crate::redact::redact_url;
+mod settings;
+mod connect;
+mod declare;
+mod confirm;
+
+pub use confirm::Published;
+pub use declare::{exchange_declarations, ExchangeDeclaration};
+pub use settings::BrokerSettings;
+
+use connect::SocketSlot;
 
 /// The log target these lines had before the layout move, kept so that log
 /// lines (and anyone's filters on them, tests/broker.rs too) stay the same.
@@ -69,61 +74,6 @@ const LOG_TARGET: &str = "file_watcher::broker";
 
 /// `app_id` of every message, so consumers can tell who published it.
 pub const APP_ID: &str = "file-watcher";
-
-/// Everything [`Broker::connect`] needs; built by the configuration.
-#[derive(Clone)]
-pub struct BrokerSettings {
-    /// `amqp://user:pass@host:port/vhost`, optionally with `?heartbeat=N`
-    /// (which then wins over `heartbeat`). Holds a password: never log it,
-    /// log [`redact_url`] of it.
-    pub url: String,
-    /// Topic exchange every message is published to (`file_events`).
-    pub exchange: String,
-    /// Where the consumers' queues dead-letter to (`file_events.dlx`). The
-    /// daemon only declares it, so that it exists before any consumer needs it.
-    pub dead_letter_exchange: String,
-    /// Shown by RabbitMQ (`client_properties.connection_name`), so an operator
-    /// can tell which instance holds a connection: `file_watcher_<instance_id>`.
-    pub connection_name: String,
-    /// Bounds the whole of [`Broker::connect`] (TCP, handshake, channel,
-    /// declarations) and [`Broker::close`].
-    pub connect_timeout: Duration,
-    /// Bounds one [`Broker::publish`] call: sending the batch and waiting for
-    /// all of its publisher confirms.
-    pub confirm_timeout: Duration,
-    /// Requested AMQP heartbeat. A broker that stops answering (frozen, or
-    /// behind a dead network path) is noticed after two intervals.
-    pub heartbeat: Duration,
-}
-
-impl fmt::Debug for BrokerSettings {
-    /// By hand, because a derived `Debug` would print the password.
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter
-            .debug_struct("BrokerSettings")
-            .field("url", &redact_url(&self.url))
-            .field("exchange", &self.exchange)
-            .field("dead_letter_exchange", &self.dead_letter_exchange)
-            .field("connection_name", &self.connection_name)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("confirm_timeout", &self.confirm_timeout)
-            .field("heartbeat", &self.heartbeat)
-            .finish()
-    }
-}
-
-/// What the broker said about one batch. Only `acked` messages are published.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Published {
-    /// Acked by the broker: the broker has taken responsibility for them.
-    /// Includes unroutable messages, which the broker acks after returning them.
-    pub acked: Vec<Uuid>,
-    /// Refused by the broker (an internal broker error); publish them again.
-    pub nacked: Vec<Uuid>,
-    /// How many messages matched no binding and were returned: they were
-    /// accepted, but nobody will read them. Logged as warnings, one per message.
-    pub unroutable: usize,
-}
 
 /// Why the broker could not be reached or did not take a batch. Every variant
 /// names what it is about; URLs in it are redacted, and lapin's errors carry
@@ -194,39 +144,6 @@ pub enum BrokerError {
     Unusable { connection_name: String },
 }
 
-/// One exchange as the daemon declares it. As data, so that
-/// `compose/rabbitmq/definitions.json` can be checked against it (a consumer
-/// redeclaring an exchange with other flags gets `PRECONDITION_FAILED`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExchangeDeclaration {
-    pub name: String,
-    /// Exchange type, as RabbitMQ spells it.
-    pub kind: &'static str,
-    pub durable: bool,
-    pub auto_delete: bool,
-    pub internal: bool,
-    /// Always empty: the consumers declare the exchange without arguments, and
-    /// arguments are part of the equivalence check.
-    pub arguments: BTreeMap<String, serde_json::Value>,
-}
-
-/// The exchanges the daemon declares, in declaration order. The daemon never
-/// declares a queue: queues, their dead-lettering and their TTL belong to the
-/// consumers.
-pub fn exchange_declarations(exchange: &str, dead_letter_exchange: &str) -> Vec<ExchangeDeclaration> {
-    [exchange, dead_letter_exchange]
-        .into_iter()
-        .map(|name| ExchangeDeclaration {
-            name: name.to_owned(),
-            kind: "topic",
-            durable: true,
-            auto_delete: false,
-            internal: false,
-            arguments: BTreeMap::new(),
-        })
-        .collect()
-}
-
 /// A connection to RabbitMQ with one channel in confirm mode, on which the
 /// exchanges have been declared. Not shared: one publisher thread owns it.
 pub struct Broker {
@@ -260,304 +177,6 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Connects, sets the `connection_name` client property, opens one
-    /// channel, enables publisher confirms and declares the exchange and the
-    /// dead-letter exchange, all within `settings.connect_timeout`.
-    pub fn connect(settings: &BrokerSettings) -> Result<Broker, BrokerError> {
-        let started = Instant::now();
-        let deadline = started + settings.connect_timeout;
-        let url = redact_url(&settings.url);
-        let uri = amqp_uri(settings)?;
-        let timeout = |step: String| BrokerError::ConnectTimeout {
-            url: url.clone(),
-            step,
-            waited_ms: started.elapsed().as_millis(),
-        };
-
-        let properties = ConnectionProperties::default()
-            .with_connection_name(settings.connection_name.as_str().into())
-            .with_client_property("product".into(), APP_ID.into())
-            .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into());
-        let socket = SocketSlot::default();
-        let runtime = lapin::runtime::default_runtime().map_err(|source| BrokerError::Connect {
-            url: url.clone(),
-            source: Box::new(source),
-        })?;
-        let connecting = {
-            let socket = socket.clone();
-            // lapin calls this on its I/O thread; it may block that thread on
-            // DNS, but never the caller, and the TCP connect itself stops at
-            // the deadline.
-            Connection::connector(
-                uri,
-                runtime,
-                async move |uri: AMQPUri, _runtime| {
-                    let stream = open_socket(&uri.authority.host, uri.authority.port, deadline).await?;
-                    socket.keep(stream.get_ref().try_clone()?);
-                    Ok(AsyncTcpStream::Plain(stream))
-                },
-                properties,
-            )
-        };
-        let connection = match block_on_until(deadline, connecting) {
-            Some(Ok(connection)) => connection,
-            Some(Err(source)) => {
-                socket.shut_down();
-                return Err(BrokerError::Connect {
-                    url,
-                    source: Box::new(source),
-                });
-            }
-            None => {
-                socket.shut_down();
-                return Err(timeout("connect".to_owned()));
-            }
-        };
-        let channel = match block_on_until(deadline, connection.create_channel()) {
-            Some(Ok(channel)) => channel,
-            Some(Err(source)) => {
-                socket.shut_down();
-                return Err(BrokerError::OpenChannel {
-                    connection_name: settings.connection_name.clone(),
-                    source: Box::new(source),
-                });
-            }
-            None => {
-                socket.shut_down();
-                return Err(timeout("open channel".to_owned()));
-            }
-        };
-        let mut broker = Broker {
-            events: Mutex::new(Box::pin(connection.events_listener())),
-            connection,
-            channel,
-            socket,
-            blocked_reason: Mutex::new(None),
-            abandoned: false,
-            closed: false,
-            redacted_url: url.clone(),
-            exchange: settings.exchange.clone(),
-            connection_name: settings.connection_name.clone(),
-            close_timeout: settings.connect_timeout,
-            confirm_timeout: settings.confirm_timeout,
-        };
-        if let Err(error) = broker.prepare(settings, started, deadline) {
-            // Dropping `broker` closes the connection, within what is left of
-            // the connect timeout: nothing after a timeout, so a stalled broker
-            // is not waited on twice.
-            broker.close_timeout = deadline.saturating_duration_since(Instant::now());
-            return Err(error);
-        }
-        info!(
-            target: LOG_TARGET,
-            "connected to RabbitMQ at {url} as {} in {} ms: exchange {}, dead letters to {}, heartbeat {} s",
-            settings.connection_name,
-            started.elapsed().as_millis(),
-            settings.exchange,
-            settings.dead_letter_exchange,
-            broker.heartbeat().as_secs(),
-        );
-        Ok(broker)
-    }
-
-    /// Enables publisher confirms and declares the exchanges, by `deadline`.
-    fn prepare(
-        &self,
-        settings: &BrokerSettings,
-        started: Instant,
-        deadline: Instant,
-    ) -> Result<(), BrokerError> {
-        let timeout = |step: String| BrokerError::ConnectTimeout {
-            url: self.redacted_url.clone(),
-            step,
-            waited_ms: started.elapsed().as_millis(),
-        };
-        match block_on_until(
-            deadline,
-            self.channel.confirm_select(ConfirmSelectOptions::default()),
-        ) {
-            Some(Ok(())) => {}
-            Some(Err(source)) => {
-                return Err(BrokerError::EnableConfirms {
-                    connection_name: self.connection_name.clone(),
-                    source: Box::new(source),
-                })
-            }
-            None => return Err(timeout("enable publisher confirms".to_owned())),
-        }
-        for declaration in exchange_declarations(&settings.exchange, &settings.dead_letter_exchange) {
-            debug_assert!(declaration.arguments.is_empty(), "declared without arguments");
-            let options = ExchangeDeclareOptions {
-                passive: false,
-                durable: declaration.durable,
-                auto_delete: declaration.auto_delete,
-                internal: declaration.internal,
-                nowait: false,
-            };
-            let declaring = self.channel.exchange_declare(
-                declaration.name.as_str().into(),
-                exchange_kind(declaration.kind),
-                options,
-                FieldTable::default(),
-            );
-            match block_on_until(deadline, declaring) {
-                Some(Ok(())) => {}
-                Some(Err(source)) => {
-                    return Err(BrokerError::DeclareExchange {
-                        exchange: declaration.name,
-                        source: Box::new(source),
-                    })
-                }
-                None => return Err(timeout(format!("declare exchange {}", declaration.name))),
-            }
-        }
-        Ok(())
-    }
-
-    /// Publishes every message (mandatory, persistent) and waits for all of
-    /// their confirms, within `confirm_timeout`. Pipelined: all messages are
-    /// sent before the first confirm is awaited, so a batch costs about one
-    /// round trip.
-    ///
-    /// An `Err` means the outcome of the batch is unknown (some messages may
-    /// have been acked); the caller publishes the whole batch again on a new
-    /// connection, and consumers may see duplicates with the same `message_id`.
-    pub fn publish(&mut self, messages: &[Message]) -> Result<Published, BrokerError> {
-        if !self.is_usable() {
-            return Err(BrokerError::Unusable {
-                connection_name: self.connection_name.clone(),
-            });
-        }
-        if self.is_blocked() {
-            return Err(BrokerError::Blocked {
-                connection_name: self.connection_name.clone(),
-                reason: self
-                    .blocked_reason()
-                    .unwrap_or_else(|| "no reason given".to_owned()),
-            });
-        }
-        if messages.is_empty() {
-            return Ok(Published::default());
-        }
-
-        let started = Instant::now();
-        let deadline = started + self.confirm_timeout;
-        let timestamp = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |since_epoch| since_epoch.as_secs());
-        let confirmed = std::cell::Cell::new(0usize);
-        let channel = &self.channel;
-        let exchange = &self.exchange;
-        let publishing = async {
-            let mut pending = Vec::with_capacity(messages.len());
-            for message in messages {
-                let routing_key = message.routing_key();
-                let confirm = channel
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        routing_key.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
-                        &message.to_json(),
-                        properties(message, timestamp),
-                    )
-                    .await
-                    .map_err(|source| BrokerError::Publish {
-                        message_id: message.message_id,
-                        exchange: exchange.clone(),
-                        routing_key,
-                        source: Box::new(source),
-                    })?;
-                pending.push((message.message_id, confirm));
-            }
-            let mut confirmations = Vec::with_capacity(pending.len());
-            for (message_id, confirm) in pending {
-                let confirmation = confirm.await.map_err(|source| BrokerError::Confirm {
-                    message_id,
-                    exchange: exchange.clone(),
-                    source: Box::new(source),
-                })?;
-                confirmed.set(confirmed.get() + 1);
-                confirmations.push((message_id, confirmation));
-            }
-            Ok(confirmations)
-        };
-        let confirmations = match block_on_until(deadline, publishing) {
-            Some(Ok(confirmations)) => confirmations,
-            Some(Err(error)) => {
-                self.abandoned = true;
-                return Err(error);
-            }
-            // The broker stopped reading from us (memory or disk alarm): the
-            // connection is fine, the batch just waits in it. Keep the
-            // connection; the caller resends what was not confirmed (same
-            // message ids) once the broker unblocks.
-            None if self.is_blocked() => {
-                return Err(BrokerError::Blocked {
-                    connection_name: self.connection_name.clone(),
-                    reason: self
-                        .blocked_reason()
-                        .unwrap_or_else(|| "no reason given".to_owned()),
-                });
-            }
-            None => {
-                self.abandoned = true;
-                return Err(BrokerError::ConfirmTimeout {
-                    exchange: self.exchange.clone(),
-                    waited_ms: started.elapsed().as_millis(),
-                    unconfirmed: messages.len() - confirmed.get(),
-                    total: messages.len(),
-                });
-            }
-        };
-
-        let mut published = Published::default();
-        for (message_id, confirmation) in confirmations {
-            let (acked, returned) = match confirmation {
-                Confirmation::Ack(returned) => (true, returned),
-                Confirmation::Nack(returned) => (false, returned),
-                // Cannot happen on a channel in confirm mode; not confirmed is the safe reading.
-                Confirmation::NotRequested => (false, None),
-            };
-            if acked {
-                published.acked.push(message_id);
-            } else {
-                warn!(
-                    target: LOG_TARGET,
-                    "RabbitMQ nacked message {message_id} on exchange {}: not published",
-                    self.exchange
-                );
-                published.nacked.push(message_id);
-            }
-            if let Some(returned) = returned {
-                published.unroutable += 1;
-                let delivery = &returned.delivery;
-                let returned_id = delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map_or_else(|| "<no message_id>".to_owned(), ToString::to_string);
-                warn!(
-                    target: LOG_TARGET,
-                    "unroutable message {returned_id}: exchange {} has no queue bound for routing key {} ({} {}); the broker accepted it, but no consumer will see it",
-                    delivery.exchange, delivery.routing_key, returned.reply_code, returned.reply_text
-                );
-            }
-        }
-        debug!(
-            target: LOG_TARGET,
-            "published {} messages to exchange {} in {} ms ({} nacked, {} unroutable)",
-            published.acked.len(),
-            self.exchange,
-            started.elapsed().as_millis(),
-            published.nacked.len(),
-            published.unroutable
-        );
-        Ok(published)
-    }
-
     /// False once the connection or the channel has failed or closed, or a
     /// batch was abandoned; the caller then drops this `Broker` and connects again.
     pub fn is_usable(&self) -> bool {
@@ -670,71 +289,6 @@ impl Drop for Broker {
     }
 }
 
-/// The URI lapin connects to: `settings.url` with our heartbeat unless the URL
-/// asks for its own.
-fn amqp_uri(settings: &BrokerSettings) -> Result<AMQPUri, BrokerError> {
-    let url = redact_url(&settings.url);
-    let mut uri: AMQPUri = settings
-        .url
-        .parse()
-        .map_err(|reason: String| BrokerError::InvalidUrl {
-            url: url.clone(),
-            // Some parse errors quote the whole input.
-            reason: if settings.url.is_empty() {
-                reason
-            } else {
-                reason.replace(&settings.url, &url)
-            },
-        })?;
-    if uri.scheme == AMQPScheme::AMQPS {
-        return Err(BrokerError::InvalidUrl {
-            url,
-            reason: "amqps:// needs TLS, which this build of file-watcher does not include".to_owned(),
-        });
-    }
-    if uri.query.heartbeat.is_none() {
-        // Whole seconds, at least one: 0 would mean "whatever the broker wants".
-        let seconds = settings.heartbeat.as_secs().clamp(1, u64::from(u16::MAX));
-        uri.query.heartbeat = Some(u16::try_from(seconds).unwrap_or(u16::MAX));
-    }
-    Ok(uri)
-}
-
-fn exchange_kind(kind: &str) -> ExchangeKind {
-    match kind {
-        "topic" => ExchangeKind::Topic,
-        "direct" => ExchangeKind::Direct,
-        "fanout" => ExchangeKind::Fanout,
-        "headers" => ExchangeKind::Headers,
-        other => ExchangeKind::Custom(other.to_owned()),
-    }
-}
-
-/// The AMQP properties and headers consumers rely on (see the crate's message contract).
-fn properties(message: &Message, timestamp: u64) -> BasicProperties {
-    let long_string = |text: &str| AMQPValue::LongString(LongString::from(text));
-    let mut headers = FieldTable::default();
-    headers.insert("x-instance-id".into(), long_string(&message.instance_id));
-    headers.insert(
-        "x-watched-directory".into(),
-        long_string(&message.watched_directory),
-    );
-    headers.insert("x-event-type".into(), long_string(message.event_type.as_str()));
-    headers.insert(
-        "x-schema-version".into(),
-        AMQPValue::LongLongInt(i64::from(message.schema_version)),
-    );
-    BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-        .with_message_id(message.message_id.to_string().into())
-        .with_correlation_id(message.correlation_id.to_string().into())
-        .with_timestamp(timestamp)
-        .with_app_id(ShortString::from(APP_ID))
-        .with_type(message.event_type.as_str().into())
-        .with_headers(headers)
-}
-
 /// Drives `future` on this thread until it finishes or `deadline` passes
 /// (`None`). The only way this module waits on lapin.
 fn block_on_until<T>(deadline: Instant, work: impl Future<Output = T>) -> Option<T> {
@@ -744,167 +298,8 @@ fn block_on_until<T>(deadline: Instant, work: impl Future<Output = T>) -> Option
     }))
 }
 
-/// Opens the TCP connection to the broker, trying each address of `host` in
-/// turn, and gives up at `deadline`.
-async fn open_socket(host: &str, port: u16, deadline: Instant) -> io::Result<Async<TcpStream>> {
-    let mut last_error = io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
-    for address in (host, port).to_socket_addrs()? {
-        let connecting = future::or(Async::<TcpStream>::connect(address), async {
-            Timer::at(deadline).await;
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("TCP connect to {address} timed out"),
-            ))
-        });
-        match connecting.await {
-            Ok(stream) => {
-                stream.get_ref().set_nodelay(true)?;
-                return Ok(stream);
-            }
-            Err(error) => last_error = error,
-        }
-    }
-    Err(last_error)
-}
-
-/// A handle on the connection's socket, shared with the connect callback
-/// that lapin runs on its own thread.
-#[derive(Clone, Default)]
-struct SocketSlot(Arc<Mutex<Option<TcpStream>>>);
-
-impl SocketSlot {
-    fn keep(&self, socket: TcpStream) {
-        *lock(&self.0) = Some(socket);
-    }
-
-    /// Shuts the socket down: lapin's I/O loop then reads end-of-file and
-    /// exits, whatever state the handshake or the broker is in.
-    fn shut_down(&self) {
-        if let Some(socket) = lock(&self.0).take() {
-            let _ = socket.shutdown(Shutdown::Both);
-        }
-    }
-}
-
 /// Locks `mutex`, also after a panic elsewhere: every value guarded here
 /// stays consistent whatever line a panic interrupted.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::message::{EventType, Origin};
-
-    fn settings(url: &str) -> BrokerSettings {
-        BrokerSettings {
-            url: url.to_owned(),
-            exchange: "file_events".into(),
-            dead_letter_exchange: "file_events.dlx".into(),
-            connection_name: "file_watcher_test".into(),
-            connect_timeout: Duration::from_secs(1),
-            confirm_timeout: Duration::from_secs(1),
-            heartbeat: Duration::from_secs(10),
-        }
-    }
-
-    #[test]
-    fn invalid_url_errors_name_the_redacted_url_only() {
-        for url in [
-            "amqp:hunter2",
-            "http://user:hunter2@host/",
-            "amqp://user:hunter2@host:notaport/",
-            "",
-        ] {
-            let error = amqp_uri(&settings(url)).unwrap_err();
-            let text = error.to_string();
-            assert!(!text.contains("hunter2"), "{url}: {text}");
-            assert!(
-                matches!(error, BrokerError::InvalidUrl { .. }),
-                "{url}: {error:?}"
-            );
-        }
-        let debug = format!("{:?}", settings("amqp://user:hunter2@host/"));
-        assert!(!debug.contains("hunter2"), "{debug}");
-    }
-
-    #[test]
-    fn heartbeat_comes_from_settings_unless_the_url_sets_one() {
-        let uri = amqp_uri(&settings("amqp://guest:guest@127.0.0.1:5672/%2f")).unwrap();
-        assert_eq!(uri.query.heartbeat, Some(10));
-        let uri = amqp_uri(&settings("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=3")).unwrap();
-        assert_eq!(uri.query.heartbeat, Some(3));
-        let mut quick = settings("amqp://127.0.0.1/%2f");
-        quick.heartbeat = Duration::from_millis(300);
-        assert_eq!(amqp_uri(&quick).unwrap().query.heartbeat, Some(1));
-    }
-
-    #[test]
-    fn amqps_is_refused_with_a_reason() {
-        let error = amqp_uri(&settings("amqps://user:hunter2@host/%2f")).unwrap_err();
-        assert!(error.to_string().contains("TLS"), "{error}");
-        assert!(!error.to_string().contains("hunter2"), "{error}");
-    }
-
-    #[test]
-    fn exchanges_are_durable_topics_without_arguments() {
-        let declarations = exchange_declarations("file_events", "file_events.dlx");
-        let names: Vec<&str> = declarations
-            .iter()
-            .map(|declaration| declaration.name.as_str())
-            .collect();
-        assert_eq!(names, ["file_events", "file_events.dlx"]);
-        for declaration in &declarations {
-            assert_eq!(declaration.kind, "topic");
-            assert!(declaration.durable && !declaration.auto_delete && !declaration.internal);
-            assert!(declaration.arguments.is_empty());
-        }
-    }
-
-    #[test]
-    fn properties_carry_the_contract() {
-        let origin = Origin {
-            instance_id: "abcd1234".into(),
-            watched_directory: "/data/music".into(),
-        };
-        let message = origin.message(
-            EventType::Moved,
-            "/data/music/b/x.flac",
-            Some("/data/music/a/x.flac"),
-            Uuid::new_v4(),
-            None,
-        );
-        let properties = properties(&message, 1_700_000_000);
-        assert_eq!(properties.delivery_mode(), &Some(2));
-        assert_eq!(
-            properties.content_type().as_ref().map(ShortString::as_str),
-            Some("application/json")
-        );
-        let message_id = message.message_id.to_string();
-        assert_eq!(
-            properties.message_id().as_ref().map(ShortString::as_str),
-            Some(message_id.as_str())
-        );
-        let correlation_id = message.correlation_id.to_string();
-        assert_eq!(
-            properties.correlation_id().as_ref().map(ShortString::as_str),
-            Some(correlation_id.as_str())
-        );
-        assert_eq!(properties.timestamp(), &Some(1_700_000_000));
-        assert_eq!(
-            properties.app_id().as_ref().map(ShortString::as_str),
-            Some("file-watcher")
-        );
-        assert_eq!(properties.kind().as_ref().map(ShortString::as_str), Some("moved"));
-        let headers = properties.headers().as_ref().unwrap().inner();
-        assert_eq!(headers["x-instance-id"], AMQPValue::LongString("abcd1234".into()));
-        assert_eq!(
-            headers["x-watched-directory"],
-            AMQPValue::LongString("/data/music".into())
-        );
-        assert_eq!(headers["x-event-type"], AMQPValue::LongString("moved".into()));
-        assert_eq!(headers["x-schema-version"], AMQPValue::LongLongInt(1));
-        assert_eq!(headers.len(), 4);
-    }
 }
