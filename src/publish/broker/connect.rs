@@ -13,16 +13,37 @@ use std::time::Instant;
 
 use async_io::{Async, Timer};
 use futures_lite::future;
-use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::ConfirmSelectOptions;
 use lapin::uri::AMQPUri;
-use lapin::{AsyncTcpStream, Connection, ConnectionProperties};
+use lapin::{AsyncTcpStream, Channel, Connection, ConnectionProperties};
 use log::info;
 
-use super::declare::{exchange_declarations, exchange_kind};
 use super::settings::{amqp_uri, BrokerSettings};
 use super::{block_on_until, lock, Broker, BrokerError, APP_ID, LOG_TARGET};
 use crate::redact::redact_url;
+
+/// One call of [`Broker::connect`]: what every step needs to stop at the
+/// deadline and to say where it stopped.
+pub(super) struct ConnectAttempt<'a> {
+    pub(super) settings: &'a BrokerSettings,
+    /// `settings.url` with the password hidden, for errors and logs.
+    pub(super) url: String,
+    pub(super) started: Instant,
+    /// `started` plus the connect timeout: no step runs past it.
+    pub(super) deadline: Instant,
+}
+
+impl ConnectAttempt<'_> {
+    /// `step` ("connect", "open channel", "declare exchange file_events", …)
+    /// did not finish by the deadline.
+    pub(super) fn timed_out(&self, step: String) -> BrokerError {
+        BrokerError::ConnectTimeout {
+            url: self.url.clone(),
+            step,
+            waited_ms: self.started.elapsed().as_millis(),
+        }
+    }
+}
 
 impl Broker {
     /// Connects, sets the `connection_name` client property, opens one
@@ -30,89 +51,25 @@ impl Broker {
     /// dead-letter exchange, all within `settings.connect_timeout`.
     pub fn connect(settings: &BrokerSettings) -> Result<Broker, BrokerError> {
         let started = Instant::now();
-        let deadline = started + settings.connect_timeout;
-        let url = redact_url(&settings.url);
+        let attempt = ConnectAttempt {
+            settings,
+            url: redact_url(&settings.url),
+            started,
+            deadline: started + settings.connect_timeout,
+        };
         let uri = amqp_uri(settings)?;
-        let timeout = |step: String| BrokerError::ConnectTimeout {
-            url: url.clone(),
-            step,
-            waited_ms: started.elapsed().as_millis(),
-        };
-
-        let properties = ConnectionProperties::default()
-            .with_connection_name(settings.connection_name.as_str().into())
-            .with_client_property("product".into(), APP_ID.into())
-            .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into());
         let socket = SocketSlot::default();
-        let runtime = lapin::runtime::default_runtime().map_err(|source| BrokerError::Connect {
-            url: url.clone(),
-            source: Box::new(source),
-        })?;
-        let connecting = {
-            let socket = socket.clone();
-            // lapin calls this on its I/O thread; it may block that thread on
-            // DNS, but never the caller, and the TCP connect itself stops at
-            // the deadline.
-            Connection::connector(
-                uri,
-                runtime,
-                async move |uri: AMQPUri, _runtime| {
-                    let stream = open_socket(&uri.authority.host, uri.authority.port, deadline).await?;
-                    socket.keep(stream.get_ref().try_clone()?);
-                    Ok(AsyncTcpStream::Plain(stream))
-                },
-                properties,
-            )
-        };
-        let connection = match block_on_until(deadline, connecting) {
-            Some(Ok(connection)) => connection,
-            Some(Err(source)) => {
-                socket.shut_down();
-                return Err(BrokerError::Connect {
-                    url,
-                    source: Box::new(source),
-                });
-            }
-            None => {
-                socket.shut_down();
-                return Err(timeout("connect".to_owned()));
-            }
-        };
-        let channel = match block_on_until(deadline, connection.create_channel()) {
-            Some(Ok(channel)) => channel,
-            Some(Err(source)) => {
-                socket.shut_down();
-                return Err(BrokerError::OpenChannel {
-                    connection_name: settings.connection_name.clone(),
-                    source: Box::new(source),
-                });
-            }
-            None => {
-                socket.shut_down();
-                return Err(timeout("open channel".to_owned()));
-            }
-        };
-        let mut broker = Broker {
-            events: Mutex::new(Box::pin(connection.events_listener())),
-            connection,
-            channel,
-            socket,
-            blocked_reason: Mutex::new(None),
-            abandoned: false,
-            closed: false,
-            redacted_url: url.clone(),
-            exchange: settings.exchange.clone(),
-            connection_name: settings.connection_name.clone(),
-            close_timeout: settings.connect_timeout,
-            confirm_timeout: settings.confirm_timeout,
-        };
-        if let Err(error) = broker.prepare(settings, started, deadline) {
+        let connection = open_connection(&attempt, uri, &socket)?;
+        let channel = open_channel(&attempt, &connection, &socket)?;
+        let mut broker = Broker::new(&attempt, connection, channel, socket);
+        if let Err(error) = broker.prepare(&attempt) {
             // Dropping `broker` closes the connection, within what is left of
             // the connect timeout: nothing after a timeout, so a stalled broker
             // is not waited on twice.
-            broker.close_timeout = deadline.saturating_duration_since(Instant::now());
+            broker.close_timeout = attempt.deadline.saturating_duration_since(Instant::now());
             return Err(error);
         }
+        let url = &attempt.url;
         info!(
             target: LOG_TARGET,
             "connected to RabbitMQ at {url} as {} in {} ms: exchange {}, dead letters to {}, heartbeat {} s",
@@ -125,58 +82,120 @@ impl Broker {
         Ok(broker)
     }
 
-    /// Enables publisher confirms and declares the exchanges, by `deadline`.
-    fn prepare(
-        &self,
-        settings: &BrokerSettings,
-        started: Instant,
-        deadline: Instant,
-    ) -> Result<(), BrokerError> {
-        let timeout = |step: String| BrokerError::ConnectTimeout {
-            url: self.redacted_url.clone(),
-            step,
-            waited_ms: started.elapsed().as_millis(),
-        };
+    /// The `Broker` over a fresh connection and channel, before confirms are
+    /// enabled and exchanges declared.
+    fn new(
+        attempt: &ConnectAttempt<'_>,
+        connection: Connection,
+        channel: Channel,
+        socket: SocketSlot,
+    ) -> Broker {
+        let settings = attempt.settings;
+        Broker {
+            events: Mutex::new(Box::pin(connection.events_listener())),
+            connection,
+            channel,
+            socket,
+            blocked_reason: Mutex::new(None),
+            abandoned: false,
+            closed: false,
+            redacted_url: attempt.url.clone(),
+            exchange: settings.exchange.clone(),
+            connection_name: settings.connection_name.clone(),
+            close_timeout: settings.connect_timeout,
+            confirm_timeout: settings.confirm_timeout,
+        }
+    }
+
+    /// Enables publisher confirms and declares the exchanges, by the deadline.
+    fn prepare(&self, attempt: &ConnectAttempt<'_>) -> Result<(), BrokerError> {
+        self.enable_confirms(attempt)?;
+        self.declare_exchanges(attempt)
+    }
+
+    fn enable_confirms(&self, attempt: &ConnectAttempt<'_>) -> Result<(), BrokerError> {
         match block_on_until(
-            deadline,
+            attempt.deadline,
             self.channel.confirm_select(ConfirmSelectOptions::default()),
         ) {
-            Some(Ok(())) => {}
-            Some(Err(source)) => {
-                return Err(BrokerError::EnableConfirms {
-                    connection_name: self.connection_name.clone(),
-                    source: Box::new(source),
-                })
-            }
-            None => return Err(timeout("enable publisher confirms".to_owned())),
+            Some(Ok(())) => Ok(()),
+            Some(Err(source)) => Err(BrokerError::EnableConfirms {
+                connection_name: self.connection_name.clone(),
+                source: Box::new(source),
+            }),
+            None => Err(attempt.timed_out("enable publisher confirms".to_owned())),
         }
-        for declaration in exchange_declarations(&settings.exchange, &settings.dead_letter_exchange) {
-            debug_assert!(declaration.arguments.is_empty(), "declared without arguments");
-            let options = ExchangeDeclareOptions {
-                passive: false,
-                durable: declaration.durable,
-                auto_delete: declaration.auto_delete,
-                internal: declaration.internal,
-                nowait: false,
-            };
-            let declaring = self.channel.exchange_declare(
-                declaration.name.as_str().into(),
-                exchange_kind(declaration.kind),
-                options,
-                FieldTable::default(),
-            );
-            match block_on_until(deadline, declaring) {
-                Some(Ok(())) => {}
-                Some(Err(source)) => {
-                    return Err(BrokerError::DeclareExchange {
-                        exchange: declaration.name,
-                        source: Box::new(source),
-                    })
-                }
-                None => return Err(timeout(format!("declare exchange {}", declaration.name))),
-            }
+    }
+}
+
+/// TCP and the AMQP handshake, with our client properties. Shuts the socket
+/// down when it fails.
+fn open_connection(
+    attempt: &ConnectAttempt<'_>,
+    uri: AMQPUri,
+    socket: &SocketSlot,
+) -> Result<Connection, BrokerError> {
+    let properties = ConnectionProperties::default()
+        .with_connection_name(attempt.settings.connection_name.as_str().into())
+        .with_client_property("product".into(), APP_ID.into())
+        .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into());
+    let runtime = lapin::runtime::default_runtime().map_err(|source| BrokerError::Connect {
+        url: attempt.url.clone(),
+        source: Box::new(source),
+    })?;
+    let connecting = {
+        let socket = socket.clone();
+        let deadline = attempt.deadline;
+        // lapin calls this on its I/O thread; it may block that thread on
+        // DNS, but never the caller, and the TCP connect itself stops at
+        // the deadline.
+        Connection::connector(
+            uri,
+            runtime,
+            async move |uri: AMQPUri, _runtime| {
+                let stream = open_socket(&uri.authority.host, uri.authority.port, deadline).await?;
+                socket.keep(stream.get_ref().try_clone()?);
+                Ok(AsyncTcpStream::Plain(stream))
+            },
+            properties,
+        )
+    };
+    match block_on_until(attempt.deadline, connecting) {
+        Some(Ok(connection)) => Ok(connection),
+        Some(Err(source)) => {
+            socket.shut_down();
+            Err(BrokerError::Connect {
+                url: attempt.url.clone(),
+                source: Box::new(source),
+            })
         }
-        Ok(())
+        None => {
+            socket.shut_down();
+            Err(attempt.timed_out("connect".to_owned()))
+        }
+    }
+}
+
+/// The one channel every publish goes through. Shuts the socket down when
+/// it fails.
+fn open_channel(
+    attempt: &ConnectAttempt<'_>,
+    connection: &Connection,
+    socket: &SocketSlot,
+) -> Result<Channel, BrokerError> {
+    match block_on_until(attempt.deadline, connection.create_channel()) {
+        Some(Ok(channel)) => Ok(channel),
+        Some(Err(source)) => {
+            socket.shut_down();
+            Err(BrokerError::OpenChannel {
+                connection_name: attempt.settings.connection_name.clone(),
+                source: Box::new(source),
+            })
+        }
+        None => {
+            socket.shut_down();
+            Err(attempt.timed_out("open channel".to_owned()))
+        }
     }
 }
 

@@ -1,10 +1,15 @@
-//! The exchanges the daemon declares, as data: the connection declares
-//! exactly these, and `compose/rabbitmq/definitions.json` and the tests'
-//! queue bindings are checked against them.
+//! The exchanges the daemon declares: as data, which the tests and
+//! `compose/rabbitmq/definitions.json` are checked against, and as the AMQP
+//! calls that declare exactly these while connecting.
 
 use std::collections::BTreeMap;
 
+use lapin::options::ExchangeDeclareOptions;
+use lapin::types::FieldTable;
 use lapin::ExchangeKind;
+
+use super::connect::ConnectAttempt;
+use super::{block_on_until, Broker, BrokerError};
 
 /// One exchange as the daemon declares it. As data, so that
 /// `compose/rabbitmq/definitions.json` can be checked against it (a consumer
@@ -39,7 +44,42 @@ pub fn exchange_declarations(exchange: &str, dead_letter_exchange: &str) -> Vec<
         .collect()
 }
 
-pub(super) fn exchange_kind(kind: &str) -> ExchangeKind {
+impl Broker {
+    /// Declares the exchange and the dead-letter exchange, in that order, by
+    /// the attempt's deadline.
+    pub(super) fn declare_exchanges(&self, attempt: &ConnectAttempt<'_>) -> Result<(), BrokerError> {
+        let settings = attempt.settings;
+        for declaration in exchange_declarations(&settings.exchange, &settings.dead_letter_exchange) {
+            debug_assert!(declaration.arguments.is_empty(), "declared without arguments");
+            let options = ExchangeDeclareOptions {
+                passive: false,
+                durable: declaration.durable,
+                auto_delete: declaration.auto_delete,
+                internal: declaration.internal,
+                nowait: false,
+            };
+            let declaring = self.channel.exchange_declare(
+                declaration.name.as_str().into(),
+                exchange_kind(declaration.kind),
+                options,
+                FieldTable::default(),
+            );
+            match block_on_until(attempt.deadline, declaring) {
+                Some(Ok(())) => {}
+                Some(Err(source)) => {
+                    return Err(BrokerError::DeclareExchange {
+                        exchange: declaration.name,
+                        source: Box::new(source),
+                    })
+                }
+                None => return Err(attempt.timed_out(format!("declare exchange {}", declaration.name))),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn exchange_kind(kind: &str) -> ExchangeKind {
     match kind {
         "topic" => ExchangeKind::Topic,
         "direct" => ExchangeKind::Direct,
