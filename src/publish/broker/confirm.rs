@@ -5,11 +5,13 @@
 //! a batch costs about one round trip. The whole batch is bounded by the
 //! confirm timeout.
 
+use std::cell::Cell;
 use std::time::{Instant, SystemTime};
 
+use lapin::message::BasicReturnMessage;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use log::{debug, warn};
 use uuid::Uuid;
 
@@ -39,96 +41,90 @@ impl Broker {
     /// have been acked); the caller publishes the whole batch again on a new
     /// connection, and consumers may see duplicates with the same `message_id`.
     pub fn publish(&mut self, messages: &[Message]) -> Result<Published, BrokerError> {
+        self.check_ready()?;
+        if messages.is_empty() {
+            return Ok(Published::default());
+        }
+        let started = Instant::now();
+        let confirmations = self.send_and_await_confirms(messages, started)?;
+        let published = self.read_confirmations(confirmations);
+        debug!(
+            target: LOG_TARGET,
+            "published {} messages to exchange {} in {} ms ({} nacked, {} unroutable)",
+            published.acked.len(),
+            self.exchange,
+            started.elapsed().as_millis(),
+            published.nacked.len(),
+            published.unroutable
+        );
+        Ok(published)
+    }
+
+    /// Refuses the batch, before sending anything, on a connection that has
+    /// failed or that the broker has blocked.
+    fn check_ready(&self) -> Result<(), BrokerError> {
         if !self.is_usable() {
             return Err(BrokerError::Unusable {
                 connection_name: self.connection_name.clone(),
             });
         }
         if self.is_blocked() {
-            return Err(BrokerError::Blocked {
-                connection_name: self.connection_name.clone(),
-                reason: self
-                    .blocked_reason()
-                    .unwrap_or_else(|| "no reason given".to_owned()),
-            });
+            return Err(self.blocked_error());
         }
-        if messages.is_empty() {
-            return Ok(Published::default());
-        }
+        Ok(())
+    }
 
-        let started = Instant::now();
+    fn blocked_error(&self) -> BrokerError {
+        BrokerError::Blocked {
+            connection_name: self.connection_name.clone(),
+            reason: self
+                .blocked_reason()
+                .unwrap_or_else(|| "no reason given".to_owned()),
+        }
+    }
+
+    /// Sends the batch and waits for all of its confirms, by `started` plus
+    /// the confirm timeout. When that fails the batch's fate is unknown and
+    /// the connection is abandoned, unless the broker merely blocked it.
+    fn send_and_await_confirms(
+        &mut self,
+        messages: &[Message],
+        started: Instant,
+    ) -> Result<Vec<(Uuid, Confirmation)>, BrokerError> {
         let deadline = started + self.confirm_timeout;
-        let timestamp = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |since_epoch| since_epoch.as_secs());
-        let confirmed = std::cell::Cell::new(0usize);
+        let confirmed = Cell::new(0usize);
         let channel = &self.channel;
         let exchange = &self.exchange;
         let publishing = async {
-            let mut pending = Vec::with_capacity(messages.len());
-            for message in messages {
-                let routing_key = message.routing_key();
-                let confirm = channel
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        routing_key.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
-                        &message.to_json(),
-                        properties(message, timestamp),
-                    )
-                    .await
-                    .map_err(|source| BrokerError::Publish {
-                        message_id: message.message_id,
-                        exchange: exchange.clone(),
-                        routing_key,
-                        source: Box::new(source),
-                    })?;
-                pending.push((message.message_id, confirm));
-            }
-            let mut confirmations = Vec::with_capacity(pending.len());
-            for (message_id, confirm) in pending {
-                let confirmation = confirm.await.map_err(|source| BrokerError::Confirm {
-                    message_id,
-                    exchange: exchange.clone(),
-                    source: Box::new(source),
-                })?;
-                confirmed.set(confirmed.get() + 1);
-                confirmations.push((message_id, confirmation));
-            }
-            Ok(confirmations)
+            let pending = send(channel, exchange, messages).await?;
+            await_confirms(pending, exchange, &confirmed).await
         };
-        let confirmations = match block_on_until(deadline, publishing) {
-            Some(Ok(confirmations)) => confirmations,
+        match block_on_until(deadline, publishing) {
+            Some(Ok(confirmations)) => Ok(confirmations),
             Some(Err(error)) => {
                 self.abandoned = true;
-                return Err(error);
+                Err(error)
             }
             // The broker stopped reading from us (memory or disk alarm): the
             // connection is fine, the batch just waits in it. Keep the
             // connection; the caller resends what was not confirmed (same
             // message ids) once the broker unblocks.
-            None if self.is_blocked() => {
-                return Err(BrokerError::Blocked {
-                    connection_name: self.connection_name.clone(),
-                    reason: self
-                        .blocked_reason()
-                        .unwrap_or_else(|| "no reason given".to_owned()),
-                });
-            }
+            None if self.is_blocked() => Err(self.blocked_error()),
             None => {
                 self.abandoned = true;
-                return Err(BrokerError::ConfirmTimeout {
+                Err(BrokerError::ConfirmTimeout {
                     exchange: self.exchange.clone(),
                     waited_ms: started.elapsed().as_millis(),
                     unconfirmed: messages.len() - confirmed.get(),
                     total: messages.len(),
-                });
+                })
             }
-        };
+        }
+    }
 
+    /// Sorts the confirms into acked and nacked and counts the returned
+    /// messages; nacks and returns are logged, one warning per message.
+    fn read_confirmations(&self, confirmations: Vec<(Uuid, Confirmation)>) -> Published {
         let mut published = Published::default();
         for (message_id, confirmation) in confirmations {
             let (acked, returned) = match confirmation {
@@ -149,30 +145,84 @@ impl Broker {
             }
             if let Some(returned) = returned {
                 published.unroutable += 1;
-                let delivery = &returned.delivery;
-                let returned_id = delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map_or_else(|| "<no message_id>".to_owned(), ToString::to_string);
-                warn!(
-                    target: LOG_TARGET,
-                    "unroutable message {returned_id}: exchange {} has no queue bound for routing key {} ({} {}); the broker accepted it, but no consumer will see it",
-                    delivery.exchange, delivery.routing_key, returned.reply_code, returned.reply_text
-                );
+                warn_unroutable(&returned);
             }
         }
-        debug!(
-            target: LOG_TARGET,
-            "published {} messages to exchange {} in {} ms ({} nacked, {} unroutable)",
-            published.acked.len(),
-            self.exchange,
-            started.elapsed().as_millis(),
-            published.nacked.len(),
-            published.unroutable
-        );
-        Ok(published)
+        published
     }
+}
+
+/// Sends every message (mandatory, persistent, all with one timestamp)
+/// without waiting for a confirm; returns each message's pending confirm.
+async fn send(
+    channel: &Channel,
+    exchange: &str,
+    messages: &[Message],
+) -> Result<Vec<(Uuid, PublisherConfirm)>, BrokerError> {
+    let timestamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since_epoch| since_epoch.as_secs());
+    let mut pending = Vec::with_capacity(messages.len());
+    for message in messages {
+        let routing_key = message.routing_key();
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &message.to_json(),
+                properties(message, timestamp),
+            )
+            .await
+            .map_err(|source| BrokerError::Publish {
+                message_id: message.message_id,
+                exchange: exchange.to_owned(),
+                routing_key,
+                source: Box::new(source),
+            })?;
+        pending.push((message.message_id, confirm));
+    }
+    Ok(pending)
+}
+
+/// Waits for the confirms in publish order, counting them in `confirmed` so
+/// that a timeout can say how many were still missing.
+async fn await_confirms(
+    pending: Vec<(Uuid, PublisherConfirm)>,
+    exchange: &str,
+    confirmed: &Cell<usize>,
+) -> Result<Vec<(Uuid, Confirmation)>, BrokerError> {
+    let mut confirmations = Vec::with_capacity(pending.len());
+    for (message_id, confirm) in pending {
+        let confirmation = confirm.await.map_err(|source| BrokerError::Confirm {
+            message_id,
+            exchange: exchange.to_owned(),
+            source: Box::new(source),
+        })?;
+        confirmed.set(confirmed.get() + 1);
+        confirmations.push((message_id, confirmation));
+    }
+    Ok(confirmations)
+}
+
+/// A `mandatory` message that matched no binding came back. It is named by
+/// its own `message_id`, not by the confirmation it rode on (see the module
+/// docs of `broker`).
+fn warn_unroutable(returned: &BasicReturnMessage) {
+    let delivery = &returned.delivery;
+    let returned_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map_or_else(|| "<no message_id>".to_owned(), ToString::to_string);
+    warn!(
+        target: LOG_TARGET,
+        "unroutable message {returned_id}: exchange {} has no queue bound for routing key {} ({} {}); the broker accepted it, but no consumer will see it",
+        delivery.exchange, delivery.routing_key, returned.reply_code, returned.reply_text
+    );
 }
 
 /// The AMQP properties and headers consumers rely on (see the crate's message contract).
