@@ -24,7 +24,9 @@ pub fn init(
     let watched_directory = watched_directory.to_owned();
     let dispatch = fern::Dispatch::new()
         .level(level)
-        // lapin's I/O internals are chatty at debug; keep them at warn unless asked for trace.
+        // lapin's I/O crates (polling, async_io, async_global_executor), notify
+        // and mio are chatty at debug: they stay at info at most, even when
+        // LOG_LEVEL asks for debug or trace.
         .level_for("polling", level.min(log::LevelFilter::Info))
         .level_for("async_io", level.min(log::LevelFilter::Info))
         .level_for("async_global_executor", level.min(log::LevelFilter::Info))
