@@ -8,16 +8,16 @@
 //! - [`config`] parses environment and flags once into a [`config::Config`];
 //!   [`filter`] decides which names matter; [`logging`] stamps every line with
 //!   `[instance:dir]`.
-//! - [`watcher`] owns notify. Its callback never blocks: a full channel drops
+//! - [`watch`] owns notify. Its callback never blocks: a full channel drops
 //!   the event and raises a flag that makes the settle stage rescan.
 //! - [`settle`] is the single owner of per-path state: it coalesces raw
 //!   events, follows renames, waits for files to be finished and hands jobs to
-//!   the workers. [`scan`] walks directories for it on its own thread.
+//!   the workers. [`watch::scan`] walks directories for it on its own thread.
 //! - [`worker`] threads stat and [`hash`] files and ask the [`registry`] what
 //!   the observation means. The registry records the row and queues the
 //!   [`message`]s in its outbox, in one step.
 //! - [`publish`] drains the outbox into the sink (stdout, or RabbitMQ through
-//!   [`broker`]) and marks messages published once confirmed.
+//!   [`publish::broker`]) and marks messages published once confirmed.
 //! - [`shutdown`] turns signals into a stop request; [`pipeline`] wires it all
 //!   and stops it in pipeline order.
 //!

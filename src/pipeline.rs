@@ -26,7 +26,6 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, select, unbounded, Receiver};
 
 use crate::config::{Config, DatabaseConfig, WatchMode};
-use crate::guard::RootGuard;
 use crate::message::Origin;
 use crate::publish::broker::BrokerSettings;
 use crate::publish::rabbitmq::BrokerSink;
@@ -36,9 +35,10 @@ use crate::redact::redact_url;
 use crate::registry::memory::MemoryRegistry;
 use crate::registry::postgres::{InstanceLock, LockError, PostgresRegistry, PostgresSettings};
 use crate::registry::{Deferred, Health, Registry, RegistryError, Stat};
-use crate::scan;
 use crate::settle::{Settle, SettleChannels, SettleOptions};
-use crate::watcher::{start_with_fallback, Callback, WatchCounters, WatchError, CHANNEL_CAPACITY};
+use crate::watch::guard::RootGuard;
+use crate::watch::scan;
+use crate::watch::{start_with_fallback, Callback, WatchCounters, WatchError, CHANNEL_CAPACITY};
 use crate::worker::{Worker, WorkerCounters};
 
 /// Pending changes the settle stage holds before falling back to a rescan.
