@@ -115,6 +115,10 @@ pub struct Config {
     pub database: Option<DatabaseConfig>,
     /// Absolute path of the sentinel file, if one is configured.
     pub sentinel: Option<PathBuf>,
+    /// Test hook, from `FILE_WATCHER_TEST_STALL_FILE` (no flag, not for
+    /// operators): while this file exists notify's thread stalls before each
+    /// event, so tests and `scripts/chaos.sh` can overflow the kernel queue.
+    pub test_stall_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -404,6 +408,7 @@ impl Config {
             scan_existing,
             broker,
             database,
+            test_stall_file: std::env::var_os("FILE_WATCHER_TEST_STALL_FILE").map(PathBuf::from),
         })
     }
 

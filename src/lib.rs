@@ -3,23 +3,32 @@
 //!
 //! # Map
 //!
-//! Modules are declared in the order data flows:
+//! Modules are declared in the order data flows; each stage's output type
+//! lives in one place, so "where does X go next" is "who imports X":
 //!
 //! - [`config`] parses environment and flags once into a [`config::Config`];
-//!   [`filter`] decides which names matter; [`logging`] stamps every line with
-//!   `[instance:dir]`.
-//! - [`watcher`] owns notify. Its callback never blocks: a full channel drops
-//!   the event and raises a flag that makes the settle stage rescan.
+//!   [`filter`] decides which names matter; [`redact`] keeps passwords out of
+//!   what we print; [`logging`] stamps every line with `[instance:dir]`.
+//! - [`watch`] owns notify and hands [`watch::RawEvent`]s to the settle
+//!   stage. Its callback never blocks: a full channel drops the event and
+//!   raises a flag that makes the settle stage rescan. [`watch::scan`] walks
+//!   directories on its own thread; [`watch::guard`] tells whether the root
+//!   is still the tree we watch.
 //! - [`settle`] is the single owner of per-path state: it coalesces raw
-//!   events, follows renames, waits for files to be finished and hands jobs to
-//!   the workers. [`scan`] walks directories for it on its own thread.
-//! - [`worker`] threads stat and [`hash`] files and ask the [`registry`] what
-//!   the observation means. The registry records the row and queues the
-//!   [`message`]s in its outbox, in one step.
+//!   events, follows renames, waits for files to be finished and hands
+//!   [`job::Dispatch`]es to the workers, which answer with [`job::Done`].
+//! - [`work`] threads stat and [`work::hash`] files and ask the [`registry`]
+//!   what the observation means ([`registry::plan`] decides). The registry
+//!   records the row and queues the [`message`]s in its outbox, in one step.
 //! - [`publish`] drains the outbox into the sink (stdout, or RabbitMQ through
-//!   [`broker`]) and marks messages published once confirmed.
+//!   [`publish::broker`]) and marks messages published once confirmed.
 //! - [`shutdown`] turns signals into a stop request; [`pipeline`] wires it all
-//!   and stops it in pipeline order.
+//!   and stops it in pipeline order. [`backoff`] is the one retry policy.
+//!
+//! Log targets are the stage names operators filter on (`file_watcher::settle`,
+//! `file_watcher::worker`, `file_watcher::broker`, ...): they stayed as they
+//! were when the files moved into folders, so child modules log under their
+//! stage's target.
 //!
 //! # Invariants
 //!
@@ -36,22 +45,12 @@ pub mod redact;
 pub mod filter;
 pub mod logging;
 pub mod backoff;
-pub mod watcher;
+pub mod watch;
 pub mod settle;
-pub mod scan;
-pub mod guard;
 pub mod job;
 pub mod work;
-/// Temporary (issue 7): `publish` still calls `crate::worker::backoff`; after
-/// merging, the lead points it at `backoff::RETRY.delay` and this shim goes.
-pub(crate) mod worker {
-    pub(crate) fn backoff(attempt: u32) -> std::time::Duration {
-        crate::backoff::RETRY.delay(attempt)
-    }
-}
 pub mod message;
 pub mod registry;
 pub mod publish;
-pub mod broker;
 pub mod shutdown;
 pub mod pipeline;

@@ -4,6 +4,10 @@
 //! lines are one object with `ts`, `level`, `instance_id`, `watched_directory`,
 //! `target` and `message`, so aggregators can split instances. Logs go to
 //! stderr: stdout carries messages in stdout mode.
+//!
+//! Errors are logged as one line with their causes ([`error_chain`]), by
+//! `main` for the error that stops the process and by the sinks for the
+//! reason a delivery failed.
 
 use std::time::SystemTime;
 
@@ -20,7 +24,9 @@ pub fn init(
     let watched_directory = watched_directory.to_owned();
     let dispatch = fern::Dispatch::new()
         .level(level)
-        // lapin's I/O internals are chatty at debug; keep them at warn unless asked for trace.
+        // lapin's I/O crates (polling, async_io, async_global_executor), notify
+        // and mio are chatty at debug: they stay at info at most, even when
+        // LOG_LEVEL asks for debug or trace.
         .level_for("polling", level.min(log::LevelFilter::Info))
         .level_for("async_io", level.min(log::LevelFilter::Info))
         .level_for("async_global_executor", level.min(log::LevelFilter::Info))
@@ -66,4 +72,46 @@ pub fn init(
         }),
     };
     dispatch.chain(std::io::stderr()).apply()
+}
+
+/// An error and its causes on one line ("cannot connect …: Connection refused").
+/// A cause whose text the error already quotes is not repeated.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("cannot connect to RabbitMQ at amqp://host")]
+        Connect(#[source] std::io::Error),
+        #[error("registry: {0}")]
+        Quoting(#[source] std::io::Error),
+    }
+
+    #[test]
+    fn error_chain_names_each_cause_once() {
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        assert_eq!(
+            error_chain(&Outer::Connect(refused())),
+            "cannot connect to RabbitMQ at amqp://host: Connection refused"
+        );
+        assert_eq!(
+            error_chain(&Outer::Quoting(refused())),
+            "registry: Connection refused"
+        );
+    }
 }

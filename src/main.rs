@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            log::error!("{}", file_watcher::publish::error_chain(&error));
+            log::error!("{}", logging::error_chain(&error));
             ExitCode::FAILURE
         }
     }

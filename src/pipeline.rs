@@ -25,18 +25,20 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, select, unbounded, Receiver};
 
-use crate::broker::BrokerSettings;
 use crate::config::{Config, DatabaseConfig, WatchMode};
-use crate::guard::RootGuard;
 use crate::message::Origin;
-use crate::publish::{BrokerSink, Publisher, PublisherExit, Sink, StdoutSink};
+use crate::publish::broker::BrokerSettings;
+use crate::publish::rabbitmq::BrokerSink;
+use crate::publish::stdout::StdoutSink;
+use crate::publish::{Publisher, PublisherExit, Sink};
 use crate::redact::redact_url;
 use crate::registry::memory::MemoryRegistry;
 use crate::registry::postgres::{InstanceLock, LockError, PostgresRegistry, PostgresSettings};
 use crate::registry::{Deferred, Health, Registry, RegistryError, Stat};
-use crate::scan;
 use crate::settle::{Settle, SettleChannels, SettleOptions};
-use crate::watcher::{start_with_fallback, Callback, WatchCounters, WatchError, CHANNEL_CAPACITY};
+use crate::watch::guard::RootGuard;
+use crate::watch::scan;
+use crate::watch::{start_with_fallback, Callback, WatchCounters, WatchError, CHANNEL_CAPACITY};
 use crate::work::{Worker, WorkerCounters};
 
 /// Pending changes the settle stage holds before falling back to a rescan.
@@ -136,7 +138,9 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
     );
 
     // Watch first, then look: anything that changes from here on raises an event.
-    let counters = Arc::new(WatchCounters::default());
+    let counters = Arc::new(WatchCounters::with_test_stall_file(
+        config.test_stall_file.clone(),
+    ));
     let (raw_sender, raw_receiver) = bounded(CHANNEL_CAPACITY);
     let (watcher, watch_mode) =
         start_with_fallback(&config.data_dir, config.watch_mode, &config.filter, |poll| {

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use async_io::Timer;
 use common::proxy::FaultProxy;
-use file_watcher::broker::{exchange_declarations, Broker, BrokerError, BrokerSettings};
 use file_watcher::message::{Content, EventType, Message, Origin, SCHEMA_VERSION};
+use file_watcher::publish::broker::{exchange_declarations, Broker, BrokerError, BrokerSettings};
 use futures_lite::{future, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -331,7 +331,7 @@ fn unroutable_message_is_acked_counted_and_logged() {
 
     let records = logs.lock().unwrap().clone();
     let ours = records.iter().find(|(target, text)| {
-        target == "file_watcher::broker" && text.contains(&exchange) && text.contains("file.deleted")
+        target == "file_watcher::publish::broker" && text.contains(&exchange) && text.contains("file.deleted")
     });
     assert!(
         ours.is_some(),
@@ -626,7 +626,7 @@ fn frozen_broker_is_caught_by_the_heartbeat() {
     );
     let records = logs.lock().unwrap().clone();
     let noticed = records.iter().any(|(target, text)| {
-        target == "file_watcher::broker"
+        target == "file_watcher::publish::broker"
             && text.contains(&settings.connection_name)
             && text.contains("heartbeat")
     });

@@ -13,7 +13,7 @@ use notify::{Event, EventKind};
 
 use super::{Settle, LOG_TARGET};
 use crate::config::WatchMode;
-use crate::watcher::RawEvent;
+use crate::watch::RawEvent;
 
 impl Settle {
     pub(super) fn on_raw(&mut self, raw: RawEvent) {

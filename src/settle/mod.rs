@@ -48,10 +48,10 @@ use self::renames::RENAME_PAIRING;
 use self::root::WATCHDOG_INTERVAL;
 use crate::config::WatchMode;
 use crate::filter::Filter;
-use crate::guard::RootGuard;
 use crate::job::{Dispatch, Done, Key};
-use crate::scan::{Discovery, ScanRequest};
-use crate::watcher::{RawEvent, WatchCounters, Watcher};
+use crate::watch::guard::RootGuard;
+use crate::watch::scan::{Discovery, ScanRequest};
+use crate::watch::{RawEvent, WatchCounters, Watcher};
 
 /// Tunables of the settle stage, from the configuration.
 #[derive(Debug, Clone)]
@@ -251,7 +251,7 @@ impl Settle {
 mod tests {
     use super::*;
     use crate::job::{Job, Outcome};
-    use crate::watcher::Callback;
+    use crate::watch::Callback;
     use crossbeam_channel::{bounded, unbounded, Receiver};
 
     /// A settle stage on a real (empty) temporary tree, driven by hand.

@@ -15,8 +15,8 @@ use super::dispatch::ReadyItem;
 use super::{Settle, LOG_TARGET};
 use crate::config::WatchMode;
 use crate::job::Job;
-use crate::scan::{Discovery, ScanKind, ScanRequest};
-use crate::watcher::{start_with_fallback, Callback, WATCH_LIMIT_POLL_INTERVAL};
+use crate::watch::scan::{Discovery, ScanKind, ScanRequest};
+use crate::watch::{start_with_fallback, Callback, WATCH_LIMIT_POLL_INTERVAL, WATCH_LIMIT_SYSCTL};
 
 /// How often the root's presence and identity are checked.
 pub(super) const WATCHDOG_INTERVAL: Duration = Duration::from_secs(2);
@@ -93,8 +93,8 @@ impl Settle {
     pub(super) fn fall_back_to_polling(&mut self, reason: &dyn std::fmt::Display) {
         log::error!(
             target: LOG_TARGET,
-            "{reason}; raise it with `sysctl fs.inotify.max_user_watches=524288` (persist it in \
-             /etc/sysctl.d); polling the tree every {} s until then (restart after raising it)",
+            "{reason}; raise it with `{WATCH_LIMIT_SYSCTL}` (persist it in /etc/sysctl.d); \
+             polling the tree every {} s until then (restart after raising it)",
             WATCH_LIMIT_POLL_INTERVAL.as_secs()
         );
         self.options.mode = WatchMode::Poll(WATCH_LIMIT_POLL_INTERVAL);

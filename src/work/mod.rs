@@ -15,9 +15,9 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::backoff::RETRY;
-use crate::guard::RootGuard;
 use crate::job::{Dispatch, Done, Job, Outcome};
 use crate::registry::{Applied, Change, Health, Observed, Registry, RegistryError, Stat};
+use crate::watch::guard::RootGuard;
 
 /// Hard (non-connection) registry errors a job survives before it is dropped;
 /// the next full scan picks the file up again.

@@ -4,7 +4,7 @@
 //!   [`TestBroker::without_queue`], an exclusive auto-delete queue bound to it
 //!   with `file.#`. The exchange is declared here first, exactly as the daemon
 //!   declares it (topic, durable, no arguments; see
-//!   `file_watcher::broker::exchange_declarations`), so the queue is bound
+//!   `file_watcher::publish::broker::exchange_declarations`), so the queue is bound
 //!   before the daemon starts and nothing it publishes can be missed; the
 //!   daemon's own declaration then agrees with ours.
 //! - [`TestDatabase`] names a schema `t_<uuid>` in the test database; the

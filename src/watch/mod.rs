@@ -11,6 +11,13 @@
 //! the kernel's own queue overflow takes). Access events (open, close without
 //! write, reads caused by our own hashing) and attribute changes are filtered
 //! here, before they can take a slot.
+//!
+//! The rest of the watch stage lives beside it: [`guard`] tells whether the
+//! tree is still the one being watched (an unmounted share must not read as
+//! mass deletion), and [`scan`] walks directories for the settle stage.
+
+pub mod guard;
+pub mod scan;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,6 +31,10 @@ use notify::{Event, EventKind, PollWatcher, RecommendedWatcher, RecursiveMode, W
 use crate::config::WatchMode;
 use crate::filter::Filter;
 
+/// The log target these lines had before the layout move, kept so that log
+/// lines (and anyone's filters on them) stay the same.
+const LOG_TARGET: &str = "file_watcher::watcher";
+
 /// Events between notify's thread and the settle stage.
 pub const CHANNEL_CAPACITY: usize = 16 * 1024;
 
@@ -35,13 +46,33 @@ pub enum RawEvent {
     Error(notify::Error),
 }
 
-/// Counters shared between the callback and the settle stage.
+/// Counters shared between the callback and the settle stage; one set per
+/// pipeline, handed to every callback it makes (watcher restarts included).
 #[derive(Debug, Default)]
 pub struct WatchCounters {
     /// Raised when an event was dropped on a full channel; the settle stage
     /// clears it and rescans.
     pub overflowed: AtomicBool,
     pub dropped_events: AtomicU64,
+    /// Test hook, `None` unless the pipeline was given one (see
+    /// [`WatchCounters::with_test_stall_file`]). It rides here, not on
+    /// [`Callback::new`], because this is what every callback of one
+    /// pipeline shares, including the ones the settle stage makes when it
+    /// restarts the watcher.
+    test_stall_file: Option<PathBuf>,
+}
+
+impl WatchCounters {
+    /// Test hook: counters whose callbacks stall while `file` exists (see
+    /// `stall_while_present`). Only the pipeline passes one, from
+    /// [`Config::test_stall_file`](crate::config::Config::test_stall_file);
+    /// `WatchCounters::default()` never stalls.
+    pub fn with_test_stall_file(file: Option<PathBuf>) -> WatchCounters {
+        WatchCounters {
+            test_stall_file: file,
+            ..WatchCounters::default()
+        }
+    }
 }
 
 /// The notify event handler. Public so the full-channel policy can be tested.
@@ -49,8 +80,6 @@ pub struct Callback {
     sender: Sender<RawEvent>,
     counters: Arc<WatchCounters>,
     poll_mode: bool,
-    /// Test-only stall switch (see `stall_while_present`).
-    stall_file: Option<PathBuf>,
 }
 
 impl Callback {
@@ -59,12 +88,11 @@ impl Callback {
             sender,
             counters,
             poll_mode,
-            stall_file: std::env::var_os("FILE_WATCHER_TEST_STALL_FILE").map(PathBuf::from),
         }
     }
 
     pub fn handle(&self, result: notify::Result<Event>) {
-        if let Some(stall_file) = &self.stall_file {
+        if let Some(stall_file) = &self.counters.test_stall_file {
             stall_while_present(stall_file);
         }
         let raw = match result {
@@ -122,12 +150,17 @@ pub struct Watcher {
     filter: Filter,
 }
 
+/// The command that raises the inotify watch limit: the one advice every
+/// message about the limit gives (OPERATIONS.md too; a test keeps it in step).
+pub const WATCH_LIMIT_SYSCTL: &str = "sysctl fs.inotify.max_user_watches=524288";
+
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     #[error(
         "cannot watch {path}: the inotify watch limit is reached; raise it with \
-         `sysctl fs.inotify.max_user_watches=524288` (and persist it in /etc/sysctl.d), \
-         or set POLL_INTERVAL_MS to poll instead"
+         `{sysctl}` (and persist it in /etc/sysctl.d), \
+         or set POLL_INTERVAL_MS to poll instead",
+        sysctl = WATCH_LIMIT_SYSCTL
     )]
     WatchLimit { path: PathBuf },
     #[error("cannot watch {path}: {source}")]
@@ -195,7 +228,7 @@ impl Watcher {
         if matches!(self.mode, WatchMode::Poll(_)) {
             return Ok(());
         }
-        for entry in crate::scan::tree_walk(&self.root, &self.filter, dir).flatten() {
+        for entry in scan::tree_walk(&self.root, &self.filter, dir).flatten() {
             if !entry.file_type().is_dir() {
                 continue;
             }
@@ -205,7 +238,7 @@ impl Watcher {
                     limit @ WatchError::WatchLimit { .. } => return Err(limit),
                     WatchError::Notify { path, source } => {
                         // Gone between the walk and the watch: its removal raised events.
-                        log::debug!("not watching {}: {source}", path.display());
+                        log::debug!(target: LOG_TARGET, "not watching {}: {source}", path.display());
                     }
                 },
             }
@@ -231,6 +264,7 @@ pub fn start_with_fallback(
         Ok(watcher) => Ok((watcher, mode)),
         Err(error @ WatchError::WatchLimit { .. }) => {
             log::error!(
+                target: LOG_TARGET,
                 "{error}; polling every {} s instead until the limit is raised and the process restarted",
                 WATCH_LIMIT_POLL_INTERVAL.as_secs()
             );
@@ -293,6 +327,24 @@ mod tests {
         callback.handle(event(EventKind::Modify(ModifyKind::Data(DataChange::Any))));
         callback.handle(event(EventKind::Access(AccessKind::Close(AccessMode::Write))));
         assert_eq!(receiver.len(), 2);
+    }
+
+    #[test]
+    fn watch_limit_advice_is_one_sysctl() {
+        let error = WatchError::WatchLimit {
+            path: "/data/music/a".into(),
+        };
+        assert_eq!(
+            error.to_string(),
+            "cannot watch /data/music/a: the inotify watch limit is reached; raise it with \
+             `sysctl fs.inotify.max_user_watches=524288` (and persist it in /etc/sysctl.d), \
+             or set POLL_INTERVAL_MS to poll instead"
+        );
+        let operations = include_str!("../../OPERATIONS.md");
+        assert!(
+            operations.contains(&format!("`{WATCH_LIMIT_SYSCTL}`")),
+            "OPERATIONS.md gives other advice than {WATCH_LIMIT_SYSCTL:?}"
+        );
     }
 
     #[test]

@@ -13,6 +13,10 @@ use walkdir::WalkDir;
 
 use crate::filter::Filter;
 
+/// The log target these lines had before the layout move, kept so that log
+/// lines (and anyone's filters on them) stay the same.
+const LOG_TARGET: &str = "file_watcher::scan";
+
 /// Why a walk was asked for; comes back in [`Discovery::Finished`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScanKind {
@@ -51,6 +55,7 @@ pub fn run(root: PathBuf, filter: Filter, requests: Receiver<ScanRequest>, found
         match walk(&root, &filter, &request.dir, &found) {
             Ok(outcome) => {
                 log::debug!(
+                    target: LOG_TARGET,
                     "scanned {} ({:?}): {} files in {:?}",
                     request.dir.display(),
                     request.kind,
@@ -97,7 +102,11 @@ fn walk(
                 }
                 // Vanished while walking is normal; unreadable is worth a warning.
                 if error.io_error().map(|e| e.kind()) != Some(std::io::ErrorKind::NotFound) {
-                    log::warn!("cannot read {}: {error}", error.path().unwrap_or(dir).display());
+                    log::warn!(
+                        target: LOG_TARGET,
+                        "cannot read {}: {error}",
+                        error.path().unwrap_or(dir).display()
+                    );
                 }
                 continue;
             }
@@ -111,7 +120,7 @@ fn walk(
             continue;
         }
         let Some(text) = path.to_str() else {
-            log::warn!("skipping {}: the path is not valid UTF-8", path.display());
+            log::warn!(target: LOG_TARGET, "skipping {}: the path is not valid UTF-8", path.display());
             continue;
         };
         outcome.files += 1;

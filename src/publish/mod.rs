@@ -5,19 +5,22 @@
 //! after the sink confirmed it: stdout after the line was written and flushed,
 //! RabbitMQ after the broker's publisher confirm. Anything unconfirmed stays in
 //! the outbox and goes out again, with the same `message_id`.
+//!
+//! The sinks live beside it: [`stdout`] writes JSON lines, [`rabbitmq`] is
+//! the sink over [`broker`], which owns the lapin connection.
 
-use std::collections::HashSet;
-use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use uuid::Uuid;
 
-use crate::broker::{Broker, BrokerError, BrokerSettings};
 use crate::message::Message;
 use crate::registry::{Health, Registry, RegistryError};
+
+pub mod stdout;
+pub mod rabbitmq;
+pub mod broker;
 
 /// Messages taken from the outbox per round.
 const BATCH: usize = 256;
@@ -61,40 +64,6 @@ pub trait Sink: Send {
     /// reconnect backoff); zero when the sink is ready.
     fn wait_hint(&self) -> Duration {
         Duration::ZERO
-    }
-}
-
-/// One JSON object per line on stdout, flushed per line (`file-watcher dir | jq`).
-pub struct StdoutSink {
-    out: io::Stdout,
-}
-
-impl StdoutSink {
-    pub fn new() -> StdoutSink {
-        StdoutSink { out: io::stdout() }
-    }
-}
-
-impl Default for StdoutSink {
-    fn default() -> Self {
-        StdoutSink::new()
-    }
-}
-
-impl Sink for StdoutSink {
-    fn deliver(&mut self, messages: &[Message]) -> Result<Vec<Uuid>, SinkError> {
-        let mut out = self.out.lock();
-        let mut delivered = Vec::with_capacity(messages.len());
-        for message in messages {
-            let mut line = message.to_json();
-            line.push(b'\n');
-            match out.write_all(&line).and_then(|()| out.flush()) {
-                Ok(()) => delivered.push(message.message_id),
-                Err(error) if error.kind() == io::ErrorKind::BrokenPipe => return Err(SinkError::Closed),
-                Err(error) => return Err(SinkError::Unavailable(format!("cannot write to stdout: {error}"))),
-            }
-        }
-        Ok(delivered)
     }
 }
 
@@ -165,7 +134,7 @@ impl Publisher {
                     } else {
                         log::debug!("publish attempt {failures} failed: {reason}");
                     }
-                    retry_at = Some(Instant::now() + crate::worker::backoff(failures.min(6)));
+                    retry_at = Some(Instant::now() + crate::backoff::RETRY.delay(failures));
                 }
             }
             if stopping {
@@ -210,135 +179,4 @@ impl Publisher {
             }
         }
     }
-}
-
-/// RabbitMQ through [`Broker`]: one connection and one confirm channel, made
-/// and remade by this sink's own reconnect loop (lapin's automatic recovery is
-/// not used: it would hide which messages were confirmed).
-pub struct BrokerSink {
-    settings: BrokerSettings,
-    broker: Option<Broker>,
-    /// Consecutive failed connects, for the capped, jittered backoff.
-    failed_connects: u32,
-    next_connect: Instant,
-    /// A `connection.blocked` was reported and not yet lifted.
-    blocked: bool,
-    pub unroutable: Arc<AtomicU64>,
-}
-
-impl BrokerSink {
-    pub fn new(settings: BrokerSettings) -> BrokerSink {
-        BrokerSink {
-            settings,
-            broker: None,
-            failed_connects: 0,
-            next_connect: Instant::now(),
-            blocked: false,
-            unroutable: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    fn connected(&mut self) -> Result<&mut Broker, SinkError> {
-        if self.broker.as_ref().is_some_and(|broker| !broker.is_usable()) {
-            log::warn!("lost the RabbitMQ connection; reconnecting");
-            self.broker = None;
-        }
-        if self.broker.is_none() {
-            if Instant::now() < self.next_connect {
-                return Err(SinkError::Unavailable("waiting to reconnect to RabbitMQ".into()));
-            }
-            match Broker::connect(&self.settings) {
-                Ok(broker) => {
-                    if self.failed_connects > 0 {
-                        log::info!(
-                            "connected to RabbitMQ again after {} attempts",
-                            self.failed_connects
-                        );
-                    }
-                    self.failed_connects = 0;
-                    self.broker = Some(broker);
-                }
-                Err(error) => {
-                    self.failed_connects += 1;
-                    self.next_connect = Instant::now() + crate::worker::backoff(self.failed_connects.min(6));
-                    return Err(SinkError::Unavailable(error_chain(&error)));
-                }
-            }
-        }
-        Ok(self.broker.as_mut().expect("connected above"))
-    }
-}
-
-impl Sink for BrokerSink {
-    fn prepare(&mut self) -> Result<(), SinkError> {
-        self.connected().map(|_| ())
-    }
-
-    fn deliver(&mut self, messages: &[Message]) -> Result<Vec<Uuid>, SinkError> {
-        let broker = self.connected()?;
-        if broker.is_blocked() {
-            // The broker module warned once, with the broker's reason.
-            self.blocked = true;
-            return Err(SinkError::Paused("RabbitMQ blocked publishing".into()));
-        }
-        if std::mem::take(&mut self.blocked) {
-            log::info!("RabbitMQ unblocked publishing; resuming");
-        }
-        let broker = self.broker.as_mut().expect("connected above");
-        match broker.publish(messages) {
-            Ok(published) => {
-                if published.unroutable > 0 {
-                    self.unroutable
-                        .fetch_add(published.unroutable as u64, Ordering::Relaxed);
-                }
-                // Keep the recorded order: stop at the first message the broker refused.
-                let acked: HashSet<Uuid> = published.acked.into_iter().collect();
-                let confirmed: Vec<Uuid> = messages
-                    .iter()
-                    .map(|message| message.message_id)
-                    .take_while(|id| acked.contains(id))
-                    .collect();
-                Ok(confirmed)
-            }
-            Err(BrokerError::Blocked { .. }) => {
-                self.blocked = true;
-                Err(SinkError::Paused("RabbitMQ blocked publishing".into()))
-            }
-            Err(error) => {
-                if let Some(broker) = self.broker.take() {
-                    broker.close();
-                }
-                Err(SinkError::Unavailable(error_chain(&error)))
-            }
-        }
-    }
-
-    fn is_connected(&self) -> bool {
-        self.broker
-            .as_ref()
-            .is_some_and(|broker| broker.is_usable() && !broker.is_blocked())
-    }
-
-    fn wait_hint(&self) -> Duration {
-        if self.broker.is_none() {
-            self.next_connect.saturating_duration_since(Instant::now())
-        } else {
-            Duration::ZERO
-        }
-    }
-}
-
-/// An error and its causes on one line ("cannot connect …: Connection refused").
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

@@ -1,0 +1,303 @@
+//! Publishing one batch under publisher confirms: send it all, wait for
+//! every confirm, then read what the broker said about each message.
+//!
+//! Pipelined: every message is sent before the first confirm is awaited, so
+//! a batch costs about one round trip. The whole batch is bounded by the
+//! confirm timeout.
+
+use std::cell::Cell;
+use std::time::{Instant, SystemTime};
+
+use lapin::message::BasicReturnMessage;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
+use log::{debug, warn};
+use uuid::Uuid;
+
+use super::{block_on_until, Broker, BrokerError, APP_ID, LOG_TARGET};
+use crate::message::Message;
+
+/// What the broker said about one batch. Only `acked` messages are published.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Acked by the broker: the broker has taken responsibility for them.
+    /// Includes unroutable messages, which the broker acks after returning them.
+    pub acked: Vec<Uuid>,
+    /// Refused by the broker (an internal broker error); publish them again.
+    pub nacked: Vec<Uuid>,
+    /// How many messages matched no binding and were returned: they were
+    /// accepted, but nobody will read them. Logged as warnings, one per message.
+    pub unroutable: usize,
+}
+
+impl Broker {
+    /// Publishes every message (mandatory, persistent) and waits for all of
+    /// their confirms, within `confirm_timeout`. Pipelined: all messages are
+    /// sent before the first confirm is awaited, so a batch costs about one
+    /// round trip.
+    ///
+    /// An `Err` means the outcome of the batch is unknown (some messages may
+    /// have been acked); the caller publishes the whole batch again on a new
+    /// connection, and consumers may see duplicates with the same `message_id`.
+    pub fn publish(&mut self, messages: &[Message]) -> Result<Published, BrokerError> {
+        self.check_ready()?;
+        if messages.is_empty() {
+            return Ok(Published::default());
+        }
+        let started = Instant::now();
+        let confirmations = self.send_and_await_confirms(messages, started)?;
+        let published = self.read_confirmations(confirmations);
+        debug!(
+            target: LOG_TARGET,
+            "published {} messages to exchange {} in {} ms ({} nacked, {} unroutable)",
+            published.acked.len(),
+            self.exchange,
+            started.elapsed().as_millis(),
+            published.nacked.len(),
+            published.unroutable
+        );
+        Ok(published)
+    }
+
+    /// Refuses the batch, before sending anything, on a connection that has
+    /// failed or that the broker has blocked.
+    fn check_ready(&self) -> Result<(), BrokerError> {
+        if !self.is_usable() {
+            return Err(BrokerError::Unusable {
+                connection_name: self.connection_name.clone(),
+            });
+        }
+        if self.is_blocked() {
+            return Err(self.blocked_error());
+        }
+        Ok(())
+    }
+
+    fn blocked_error(&self) -> BrokerError {
+        BrokerError::Blocked {
+            connection_name: self.connection_name.clone(),
+            reason: self
+                .blocked_reason()
+                .unwrap_or_else(|| "no reason given".to_owned()),
+        }
+    }
+
+    /// Sends the batch and waits for all of its confirms, by `started` plus
+    /// the confirm timeout. When that fails the batch's fate is unknown and
+    /// the connection is abandoned, unless the broker merely blocked it.
+    fn send_and_await_confirms(
+        &mut self,
+        messages: &[Message],
+        started: Instant,
+    ) -> Result<Vec<(Uuid, Confirmation)>, BrokerError> {
+        let deadline = started + self.confirm_timeout;
+        let confirmed = Cell::new(0usize);
+        let channel = &self.channel;
+        let exchange = &self.exchange;
+        let publishing = async {
+            let pending = send(channel, exchange, messages).await?;
+            await_confirms(pending, exchange, &confirmed).await
+        };
+        match block_on_until(deadline, publishing) {
+            Some(Ok(confirmations)) => Ok(confirmations),
+            Some(Err(error)) => {
+                self.abandoned = true;
+                Err(error)
+            }
+            // The broker stopped reading from us (memory or disk alarm): the
+            // connection is fine, the batch just waits in it. Keep the
+            // connection; the caller resends what was not confirmed (same
+            // message ids) once the broker unblocks.
+            None if self.is_blocked() => Err(self.blocked_error()),
+            None => {
+                self.abandoned = true;
+                Err(BrokerError::ConfirmTimeout {
+                    exchange: self.exchange.clone(),
+                    waited_ms: started.elapsed().as_millis(),
+                    unconfirmed: messages.len() - confirmed.get(),
+                    total: messages.len(),
+                })
+            }
+        }
+    }
+
+    /// Sorts the confirms into acked and nacked and counts the returned
+    /// messages; nacks and returns are logged, one warning per message.
+    fn read_confirmations(&self, confirmations: Vec<(Uuid, Confirmation)>) -> Published {
+        let mut published = Published::default();
+        for (message_id, confirmation) in confirmations {
+            let (acked, returned) = match confirmation {
+                Confirmation::Ack(returned) => (true, returned),
+                Confirmation::Nack(returned) => (false, returned),
+                // Cannot happen on a channel in confirm mode; not confirmed is the safe reading.
+                Confirmation::NotRequested => (false, None),
+            };
+            if acked {
+                published.acked.push(message_id);
+            } else {
+                warn!(
+                    target: LOG_TARGET,
+                    "RabbitMQ nacked message {message_id} on exchange {}: not published",
+                    self.exchange
+                );
+                published.nacked.push(message_id);
+            }
+            if let Some(returned) = returned {
+                published.unroutable += 1;
+                warn_unroutable(&returned);
+            }
+        }
+        published
+    }
+}
+
+/// Sends every message (mandatory, persistent, all with one timestamp)
+/// without waiting for a confirm; returns each message's pending confirm.
+async fn send(
+    channel: &Channel,
+    exchange: &str,
+    messages: &[Message],
+) -> Result<Vec<(Uuid, PublisherConfirm)>, BrokerError> {
+    let timestamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since_epoch| since_epoch.as_secs());
+    let mut pending = Vec::with_capacity(messages.len());
+    for message in messages {
+        let routing_key = message.routing_key();
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &message.to_json(),
+                properties(message, timestamp),
+            )
+            .await
+            .map_err(|source| BrokerError::Publish {
+                message_id: message.message_id,
+                exchange: exchange.to_owned(),
+                routing_key,
+                source: Box::new(source),
+            })?;
+        pending.push((message.message_id, confirm));
+    }
+    Ok(pending)
+}
+
+/// Waits for the confirms in publish order, counting them in `confirmed` so
+/// that a timeout can say how many were still missing.
+async fn await_confirms(
+    pending: Vec<(Uuid, PublisherConfirm)>,
+    exchange: &str,
+    confirmed: &Cell<usize>,
+) -> Result<Vec<(Uuid, Confirmation)>, BrokerError> {
+    let mut confirmations = Vec::with_capacity(pending.len());
+    for (message_id, confirm) in pending {
+        let confirmation = confirm.await.map_err(|source| BrokerError::Confirm {
+            message_id,
+            exchange: exchange.to_owned(),
+            source: Box::new(source),
+        })?;
+        confirmed.set(confirmed.get() + 1);
+        confirmations.push((message_id, confirmation));
+    }
+    Ok(confirmations)
+}
+
+/// A `mandatory` message that matched no binding came back. It is named by
+/// its own `message_id`, not by the confirmation it rode on (see the module
+/// docs of `broker`).
+fn warn_unroutable(returned: &BasicReturnMessage) {
+    let delivery = &returned.delivery;
+    let returned_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map_or_else(|| "<no message_id>".to_owned(), ToString::to_string);
+    warn!(
+        target: LOG_TARGET,
+        "unroutable message {returned_id}: exchange {} has no queue bound for routing key {} ({} {}); the broker accepted it, but no consumer will see it",
+        delivery.exchange, delivery.routing_key, returned.reply_code, returned.reply_text
+    );
+}
+
+/// The AMQP properties and headers consumers rely on (see the crate's message contract).
+fn properties(message: &Message, timestamp: u64) -> BasicProperties {
+    let long_string = |text: &str| AMQPValue::LongString(LongString::from(text));
+    let mut headers = FieldTable::default();
+    headers.insert("x-instance-id".into(), long_string(&message.instance_id));
+    headers.insert(
+        "x-watched-directory".into(),
+        long_string(&message.watched_directory),
+    );
+    headers.insert("x-event-type".into(), long_string(message.event_type.as_str()));
+    headers.insert(
+        "x-schema-version".into(),
+        AMQPValue::LongLongInt(i64::from(message.schema_version)),
+    );
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(message.message_id.to_string().into())
+        .with_correlation_id(message.correlation_id.to_string().into())
+        .with_timestamp(timestamp)
+        .with_app_id(ShortString::from(APP_ID))
+        .with_type(message.event_type.as_str().into())
+        .with_headers(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{EventType, Origin};
+
+    #[test]
+    fn properties_carry_the_contract() {
+        let origin = Origin {
+            instance_id: "abcd1234".into(),
+            watched_directory: "/data/music".into(),
+        };
+        let message = origin.message(
+            EventType::Moved,
+            "/data/music/b/x.flac",
+            Some("/data/music/a/x.flac"),
+            Uuid::new_v4(),
+            None,
+        );
+        let properties = properties(&message, 1_700_000_000);
+        assert_eq!(properties.delivery_mode(), &Some(2));
+        assert_eq!(
+            properties.content_type().as_ref().map(ShortString::as_str),
+            Some("application/json")
+        );
+        let message_id = message.message_id.to_string();
+        assert_eq!(
+            properties.message_id().as_ref().map(ShortString::as_str),
+            Some(message_id.as_str())
+        );
+        let correlation_id = message.correlation_id.to_string();
+        assert_eq!(
+            properties.correlation_id().as_ref().map(ShortString::as_str),
+            Some(correlation_id.as_str())
+        );
+        assert_eq!(properties.timestamp(), &Some(1_700_000_000));
+        assert_eq!(
+            properties.app_id().as_ref().map(ShortString::as_str),
+            Some("file-watcher")
+        );
+        assert_eq!(properties.kind().as_ref().map(ShortString::as_str), Some("moved"));
+        let headers = properties.headers().as_ref().unwrap().inner();
+        assert_eq!(headers["x-instance-id"], AMQPValue::LongString("abcd1234".into()));
+        assert_eq!(
+            headers["x-watched-directory"],
+            AMQPValue::LongString("/data/music".into())
+        );
+        assert_eq!(headers["x-event-type"], AMQPValue::LongString("moved".into()));
+        assert_eq!(headers["x-schema-version"], AMQPValue::LongLongInt(1));
+        assert_eq!(headers.len(), 4);
+    }
+}

@@ -1,0 +1,305 @@
+//! The lapin connection under the RabbitMQ sink: one connection, one channel
+//! in confirm mode, and the exchanges the daemon declares.
+//!
+//! The rest of the daemon is synchronous threads; lapin is async. All of the
+//! async stays in this module: every call into lapin is driven by
+//! [`futures_lite::future::block_on`] and raced against an [`async_io::Timer`],
+//! so no method of [`Broker`] can wait longer than the timeout it was given,
+//! even against a broker that accepts TCP connections and then says nothing.
+//!
+//! Failure policy: a `Broker` never repairs itself. lapin's automatic
+//! recovery is left off; once the connection or channel fails,
+//! [`Broker::is_usable`] turns false and the caller drops the `Broker` and
+//! calls [`Broker::connect`] again in its own reconnect loop. A message counts
+//! as published only when the broker acked it; everything else is retried by
+//! the caller with the same bytes (and the same `message_id`), so consumers
+//! see at-least-once delivery.
+//!
+//! How lapin 4.12 is used, since it is easy to get wrong:
+//! - *Returns*: `mandatory` publishes that match no binding come back as
+//!   `basic.return` before their `basic.ack`; lapin attaches the returned
+//!   message to a [`Confirmation::Ack`](lapin::Confirmation::Ack). With a
+//!   `multiple` ack it may attach it to another confirmation of the same
+//!   batch, so the returned message's own properties (not the confirmation it
+//!   rides on) say which message it was.
+//! - *Blocking*: `connection.blocked` / `unblocked` set
+//!   [`lapin::ConnectionStatus::blocked`] and are also sent as
+//!   [`lapin::Event`]s on [`lapin::Connection::events_listener`]; the events
+//!   carry the broker's reason, which is logged.
+//! - *Heartbeats*: requested through the URI's `heartbeat` query; lapin sends
+//!   at half the negotiated interval and fails the connection with
+//!   `MissingHeartbeatError` after two intervals of silence.
+//! - *Sockets*: the TCP connection is opened here (through
+//!   [`lapin::Connection::connector`]) rather than by lapin, because lapin
+//!   runs its I/O loop on a thread of its own that nothing can stop before
+//!   the AMQP handshake finishes. Keeping a handle on the socket lets a timed
+//!   out connect, and [`Broker::close`], shut the socket down, which ends that
+//!   thread instead of leaving it blocked on a frozen broker.
+//! - *Logs*: lapin logs through `tracing`; with `tracing`'s `log` feature and
+//!   no tracing subscriber installed, its events become `log` records (targets
+//!   `lapin::…`) and reach our log output like any other (checked by
+//!   `tests/broker.rs`).
+//!
+//! The parts, in the order a connection lives through them: `settings.rs`
+//! (what to connect to, and the URI lapin gets), `connect.rs` (TCP,
+//! handshake, channel, confirms), `declare.rs` (the exchanges), `confirm.rs`
+//! (publishing a batch and reading its confirms); this file holds the
+//! [`Broker`] itself, its errors, its state and its close.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_io::Timer;
+use futures_lite::{future, Stream, StreamExt};
+use lapin::{Channel, Connection, Event};
+use log::{debug, info, warn};
+use uuid::Uuid;
+
+mod settings;
+mod connect;
+mod declare;
+mod confirm;
+
+pub use confirm::Published;
+pub use declare::{exchange_declarations, ExchangeDeclaration};
+pub use settings::BrokerSettings;
+
+use connect::SocketSlot;
+
+/// The log target these lines had before the layout move, kept so that log
+/// lines (and anyone's filters on them, tests/broker.rs too) stay the same.
+const LOG_TARGET: &str = "file_watcher::broker";
+
+/// `app_id` of every message, so consumers can tell who published it.
+pub const APP_ID: &str = "file-watcher";
+
+/// Why the broker could not be reached or did not take a batch. Every variant
+/// names what it is about; URLs in it are redacted, and lapin's errors carry
+/// no URL, so no variant can hold a password. lapin's errors are boxed: they
+/// are large, and errors are rare while `Result`s are everywhere.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("invalid RabbitMQ URL {url}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("cannot connect to RabbitMQ at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: Box<lapin::Error>,
+    },
+    #[error("cannot open a channel on RabbitMQ connection {connection_name}")]
+    OpenChannel {
+        connection_name: String,
+        #[source]
+        source: Box<lapin::Error>,
+    },
+    #[error("cannot enable publisher confirms on RabbitMQ connection {connection_name}")]
+    EnableConfirms {
+        connection_name: String,
+        #[source]
+        source: Box<lapin::Error>,
+    },
+    #[error("cannot declare exchange {exchange}")]
+    DeclareExchange {
+        exchange: String,
+        #[source]
+        source: Box<lapin::Error>,
+    },
+    /// `step` is what was under way: "connect", "open channel", "declare exchange file_events", …
+    #[error("{step} at RabbitMQ {url} did not finish within the connect timeout of {waited_ms} ms")]
+    ConnectTimeout {
+        url: String,
+        step: String,
+        waited_ms: u128,
+    },
+    #[error("cannot publish message {message_id} to exchange {exchange} with routing key {routing_key}")]
+    Publish {
+        message_id: Uuid,
+        exchange: String,
+        routing_key: String,
+        #[source]
+        source: Box<lapin::Error>,
+    },
+    #[error("lost the publisher confirm of message {message_id} on exchange {exchange}")]
+    Confirm {
+        message_id: Uuid,
+        exchange: String,
+        #[source]
+        source: Box<lapin::Error>,
+    },
+    /// `unconfirmed` counts in publish order, from the first confirm not yet seen.
+    #[error("confirm timeout after {waited_ms} ms: {unconfirmed} of {total} messages on exchange {exchange} not confirmed")]
+    ConfirmTimeout {
+        exchange: String,
+        waited_ms: u128,
+        unconfirmed: usize,
+        total: usize,
+    },
+    /// Nothing was sent: a blocked connection would only pile frames up in memory.
+    #[error("RabbitMQ has blocked connection {connection_name} ({reason}); nothing was published")]
+    Blocked { connection_name: String, reason: String },
+    #[error("RabbitMQ connection {connection_name} is closed or failed; reconnect")]
+    Unusable { connection_name: String },
+}
+
+/// A connection to RabbitMQ with one channel in confirm mode, on which the
+/// exchanges have been declared. Not shared: one publisher thread owns it.
+pub struct Broker {
+    connection: Connection,
+    channel: Channel,
+    /// A second handle on the TCP socket, to end lapin's I/O thread at once
+    /// when closing (see the module docs).
+    socket: SocketSlot,
+    /// `connection.blocked` and friends; polled, never waited on.
+    events: Mutex<Pin<Box<dyn Stream<Item = Event> + Send>>>,
+    /// The broker's reason for the current block, from the last
+    /// `ConnectionBlocked` event.
+    blocked_reason: Mutex<Option<String>>,
+    /// Set when a batch failed or timed out: frames of it may still sit in
+    /// lapin's buffers and confirms of it may still arrive, so the next batch
+    /// gets a fresh connection. Closing then skips the polite
+    /// `connection.close`, which would only wait on the same broker again.
+    abandoned: bool,
+    /// Set once the connection has been closed, so `Drop` does not close twice.
+    closed: bool,
+    /// The broker's URL for logs and errors, password already hidden.
+    redacted_url: String,
+    /// Where `publish` sends; named in its errors and warnings.
+    exchange: String,
+    /// Names this connection in our logs as it is named in RabbitMQ's.
+    connection_name: String,
+    /// Bounds the polite `connection.close`: the connect timeout, or what is
+    /// left of it when setting up failed.
+    close_timeout: Duration,
+    confirm_timeout: Duration,
+}
+
+impl Broker {
+    /// False once the connection or the channel has failed or closed, or a
+    /// batch was abandoned; the caller then drops this `Broker` and connects again.
+    pub fn is_usable(&self) -> bool {
+        // Draining first logs why the connection failed, under its name.
+        self.drain_events();
+        !self.abandoned
+            && !self.closed
+            && self.connection.status().connected()
+            && self.channel.status().connected()
+    }
+
+    /// True while the broker has sent `connection.blocked` (memory or disk
+    /// alarm) and not yet `connection.unblocked`. The connection is still
+    /// healthy: wait, do not reconnect (a new connection would be blocked too).
+    pub fn is_blocked(&self) -> bool {
+        self.drain_events();
+        self.connection.status().blocked()
+    }
+
+    /// The broker's reason for the current block ("low on memory", …), if blocked.
+    pub fn blocked_reason(&self) -> Option<String> {
+        if !self.is_blocked() {
+            return None;
+        }
+        lock(&self.blocked_reason).clone()
+    }
+
+    /// The heartbeat interval agreed with the broker (the lower of ours and
+    /// the broker's).
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(u64::from(self.connection.configuration().heartbeat()))
+    }
+
+    /// Closes the connection politely if it is still up, within
+    /// `connect_timeout`, then releases the socket. Best effort: failures are
+    /// logged, not returned, since the caller is leaving anyway.
+    pub fn close(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        if !self.abandoned && !self.close_timeout.is_zero() && self.connection.status().connected() {
+            let deadline = Instant::now() + self.close_timeout;
+            let closing = self.connection.close(200, "file-watcher closing".into());
+            match block_on_until(deadline, closing) {
+                Some(Ok(())) => {
+                    // lapin ends its I/O loop and the socket itself after a clean
+                    // close; shutting the socket under it makes it log errors.
+                    debug!(target: LOG_TARGET, "closed RabbitMQ connection {}", self.connection_name);
+                    return;
+                }
+                Some(Err(error)) => debug!(
+                    target: LOG_TARGET,
+                    "closing RabbitMQ connection {} at {}: {error}",
+                    self.connection_name, self.redacted_url
+                ),
+                None => warn!(
+                    target: LOG_TARGET,
+                    "closing RabbitMQ connection {} at {} took longer than {} ms; dropping it",
+                    self.connection_name,
+                    self.redacted_url,
+                    self.close_timeout.as_millis()
+                ),
+            }
+        }
+        // Not closed cleanly (or never connected): end lapin's I/O thread by force.
+        self.socket.shut_down();
+    }
+
+    /// Takes the connection events that arrived since the last call, logs
+    /// them and remembers the block reason. Never waits.
+    fn drain_events(&self) {
+        let mut events = lock(&self.events);
+        while let Some(Some(event)) =
+            block_on_until(Instant::now(), future::poll_once(events.next())).flatten()
+        {
+            match event {
+                Event::ConnectionBlocked(reason) => {
+                    warn!(
+                        target: LOG_TARGET,
+                        "RabbitMQ blocked connection {} ({reason}): nothing is published until its alarm clears",
+                        self.connection_name
+                    );
+                    *lock(&self.blocked_reason) = Some(reason);
+                }
+                Event::ConnectionUnblocked => {
+                    info!(target: LOG_TARGET, "RabbitMQ unblocked connection {}", self.connection_name);
+                    *lock(&self.blocked_reason) = None;
+                }
+                Event::Error(error) => {
+                    warn!(target: LOG_TARGET, "RabbitMQ connection {} failed: {error}", self.connection_name)
+                }
+                other => {
+                    debug!(target: LOG_TARGET, "RabbitMQ connection {}: {other:?}", self.connection_name)
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Broker {
+    /// Closing here too means a `Broker` dropped on an error path still ends
+    /// lapin's I/O thread and does not leave a half-open socket behind.
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
+/// Drives `future` on this thread until it finishes or `deadline` passes
+/// (`None`). The only way this module waits on lapin.
+fn block_on_until<T>(deadline: Instant, work: impl Future<Output = T>) -> Option<T> {
+    future::block_on(future::or(async { Some(work.await) }, async {
+        Timer::at(deadline).await;
+        None
+    }))
+}
+
+/// Locks `mutex`, also after a panic elsewhere: every value guarded here
+/// stays consistent whatever line a panic interrupted.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,0 +1,142 @@
+//! What a [`Broker`](super::Broker) connects to, and the one place where the
+//! URL, which holds a password, becomes the URI lapin gets.
+//!
+//! Everything that leaves this file names the URL redacted: the `Debug` of
+//! [`BrokerSettings`] and every [`BrokerError::InvalidUrl`].
+
+use std::fmt;
+use std::time::Duration;
+
+use lapin::uri::{AMQPScheme, AMQPUri};
+
+use super::BrokerError;
+use crate::redact::redact_url;
+
+/// Everything [`Broker::connect`](super::Broker::connect) needs; built by
+/// the configuration.
+#[derive(Clone)]
+pub struct BrokerSettings {
+    /// `amqp://user:pass@host:port/vhost`, optionally with `?heartbeat=N`
+    /// (which then wins over `heartbeat`). Holds a password: never log it,
+    /// log [`redact_url`] of it.
+    pub url: String,
+    /// Topic exchange every message is published to (`file_events`).
+    pub exchange: String,
+    /// Where the consumers' queues dead-letter to (`file_events.dlx`). The
+    /// daemon only declares it, so that it exists before any consumer needs it.
+    pub dead_letter_exchange: String,
+    /// Shown by RabbitMQ (`client_properties.connection_name`), so an operator
+    /// can tell which instance holds a connection: `file_watcher_<instance_id>`.
+    pub connection_name: String,
+    /// Bounds the whole of [`Broker::connect`](super::Broker::connect) (TCP,
+    /// handshake, channel, declarations) and
+    /// [`Broker::close`](super::Broker::close).
+    pub connect_timeout: Duration,
+    /// Bounds one [`Broker::publish`](super::Broker::publish) call: sending
+    /// the batch and waiting for all of its publisher confirms.
+    pub confirm_timeout: Duration,
+    /// Requested AMQP heartbeat. A broker that stops answering (frozen, or
+    /// behind a dead network path) is noticed after two intervals.
+    pub heartbeat: Duration,
+}
+
+impl fmt::Debug for BrokerSettings {
+    /// By hand, because a derived `Debug` would print the password.
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("BrokerSettings")
+            .field("url", &redact_url(&self.url))
+            .field("exchange", &self.exchange)
+            .field("dead_letter_exchange", &self.dead_letter_exchange)
+            .field("connection_name", &self.connection_name)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("heartbeat", &self.heartbeat)
+            .finish()
+    }
+}
+
+/// The URI lapin connects to: `settings.url` with our heartbeat unless the URL
+/// asks for its own.
+pub(super) fn amqp_uri(settings: &BrokerSettings) -> Result<AMQPUri, BrokerError> {
+    let url = redact_url(&settings.url);
+    let mut uri: AMQPUri = settings
+        .url
+        .parse()
+        .map_err(|reason: String| BrokerError::InvalidUrl {
+            url: url.clone(),
+            // Some parse errors quote the whole input.
+            reason: if settings.url.is_empty() {
+                reason
+            } else {
+                reason.replace(&settings.url, &url)
+            },
+        })?;
+    if uri.scheme == AMQPScheme::AMQPS {
+        return Err(BrokerError::InvalidUrl {
+            url,
+            reason: "amqps:// needs TLS, which this build of file-watcher does not include".to_owned(),
+        });
+    }
+    if uri.query.heartbeat.is_none() {
+        // Whole seconds, at least one: 0 would mean "whatever the broker wants".
+        let seconds = settings.heartbeat.as_secs().clamp(1, u64::from(u16::MAX));
+        uri.query.heartbeat = Some(u16::try_from(seconds).unwrap_or(u16::MAX));
+    }
+    Ok(uri)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(url: &str) -> BrokerSettings {
+        BrokerSettings {
+            url: url.to_owned(),
+            exchange: "file_events".into(),
+            dead_letter_exchange: "file_events.dlx".into(),
+            connection_name: "file_watcher_test".into(),
+            connect_timeout: Duration::from_secs(1),
+            confirm_timeout: Duration::from_secs(1),
+            heartbeat: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn invalid_url_errors_name_the_redacted_url_only() {
+        for url in [
+            "amqp:hunter2",
+            "http://user:hunter2@host/",
+            "amqp://user:hunter2@host:notaport/",
+            "",
+        ] {
+            let error = amqp_uri(&settings(url)).unwrap_err();
+            let text = error.to_string();
+            assert!(!text.contains("hunter2"), "{url}: {text}");
+            assert!(
+                matches!(error, BrokerError::InvalidUrl { .. }),
+                "{url}: {error:?}"
+            );
+        }
+        let debug = format!("{:?}", settings("amqp://user:hunter2@host/"));
+        assert!(!debug.contains("hunter2"), "{debug}");
+    }
+
+    #[test]
+    fn heartbeat_comes_from_settings_unless_the_url_sets_one() {
+        let uri = amqp_uri(&settings("amqp://guest:guest@127.0.0.1:5672/%2f")).unwrap();
+        assert_eq!(uri.query.heartbeat, Some(10));
+        let uri = amqp_uri(&settings("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=3")).unwrap();
+        assert_eq!(uri.query.heartbeat, Some(3));
+        let mut quick = settings("amqp://127.0.0.1/%2f");
+        quick.heartbeat = Duration::from_millis(300);
+        assert_eq!(amqp_uri(&quick).unwrap().query.heartbeat, Some(1));
+    }
+
+    #[test]
+    fn amqps_is_refused_with_a_reason() {
+        let error = amqp_uri(&settings("amqps://user:hunter2@host/%2f")).unwrap_err();
+        assert!(error.to_string().contains("TLS"), "{error}");
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+    }
+}
