@@ -23,9 +23,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, select, unbounded, Receiver};
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 
 use crate::config::{Config, DatabaseConfig, WatchMode};
+use crate::job::{Dispatch, Done};
 use crate::message::Origin;
 use crate::publish::broker::BrokerSettings;
 use crate::publish::rabbitmq::BrokerSink;
@@ -79,27 +80,85 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
         instance_id: config.instance_id.clone(),
         watched_directory: config.watched_directory(),
     };
+    let mut store = Store::open(&config, &origin)?;
+    let sink = build_sink(&config);
+    log_start(&config);
+    let running = Running::start(&config, &store, sink)?;
+    let fatal = running.wait(&stop, &mut store).err();
+    running.stop();
+    drop(store); // releases the instance lock last
+    fatal.map_or(Ok(()), Err)
+}
 
-    // With a database the registry is installed once the instance lock is
-    // held; until then workers hold their changes and nothing is published.
-    let deferred = Arc::new(Deferred::default());
-    let memory = config
-        .database
-        .is_none()
-        .then(|| Arc::new(MemoryRegistry::new(origin.clone())));
-    let registry: Arc<dyn Registry> = match &memory {
-        Some(memory) => memory.clone(),
-        None => deferred.clone(),
-    };
-    let health = Arc::new(Health::default());
-    let mut database = config
-        .database
-        .as_ref()
-        .map(|database| DatabaseLink::new(database, &origin, health.clone()));
-    if let Some(link) = &mut database {
-        link.attempt(&deferred)?;
+/// Where observations are recorded: in memory, or in the shared database.
+struct Store {
+    /// What the workers and the publisher talk to.
+    registry: Arc<dyn Registry>,
+    /// With a database the registry is installed here once the instance lock
+    /// is held; until then workers hold their changes and nothing is published.
+    deferred: Arc<Deferred>,
+    /// Without a database: the registry, kept to seed it with what exists.
+    memory: Option<Arc<MemoryRegistry>>,
+    database: Option<DatabaseLink>,
+    /// Whether the registry answered last time (outages are logged once).
+    health: Arc<Health>,
+}
+
+impl Store {
+    fn open(config: &Config, origin: &Origin) -> Result<Store, RunError> {
+        let deferred = Arc::new(Deferred::default());
+        let memory = config
+            .database
+            .is_none()
+            .then(|| Arc::new(MemoryRegistry::new(origin.clone())));
+        let registry: Arc<dyn Registry> = match &memory {
+            Some(memory) => memory.clone(),
+            None => deferred.clone(),
+        };
+        let health = Arc::new(Health::default());
+        let database = config
+            .database
+            .as_ref()
+            .map(|database| DatabaseLink::new(database, origin, health.clone()));
+        let mut store = Store {
+            registry,
+            deferred,
+            memory,
+            database,
+            health,
+        };
+        store.check()?;
+        Ok(store)
     }
-    let sink: Box<dyn Sink> = match &config.broker {
+
+    /// Connects the database if it is not yet, and checks that the instance
+    /// lock is still ours. Fails only for what waiting will not fix.
+    fn check(&mut self) -> Result<(), RunError> {
+        match &mut self.database {
+            Some(link) => link.attempt(&self.deferred),
+            None => Ok(()),
+        }
+    }
+
+    /// Without a database: learn what exists, so changes to it read as
+    /// `modified`/`deleted`, without announcing or hashing it.
+    fn seed_memory(&self, config: &Config) {
+        let Some(memory) = self.memory.as_ref().filter(|_| !config.scan_existing) else {
+            return;
+        };
+        let mut files = 0u64;
+        scan::for_each_file(&config.data_dir, &config.filter, |path| {
+            if let (Some(text), Ok(Some(stat))) = (path.to_str(), Stat::of(path)) {
+                memory.seed(text.to_owned(), stat);
+                files += 1;
+            }
+        });
+        log::info!("{files} existing files noted (not announced; --scan-existing announces them)");
+    }
+}
+
+fn build_sink(config: &Config) -> Box<dyn Sink> {
+    match &config.broker {
         Some(broker) => Box::new(BrokerSink::new(BrokerSettings {
             url: broker.url.clone(),
             exchange: broker.exchange.clone(),
@@ -110,92 +169,88 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
             heartbeat: BROKER_HEARTBEAT,
         })),
         None => Box::new(StdoutSink::new()),
-    };
+    }
+}
+
+fn log_start(config: &Config) {
+    let broker = config
+        .broker
+        .as_ref()
+        .map_or("none (messages go to stdout)".to_owned(), |broker| {
+            format!("{} exchange {}", redact_url(&broker.url), broker.exchange)
+        });
+    let database = config
+        .database
+        .as_ref()
+        .map_or("none (registry in memory)".to_owned(), |database| {
+            let schema = database.schema.as_ref();
+            let schema = schema
+                .map(|schema| format!(" schema {schema}"))
+                .unwrap_or_default();
+            format!("{}{schema}", redact_url(&database.url))
+        });
     log::info!(
-        "instance {} watching {}; broker: {}; database: {}",
+        "instance {} watching {}; broker: {broker}; database: {database}",
         config.instance_id,
         config.watched_directory(),
-        config
-            .broker
-            .as_ref()
-            .map_or("none (messages go to stdout)".to_owned(), |broker| format!(
-                "{} exchange {}",
-                redact_url(&broker.url),
-                broker.exchange
-            )),
-        config
-            .database
-            .as_ref()
-            .map_or("none (registry in memory)".to_owned(), |database| format!(
-                "{}{}",
-                redact_url(&database.url),
-                database
-                    .schema
-                    .as_ref()
-                    .map(|schema| format!(" schema {schema}"))
-                    .unwrap_or_default()
-            )),
     );
+}
 
-    // Watch first, then look: anything that changes from here on raises an event.
-    let counters = Arc::new(WatchCounters::with_test_stall_file(
-        config.test_stall_file.clone(),
-    ));
-    let (raw_sender, raw_receiver) = bounded(CHANNEL_CAPACITY);
-    let (watcher, watch_mode) =
-        start_with_fallback(&config.data_dir, config.watch_mode, &config.filter, |poll| {
-            Callback::new(raw_sender.clone(), counters.clone(), poll)
-        })?;
+/// The running stages: what `stop` needs to wind them down in pipeline order.
+struct Running {
+    /// The scanner and the settle stage.
+    threads: Threads,
+    workers: Threads,
+    publisher: JoinHandle<()>,
+    publisher_exit: Receiver<PublisherExit>,
+    /// Dropped to stop the settle stage.
+    settle_stop: Sender<()>,
+    /// Dropped once the workers are joined: the publisher drains and ends.
+    wake_publisher: Sender<()>,
+    /// Raised at shutdown: workers hand new jobs back.
+    stopping: Arc<AtomicBool>,
+    watch_counters: Arc<WatchCounters>,
+    worker_counters: Arc<WorkerCounters>,
+}
 
-    if let Some(memory) = memory.as_ref().filter(|_| !config.scan_existing) {
-        // Without a database: learn what exists, so changes to it read as
-        // `modified`/`deleted`, without announcing or hashing it.
-        let mut files = 0u64;
-        scan::for_each_file(&config.data_dir, &config.filter, |path| {
-            if let (Some(text), Ok(Some(stat))) = (path.to_str(), Stat::of(path)) {
-                memory.seed(text.to_owned(), stat);
-                files += 1;
-            }
-        });
-        log::info!("{files} existing files noted (not announced; --scan-existing announces them)");
-    }
+impl Running {
+    /// Starts every stage, upstream last but watching first: anything that
+    /// changes from the moment the watch exists raises an event.
+    fn start(config: &Config, store: &Store, sink: Box<dyn Sink>) -> Result<Running, RunError> {
+        let watch_counters = Arc::new(WatchCounters::with_test_stall_file(
+            config.test_stall_file.clone(),
+        ));
+        let (raw_sender, raw_receiver) = bounded(CHANNEL_CAPACITY);
+        let (watcher, watch_mode) =
+            start_with_fallback(&config.data_dir, config.watch_mode, &config.filter, |poll| {
+                Callback::new(raw_sender.clone(), watch_counters.clone(), poll)
+            })?;
+        store.seed_memory(config);
 
-    let mut threads = Threads::default();
-    let (scan_sender, scan_receiver) = unbounded();
-    let (discovered_sender, discovered_receiver) = bounded(1024);
-    {
-        let root = config.data_dir.clone();
-        let filter = config.filter.clone();
+        let mut threads = Threads::default();
+        let (scan_sender, scan_receiver) = unbounded();
+        let (discovered_sender, discovered_receiver) = bounded(1024);
+        let (root, filter) = (config.data_dir.clone(), config.filter.clone());
         threads.spawn("scanner", move || {
             scan::run(root, filter, scan_receiver, discovered_sender)
         })?;
-    }
 
-    let (job_sender, job_receiver) = bounded(config.workers * 2);
-    let (done_sender, done_receiver) = unbounded();
-    let (wake_sender, wake_receiver) = bounded(1);
-    let stopping = Arc::new(AtomicBool::new(false));
-    let worker_counters = Arc::new(WorkerCounters::default());
-
-    let guard = RootGuard::new(config.data_dir.clone(), config.sentinel.clone());
-    let mut workers = Threads::default();
-    for index in 0..config.workers {
-        let worker = Worker {
-            registry: registry.clone(),
-            counters: worker_counters.clone(),
+        let (job_sender, job_receiver) = bounded(config.workers * 2);
+        let (done_sender, done_receiver) = unbounded();
+        let (wake_sender, wake_receiver) = bounded(1);
+        let guard = RootGuard::new(config.data_dir.clone(), config.sentinel.clone());
+        let template = Worker {
+            registry: store.registry.clone(),
+            counters: Arc::new(WorkerCounters::default()),
             wake_publisher: wake_sender.clone(),
-            stopping: stopping.clone(),
-            health: health.clone(),
+            stopping: Arc::new(AtomicBool::new(false)),
+            health: store.health.clone(),
             guard: guard.clone(),
         };
-        let jobs = job_receiver.clone();
-        let done = done_sender.clone();
-        workers.spawn(&format!("worker-{index}"), move || worker.run(jobs, done))?;
-    }
-    drop((job_receiver, done_sender));
+        let workers = spawn_workers(config.workers, &template, &job_receiver, &done_sender)?;
+        drop((job_receiver, done_sender));
 
-    let (settle_stop_sender, settle_stop_receiver) = bounded::<()>(0);
-    {
+        let (settle_stop, settle_stop_receiver) = bounded::<()>(0);
         let options = SettleOptions {
             root: config.data_dir.clone(),
             filter: config.filter.clone(),
@@ -215,27 +270,115 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
             jobs: job_sender,
             scan_requests: scan_sender,
         };
-        let settle = Settle::new(options, channels, counters.clone(), watcher, raw_sender, guard);
+        let settle = Settle::new(
+            options,
+            channels,
+            watch_counters.clone(),
+            watcher,
+            raw_sender,
+            guard,
+        );
         threads.spawn("settle", move || settle.run())?;
+
+        let (publisher, publisher_exit) = spawn_publisher(store, sink, wake_receiver)?;
+        log_ready(config, watch_mode);
+        Ok(Running {
+            threads,
+            workers,
+            publisher,
+            publisher_exit,
+            settle_stop,
+            wake_publisher: wake_sender,
+            stopping: template.stopping,
+            watch_counters,
+            worker_counters: template.counters,
+        })
     }
 
-    let (publisher_exit_sender, publisher_exit_receiver) = bounded(1);
+    /// Until a stop request, the end of the publisher (stdout closed), or a
+    /// database problem that waiting will not fix.
+    fn wait(&self, stop: &Receiver<()>, store: &mut Store) -> Result<(), RunError> {
+        loop {
+            select! {
+                recv(stop) -> _ => return Ok(()),
+                recv(self.publisher_exit) -> exit => {
+                    if exit == Ok(PublisherExit::SinkClosed) {
+                        log::info!("stdout was closed: stopping");
+                    }
+                    return Ok(());
+                }
+                default(DATABASE_CHECK_INTERVAL) => store.check()?,
+            }
+        }
+    }
+
+    /// Orderly shutdown, in pipeline order (the settle stage drops the watcher first).
+    fn stop(self) {
+        self.stopping.store(true, Ordering::Release);
+        drop(self.settle_stop);
+        self.threads.join();
+        self.workers.join();
+        drop(self.wake_publisher);
+        let _ = self.publisher.join();
+        log::info!(
+            "stopped: {} messages recorded, {} files hashed, {} unreadable, {} events dropped",
+            self.worker_counters.messages_recorded.load(Ordering::Relaxed),
+            self.worker_counters.files_hashed.load(Ordering::Relaxed),
+            self.worker_counters.file_errors.load(Ordering::Relaxed),
+            self.watch_counters.dropped_events.load(Ordering::Relaxed),
+        );
+    }
+}
+
+fn spawn_workers(
+    count: usize,
+    template: &Worker,
+    jobs: &Receiver<Dispatch>,
+    done: &Sender<Done>,
+) -> Result<Threads, RunError> {
+    let mut workers = Threads::default();
+    for index in 0..count {
+        let worker = Worker {
+            registry: template.registry.clone(),
+            counters: template.counters.clone(),
+            wake_publisher: template.wake_publisher.clone(),
+            stopping: template.stopping.clone(),
+            health: template.health.clone(),
+            guard: template.guard.clone(),
+        };
+        let (jobs, done) = (jobs.clone(), done.clone());
+        workers.spawn(&format!("worker-{index}"), move || worker.run(jobs, done))?;
+    }
+    Ok(workers)
+}
+
+/// The publisher thread; its exit is sent on the returned channel, so the
+/// main loop notices a sink that closed for good.
+fn spawn_publisher(
+    store: &Store,
+    sink: Box<dyn Sink>,
+    wake: Receiver<()>,
+) -> Result<(JoinHandle<()>, Receiver<PublisherExit>), RunError> {
+    let (exit_sender, exit_receiver) = bounded(1);
     let publisher = Publisher {
-        registry: registry.clone(),
+        registry: store.registry.clone(),
         sink,
-        health: health.clone(),
+        health: store.health.clone(),
     };
-    let publisher_thread = std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("publisher".into())
         .spawn(move || {
-            let exit = publisher.run(wake_receiver, FINAL_DRAIN);
-            let _ = publisher_exit_sender.send(exit);
+            let exit = publisher.run(wake, FINAL_DRAIN);
+            let _ = exit_sender.send(exit);
         })
         .map_err(|source| RunError::Thread {
             name: "publisher".into(),
             source,
         })?;
+    Ok((handle, exit_receiver))
+}
 
+fn log_ready(config: &Config, watch_mode: WatchMode) {
     let mode = match watch_mode {
         WatchMode::Inotify => "inotify".to_owned(),
         WatchMode::Poll(interval) => format!("polling every {} ms", interval.as_millis()),
@@ -246,44 +389,6 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
         config.workers,
         config.settle.as_millis()
     );
-
-    let mut fatal = None;
-    loop {
-        select! {
-            recv(stop) -> _ => break,
-            recv(publisher_exit_receiver) -> exit => {
-                if exit == Ok(PublisherExit::SinkClosed) {
-                    log::info!("stdout was closed: stopping");
-                }
-                break;
-            }
-            default(DATABASE_CHECK_INTERVAL) => {
-                if let Some(link) = &mut database {
-                    if let Err(error) = link.attempt(&deferred) {
-                        fatal = Some(error);
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
-    // Orderly shutdown, in pipeline order (the settle stage drops the watcher first).
-    stopping.store(true, Ordering::Release);
-    drop(settle_stop_sender);
-    threads.join();
-    workers.join();
-    drop(wake_sender);
-    let _ = publisher_thread.join();
-    log::info!(
-        "stopped: {} messages recorded, {} files hashed, {} unreadable, {} events dropped",
-        worker_counters.messages_recorded.load(Ordering::Relaxed),
-        worker_counters.files_hashed.load(Ordering::Relaxed),
-        worker_counters.file_errors.load(Ordering::Relaxed),
-        counters.dropped_events.load(Ordering::Relaxed),
-    );
-    drop(database); // releases the instance lock last
-    fatal.map_or(Ok(()), Err)
 }
 
 /// The connection to the shared database: the instance lock and the registry.
