@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::filter::Filter;
+use crate::filter::{Filter, FilterError};
 use crate::redact::redact_url;
 
 pub const DEFAULT_EXTENSIONS: &str = "mp3,flac,wav,wave,m4a,mp4,m4b,m4p,m4v,m4r,ogg,oga,opus,aac,wma";
@@ -173,6 +173,283 @@ fn invalid(
     }
 }
 
+impl Config {
+    /// Validates raw arguments, one setting per step. The steps run in this
+    /// order, so with several bad values the first step's error is the one
+    /// reported. Does not touch the filesystem: whether the directory exists
+    /// is checked at start-up, where the error can say more.
+    pub fn from_args(args: Args) -> Result<Config, ConfigError> {
+        let data_dir = parse_data_dir(&args.data_dir)?;
+        let instance_id = parse_instance_id(args.instance_id.as_deref())?;
+        let filter = parse_filter(&args.extensions, &args.exclude)?;
+        let settle = parse_millis("SETTLE_MS", "settle-ms", &args.settle_ms, 0)?;
+        let workers = parse_workers(args.workers.as_deref())?;
+        let watch_mode = parse_watch_mode(args.poll_interval_ms.as_deref())?;
+        let log_level = parse_log_level(&args.log_level)?;
+        let log_format = parse_log_format(&args.log_format)?;
+        let broker = parse_broker(&args)?;
+        let database = parse_database(&args)?;
+        let scan_existing = parse_scan_existing(args.scan_existing.as_deref())?;
+        let sentinel = parse_sentinel(args.sentinel_file.as_deref(), &data_dir)?;
+        // The one setting read outside clap: a test hook with no flag.
+        let test_stall_file = std::env::var_os("FILE_WATCHER_TEST_STALL_FILE").map(PathBuf::from);
+        Ok(Config {
+            data_dir,
+            instance_id,
+            filter,
+            settle,
+            workers,
+            watch_mode,
+            log_level,
+            log_format,
+            scan_existing,
+            broker,
+            database,
+            sentinel,
+            test_stall_file,
+        })
+    }
+
+    /// The watched directory as it appears in messages and logs.
+    pub fn watched_directory(&self) -> String {
+        self.data_dir.to_string_lossy().into_owned()
+    }
+}
+
+/// DATA_DIR (the positional DIR), normalized; see [`normalize_path`].
+fn parse_data_dir(data_dir: &Path) -> Result<PathBuf, ConfigError> {
+    normalize_path(data_dir).ok_or_else(|| {
+        invalid(
+            "DATA_DIR",
+            "DIR",
+            &data_dir.to_string_lossy(),
+            "not a usable path",
+        )
+    })
+}
+
+/// INSTANCE_ID as given (not trimmed); unset, the first 8 hex digits of a
+/// new UUIDv4.
+fn parse_instance_id(id: Option<&str>) -> Result<String, ConfigError> {
+    let Some(id) = id else {
+        return Ok(uuid::Uuid::new_v4().simple().to_string()[..8].to_owned());
+    };
+    let valid = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !valid {
+        return Err(invalid(
+            "INSTANCE_ID",
+            "instance-id",
+            id,
+            "use 1 to 64 characters from A-Z a-z 0-9 - _ .",
+        ));
+    }
+    Ok(id.to_owned())
+}
+
+/// EXTENSIONS and EXCLUDE, compiled once; the error names whichever of the
+/// two the filter refused.
+fn parse_filter(extensions: &str, exclude: &str) -> Result<Filter, ConfigError> {
+    Filter::new(extensions, exclude).map_err(|error| match error {
+        FilterError::Extensions(reason) => invalid("EXTENSIONS", "extensions", extensions, reason),
+        FilterError::Exclude(reason) => invalid("EXCLUDE", "exclude", exclude, reason),
+    })
+}
+
+/// WORKERS; unset, the CPU count, at least 2.
+fn parse_workers(value: Option<&str>) -> Result<usize, ConfigError> {
+    let Some(value) = value else {
+        return Ok(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2));
+    };
+    match value.trim().parse::<usize>() {
+        Ok(n) if (1..=256).contains(&n) => Ok(n),
+        _ => Err(invalid(
+            "WORKERS",
+            "workers",
+            value,
+            "expected a whole number from 1 to 256",
+        )),
+    }
+}
+
+/// POLL_INTERVAL_MS set (at least 10 ms) means polling; unset, inotify.
+fn parse_watch_mode(poll_interval_ms: Option<&str>) -> Result<WatchMode, ConfigError> {
+    match poll_interval_ms {
+        None => Ok(WatchMode::Inotify),
+        Some(value) => parse_millis("POLL_INTERVAL_MS", "poll-interval-ms", value, 10).map(WatchMode::Poll),
+    }
+}
+
+fn parse_log_level(value: &str) -> Result<log::LevelFilter, ConfigError> {
+    value.trim().parse::<log::LevelFilter>().map_err(|_| {
+        invalid(
+            "LOG_LEVEL",
+            "log-level",
+            value,
+            "expected error, warn, info, debug or trace",
+        )
+    })
+}
+
+fn parse_log_format(value: &str) -> Result<LogFormat, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(invalid(
+            "LOG_FORMAT",
+            "log-format",
+            value,
+            "expected text or json",
+        )),
+    }
+}
+
+/// The broker, from RABBITMQ_URL or else from the legacy RABBITMQ_HOST
+/// family; with neither (or only blank values) there is no broker. EXCHANGE
+/// is checked first, even when there is no broker.
+fn parse_broker(args: &Args) -> Result<Option<BrokerConfig>, ConfigError> {
+    let exchange = parse_exchange(&args.exchange)?;
+    let url = match (&args.rabbitmq_url, &args.rabbitmq_host) {
+        (Some(url), _) if !url.trim().is_empty() => parse_rabbitmq_url(url)?,
+        (_, Some(host)) if !host.trim().is_empty() => legacy_rabbitmq_url(
+            host,
+            &args.rabbitmq_port,
+            &args.rabbitmq_user,
+            &args.rabbitmq_pass,
+        )?,
+        _ => return Ok(None),
+    };
+    Ok(Some(BrokerConfig {
+        url,
+        dead_letter_exchange: format!("{exchange}.dlx"),
+        exchange,
+    }))
+}
+
+/// EXCHANGE as given (not trimmed), as long as it is not blank.
+fn parse_exchange(value: &str) -> Result<String, ConfigError> {
+    if value.trim().is_empty() {
+        return Err(invalid("EXCHANGE", "exchange", value, "must not be empty"));
+    }
+    Ok(value.to_owned())
+}
+
+/// RABBITMQ_URL as given; only the scheme is checked here. The error shows
+/// the URL redacted, never its password.
+fn parse_rabbitmq_url(url: &str) -> Result<String, ConfigError> {
+    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        return Err(invalid(
+            "RABBITMQ_URL",
+            "rabbitmq-url",
+            &redact_url(url),
+            "expected amqp:// or amqps://",
+        ));
+    }
+    Ok(url.to_owned())
+}
+
+/// The URL the legacy variables describe, on the default vhost `/`. Only
+/// RABBITMQ_PORT can be wrong; user and password may hold any character.
+fn legacy_rabbitmq_url(host: &str, port: &str, user: &str, password: &str) -> Result<String, ConfigError> {
+    let port = port
+        .trim()
+        .parse::<u16>()
+        .map_err(|_| invalid("RABBITMQ_PORT", "rabbitmq-port", port, "expected a port number"))?;
+    Ok(format!(
+        "amqp://{}:{}@{}:{}/%2f",
+        percent_encode(user),
+        percent_encode(password),
+        host.trim(),
+        port
+    ))
+}
+
+/// The registry database, on when DATABASE_URL is set and not blank.
+/// DB_POOL_SIZE and DB_SCHEMA are checked even when it is off.
+fn parse_database(args: &Args) -> Result<Option<DatabaseConfig>, ConfigError> {
+    let pool_size = parse_pool_size(&args.db_pool_size)?;
+    let schema = parse_schema(args.db_schema.as_deref())?;
+    Ok(match &args.database_url {
+        Some(url) if !url.trim().is_empty() => Some(DatabaseConfig {
+            url: url.clone(),
+            schema,
+            pool_size,
+        }),
+        _ => None,
+    })
+}
+
+fn parse_pool_size(value: &str) -> Result<u32, ConfigError> {
+    match value.trim().parse::<u32>() {
+        Ok(n) if (1..=64).contains(&n) => Ok(n),
+        _ => Err(invalid(
+            "DB_POOL_SIZE",
+            "db-pool-size",
+            value,
+            "expected a whole number from 1 to 64",
+        )),
+    }
+}
+
+/// DB_SCHEMA as given (not trimmed), if set.
+fn parse_schema(schema: Option<&str>) -> Result<Option<String>, ConfigError> {
+    let Some(schema) = schema else {
+        return Ok(None);
+    };
+    let valid = !schema.is_empty()
+        && schema.len() <= 63
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !schema.starts_with(|c: char| c.is_ascii_digit());
+    if !valid {
+        return Err(invalid(
+            "DB_SCHEMA",
+            "db-schema",
+            schema,
+            "use lower-case letters, digits and _, not starting with a digit",
+        ));
+    }
+    Ok(Some(schema.to_owned()))
+}
+
+/// SCAN_EXISTING; a bare `--scan-existing` arrives as `true`, unset is false.
+fn parse_scan_existing(value: Option<&str>) -> Result<bool, ConfigError> {
+    let Some(value) = value else {
+        return Ok(false);
+    };
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "" | "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(invalid(
+            "SCAN_EXISTING",
+            "scan-existing",
+            value,
+            "expected true or false",
+        )),
+    }
+}
+
+/// SENTINEL_FILE, relative to the (already normalized) data directory;
+/// empty means none.
+fn parse_sentinel(path: Option<&Path>, data_dir: &Path) -> Result<Option<PathBuf>, ConfigError> {
+    match path {
+        None => Ok(None),
+        Some(path) if path.as_os_str().is_empty() => Ok(None),
+        Some(path) => normalize_path(&data_dir.join(path)).map(Some).ok_or_else(|| {
+            invalid(
+                "SENTINEL_FILE",
+                "sentinel-file",
+                &path.to_string_lossy(),
+                "not a usable path",
+            )
+        }),
+    }
+}
+
 fn parse_millis(
     variable: &'static str,
     flag: &'static str,
@@ -196,231 +473,10 @@ fn parse_millis(
     }
 }
 
-impl Config {
-    /// Validates raw arguments. Does not touch the filesystem: whether the
-    /// directory exists is checked at start-up, where the error can say more.
-    pub fn from_args(args: Args) -> Result<Config, ConfigError> {
-        let data_dir = normalize_dir(&args.data_dir).ok_or_else(|| {
-            invalid(
-                "DATA_DIR",
-                "DIR",
-                &args.data_dir.to_string_lossy(),
-                "not a usable path",
-            )
-        })?;
-
-        let instance_id = match args.instance_id {
-            Some(id) => {
-                let valid = !id.is_empty()
-                    && id.len() <= 64
-                    && id
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-                if !valid {
-                    return Err(invalid(
-                        "INSTANCE_ID",
-                        "instance-id",
-                        &id,
-                        "use 1 to 64 characters from A-Z a-z 0-9 - _ .",
-                    ));
-                }
-                id
-            }
-            None => uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
-        };
-
-        let filter = Filter::new(&args.extensions, &args.exclude).map_err(|error| match error {
-            crate::filter::FilterError::Extensions(reason) => {
-                invalid("EXTENSIONS", "extensions", &args.extensions, reason)
-            }
-            crate::filter::FilterError::Exclude(reason) => {
-                invalid("EXCLUDE", "exclude", &args.exclude, reason)
-            }
-        })?;
-
-        let settle = parse_millis("SETTLE_MS", "settle-ms", &args.settle_ms, 0)?;
-
-        let workers = match &args.workers {
-            None => std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
-            Some(value) => match value.trim().parse::<usize>() {
-                Ok(n) if (1..=256).contains(&n) => n,
-                _ => {
-                    return Err(invalid(
-                        "WORKERS",
-                        "workers",
-                        value,
-                        "expected a whole number from 1 to 256",
-                    ))
-                }
-            },
-        };
-
-        let watch_mode = match &args.poll_interval_ms {
-            None => WatchMode::Inotify,
-            Some(value) => WatchMode::Poll(parse_millis("POLL_INTERVAL_MS", "poll-interval-ms", value, 10)?),
-        };
-
-        let log_level = args.log_level.trim().parse::<log::LevelFilter>().map_err(|_| {
-            invalid(
-                "LOG_LEVEL",
-                "log-level",
-                &args.log_level,
-                "expected error, warn, info, debug or trace",
-            )
-        })?;
-
-        let log_format = match args.log_format.trim().to_ascii_lowercase().as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            _ => {
-                return Err(invalid(
-                    "LOG_FORMAT",
-                    "log-format",
-                    &args.log_format,
-                    "expected text or json",
-                ))
-            }
-        };
-
-        if args.exchange.trim().is_empty() {
-            return Err(invalid(
-                "EXCHANGE",
-                "exchange",
-                &args.exchange,
-                "must not be empty",
-            ));
-        }
-        let broker_url = match (args.rabbitmq_url, args.rabbitmq_host) {
-            (Some(url), _) if !url.trim().is_empty() => {
-                if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-                    return Err(invalid(
-                        "RABBITMQ_URL",
-                        "rabbitmq-url",
-                        &redact_url(&url),
-                        "expected amqp:// or amqps://",
-                    ));
-                }
-                Some(url)
-            }
-            (_, Some(host)) if !host.trim().is_empty() => {
-                let port = args.rabbitmq_port.trim().parse::<u16>().map_err(|_| {
-                    invalid(
-                        "RABBITMQ_PORT",
-                        "rabbitmq-port",
-                        &args.rabbitmq_port,
-                        "expected a port number",
-                    )
-                })?;
-                Some(format!(
-                    "amqp://{}:{}@{}:{}/%2f",
-                    percent_encode(&args.rabbitmq_user),
-                    percent_encode(&args.rabbitmq_pass),
-                    host.trim(),
-                    port
-                ))
-            }
-            _ => None,
-        };
-        let broker = broker_url.map(|url| BrokerConfig {
-            url,
-            dead_letter_exchange: format!("{}.dlx", args.exchange),
-            exchange: args.exchange.clone(),
-        });
-
-        let pool_size = match args.db_pool_size.trim().parse::<u32>() {
-            Ok(n) if (1..=64).contains(&n) => n,
-            _ => {
-                return Err(invalid(
-                    "DB_POOL_SIZE",
-                    "db-pool-size",
-                    &args.db_pool_size,
-                    "expected a whole number from 1 to 64",
-                ))
-            }
-        };
-        if let Some(schema) = &args.db_schema {
-            let valid = !schema.is_empty()
-                && schema.len() <= 63
-                && schema
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-                && !schema.starts_with(|c: char| c.is_ascii_digit());
-            if !valid {
-                return Err(invalid(
-                    "DB_SCHEMA",
-                    "db-schema",
-                    schema,
-                    "use lower-case letters, digits and _, not starting with a digit",
-                ));
-            }
-        }
-        let database = match args.database_url {
-            Some(url) if !url.trim().is_empty() => Some(DatabaseConfig {
-                url,
-                schema: args.db_schema,
-                pool_size,
-            }),
-            _ => None,
-        };
-
-        let scan_existing = match args
-            .scan_existing
-            .as_deref()
-            .map(|v| v.trim().to_ascii_lowercase())
-        {
-            None => false,
-            Some(value) => match value.as_str() {
-                "1" | "true" | "yes" | "on" => true,
-                "" | "0" | "false" | "no" | "off" => false,
-                _ => {
-                    return Err(invalid(
-                        "SCAN_EXISTING",
-                        "scan-existing",
-                        args.scan_existing.as_deref().unwrap_or_default(),
-                        "expected true or false",
-                    ))
-                }
-            },
-        };
-        let sentinel = match args.sentinel_file {
-            Some(path) if path.as_os_str().is_empty() => None,
-            Some(path) => Some(normalize_dir(&data_dir.join(path.clone())).ok_or_else(|| {
-                invalid(
-                    "SENTINEL_FILE",
-                    "sentinel-file",
-                    &path.to_string_lossy(),
-                    "not a usable path",
-                )
-            })?),
-            None => None,
-        };
-
-        Ok(Config {
-            sentinel,
-            data_dir,
-            instance_id,
-            filter,
-            settle,
-            workers,
-            watch_mode,
-            log_level,
-            log_format,
-            scan_existing,
-            broker,
-            database,
-            test_stall_file: std::env::var_os("FILE_WATCHER_TEST_STALL_FILE").map(PathBuf::from),
-        })
-    }
-
-    /// The watched directory as it appears in messages and logs.
-    pub fn watched_directory(&self) -> String {
-        self.data_dir.to_string_lossy().into_owned()
-    }
-}
-
 /// Absolute, without `.`/`..` components or a trailing slash; symlinks are
 /// kept as given (an operator's `/data/music` stays `/data/music` in messages).
-fn normalize_dir(path: &Path) -> Option<PathBuf> {
+/// `None` for an empty path or one that is not UTF-8.
+fn normalize_path(path: &Path) -> Option<PathBuf> {
     if path.as_os_str().is_empty() {
         return None;
     }
@@ -528,5 +584,179 @@ mod tests {
     fn relative_and_dotted_paths_become_absolute() {
         let config = parse(&["/tmp/a/../b/./c"]).unwrap();
         assert_eq!(config.data_dir, PathBuf::from("/tmp/b/c"));
+    }
+
+    /// The exact lines operators and `tests/cli.rs` see, one per step that
+    /// can fail, so that moving code between steps cannot change a byte.
+    #[test]
+    fn error_lines_are_exact() {
+        for (arguments, expected) in [
+            (
+                &["/tmp", "--instance-id", "a b"][..],
+                r#"invalid value "a b" for INSTANCE_ID (--instance-id): use 1 to 64 characters from A-Z a-z 0-9 - _ ."#,
+            ),
+            (
+                &["/tmp", "--extensions", ""],
+                r#"invalid value "" for EXTENSIONS (--extensions): expected a comma-separated list of extensions, or *"#,
+            ),
+            (
+                &["/tmp", "--settle-ms", "abc"],
+                r#"invalid value "abc" for SETTLE_MS (--settle-ms): expected a whole number of milliseconds"#,
+            ),
+            (
+                &["/tmp", "--workers", "257"],
+                r#"invalid value "257" for WORKERS (--workers): expected a whole number from 1 to 256"#,
+            ),
+            (
+                &["/tmp", "--poll-interval-ms", "9"],
+                r#"invalid value "9" for POLL_INTERVAL_MS (--poll-interval-ms): must be at least 10"#,
+            ),
+            (
+                &["/tmp", "--log-level", "loud"],
+                r#"invalid value "loud" for LOG_LEVEL (--log-level): expected error, warn, info, debug or trace"#,
+            ),
+            (
+                &["/tmp", "--log-format", "xml"],
+                r#"invalid value "xml" for LOG_FORMAT (--log-format): expected text or json"#,
+            ),
+            (
+                &["/tmp", "--exchange", " "],
+                r#"invalid value " " for EXCHANGE (--exchange): must not be empty"#,
+            ),
+            (
+                &["/tmp", "--rabbitmq-url", "http://user:secret@host/"],
+                r#"invalid value "http://user:***@host/" for RABBITMQ_URL (--rabbitmq-url): expected amqp:// or amqps://"#,
+            ),
+            (
+                &["/tmp", "--rabbitmq-host", "h", "--rabbitmq-port", "99999"],
+                r#"invalid value "99999" for RABBITMQ_PORT (--rabbitmq-port): expected a port number"#,
+            ),
+            (
+                &["/tmp", "--db-pool-size", "65"],
+                r#"invalid value "65" for DB_POOL_SIZE (--db-pool-size): expected a whole number from 1 to 64"#,
+            ),
+            (
+                &["/tmp", "--db-schema", "1abc"],
+                r#"invalid value "1abc" for DB_SCHEMA (--db-schema): use lower-case letters, digits and _, not starting with a digit"#,
+            ),
+            (
+                &["/tmp", "--scan-existing", "maybe"],
+                r#"invalid value "maybe" for SCAN_EXISTING (--scan-existing): expected true or false"#,
+            ),
+        ] {
+            let error = parse(arguments).expect_err(expected);
+            assert_eq!(error.to_string(), expected);
+        }
+        // clap itself refuses an empty DIR or DATA_DIR; operators meet this
+        // line for a path that is not UTF-8.
+        assert_eq!(
+            parse_data_dir(Path::new("")).unwrap_err().to_string(),
+            r#"invalid value "" for DATA_DIR (--DIR): not a usable path"#
+        );
+    }
+
+    #[test]
+    fn with_several_bad_values_the_first_step_reports() {
+        for (arguments, variable) in [
+            (&["/tmp", "--workers", "0", "--settle-ms", "x"][..], "SETTLE_MS"),
+            (
+                &["/tmp", "--log-format", "xml", "--poll-interval-ms", "1"],
+                "POLL_INTERVAL_MS",
+            ),
+            (&["/tmp", "--db-pool-size", "0", "--exchange", ""], "EXCHANGE"),
+            (
+                &["/tmp", "--db-schema", "X", "--db-pool-size", "0"],
+                "DB_POOL_SIZE",
+            ),
+            (
+                &["/tmp", "--scan-existing", "maybe", "--db-schema", "X"],
+                "DB_SCHEMA",
+            ),
+        ] {
+            assert_eq!(parse(arguments).unwrap_err().variable, variable, "{arguments:?}");
+        }
+    }
+
+    /// A bad value is reported even when the part it configures is off, so
+    /// turning the broker or the database on later cannot reveal it.
+    #[test]
+    fn broker_and_database_settings_are_checked_while_off() {
+        assert_eq!(
+            parse(&["/tmp", "--exchange", ""]).unwrap_err().variable,
+            "EXCHANGE"
+        );
+        assert_eq!(
+            parse(&["/tmp", "--db-pool-size", "0"]).unwrap_err().variable,
+            "DB_POOL_SIZE"
+        );
+        assert_eq!(
+            parse(&["/tmp", "--db-schema", "X"]).unwrap_err().variable,
+            "DB_SCHEMA"
+        );
+        // RABBITMQ_PORT matters only for the legacy host form.
+        assert!(parse(&["/tmp", "--rabbitmq-port", "x"]).unwrap().broker.is_none());
+    }
+
+    #[test]
+    fn instance_id_is_checked_as_given_or_generated() {
+        assert_eq!(parse_instance_id(Some("a.B-c_9")).unwrap(), "a.B-c_9");
+        assert!(parse_instance_id(Some(&"x".repeat(64))).is_ok());
+        for bad in ["", " ab", "é", &"x".repeat(65)] {
+            assert!(parse_instance_id(Some(bad)).is_err(), "{bad:?}");
+        }
+        let generated = parse_instance_id(None).unwrap();
+        assert!(generated.len() == 8 && generated.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn numbers_are_trimmed_and_bounded() {
+        assert_eq!(parse_workers(Some(" 256 ")).unwrap(), 256);
+        assert!(parse_workers(Some("0")).is_err());
+        assert!(parse_workers(None).unwrap() >= 2);
+        assert_eq!(parse_pool_size("64").unwrap(), 64);
+        assert!(parse_pool_size("65").is_err());
+        assert_eq!(
+            parse_watch_mode(Some(" 10 ")).unwrap(),
+            WatchMode::Poll(Duration::from_millis(10))
+        );
+        assert_eq!(parse_watch_mode(None).unwrap(), WatchMode::Inotify);
+    }
+
+    #[test]
+    fn words_are_read_case_insensitively() {
+        assert_eq!(parse_log_format(" JSON ").unwrap(), LogFormat::Json);
+        assert_eq!(parse_log_level(" DEBUG ").unwrap(), log::LevelFilter::Debug);
+        for (value, expected) in [
+            ("Yes", true),
+            (" on ", true),
+            ("1", true),
+            ("", false),
+            ("OFF", false),
+        ] {
+            assert_eq!(parse_scan_existing(Some(value)).unwrap(), expected, "{value:?}");
+        }
+        assert!(!parse_scan_existing(None).unwrap());
+    }
+
+    #[test]
+    fn legacy_url_encodes_credentials_and_trims_the_host() {
+        assert_eq!(
+            legacy_rabbitmq_url(" h ", " 5673 ", "a b", "p:/@%é").unwrap(),
+            "amqp://a%20b:p%3A%2F%40%25%C3%A9@h:5673/%2f"
+        );
+        // A blank RABBITMQ_URL counts as unset, so the legacy host applies.
+        let config = parse(&["/tmp", "--rabbitmq-url", " ", "--rabbitmq-host", "h"]).unwrap();
+        assert_eq!(config.broker.unwrap().url, "amqp://guest:guest@h:5672/%2f");
+    }
+
+    #[test]
+    fn sentinel_is_resolved_below_the_data_dir() {
+        let data_dir = Path::new("/data/music");
+        let sentinel = |path: &str| parse_sentinel(Some(Path::new(path)), data_dir).unwrap();
+        assert_eq!(sentinel("mounted"), Some(PathBuf::from("/data/music/mounted")));
+        assert_eq!(sentinel("../x/./y"), Some(PathBuf::from("/data/x/y")));
+        assert_eq!(sentinel("/abs/s"), Some(PathBuf::from("/abs/s")));
+        assert_eq!(sentinel(""), None);
+        assert_eq!(parse_sentinel(None, data_dir).unwrap(), None);
     }
 }
