@@ -12,8 +12,6 @@
 //! message comes after anything the action produced). The registry has no
 //! event to wait on, so database conditions are polled up to a deadline.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::process::Command;
@@ -21,16 +19,17 @@ use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::services::{
-    database_url, log_level, wait_for_full_scan, warnings_and_errors, Delivered, FileRow, TestBroker,
-    TestDatabase,
-};
-use common::{sha256_hex, write_file, xxh128_hex, Daemon, DEADLINE};
 use file_watcher::registry::postgres::MIGRATIONS;
 use lapin::types::AMQPValue;
 use lapin::uri::AMQPUri;
 use serde_json::json;
 use uuid::Uuid;
+
+use crate::support::services::{
+    database_url, log_level, wait_for_full_scan, warnings_and_errors, Delivered, FileRow, TestBroker,
+    TestDatabase,
+};
+use crate::support::{sha256_hex, write_file, xxh128_hex, Daemon, DEADLINE};
 
 /// A unique, valid `INSTANCE_ID` that says which test it belongs to.
 fn instance_id(label: &str) -> String {

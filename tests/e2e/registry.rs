@@ -7,8 +7,6 @@
 //! passes and kept for inspection when it fails. The server is
 //! `postgres://postgres@127.0.0.1:5432/test` unless `DATABASE_TEST_URL` says otherwise.
 
-mod common;
-
 use std::fs;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -16,7 +14,6 @@ use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::proxy::FaultProxy;
 use file_watcher::message::{EventType, Message, Origin};
 use file_watcher::registry::postgres::{
     InstanceLock, LockError, PostgresRegistry, PostgresSettings, MIGRATIONS, ORPHAN_GRACE,
@@ -25,6 +22,8 @@ use file_watcher::registry::{Applied, Change, Observed, Registry, RegistryError,
 use postgres::{Client, NoTls};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
+
+use crate::support::proxy::FaultProxy;
 
 /// How long any polled condition may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(30);

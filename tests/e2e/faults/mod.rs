@@ -24,13 +24,11 @@
 //! the broker; it is read only once the registry says everything was
 //! published, so nothing published can still be on its way.
 //!
-//! Processes are `common::Daemon`s pointed at the scenario's tree
+//! Processes are `crate::support::Daemon`s pointed at the scenario's tree
 //! (`DaemonBuilder::watching`), so one tree outlives the processes that are
 //! killed and restarted on it. The watch-limit tests alone need a wrapper
 //! command (`unshare`) around the binary, which `Daemon` cannot run; they use
 //! the small [`Wrapped`] runner below.
-
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
@@ -44,9 +42,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_io::Timer;
-use common::proxy::FaultProxy;
-use common::services::{database_url, file_row, rabbitmq_url, FileRow, FILE_ROW_SELECT};
-use common::{sha256_hex, Daemon, DaemonBuilder, DEADLINE};
 use file_watcher::config::{DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS};
 use file_watcher::filter::Filter;
 use futures_lite::future;
@@ -59,6 +54,10 @@ use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::Value;
 use uuid::Uuid;
+
+use crate::support::proxy::FaultProxy;
+use crate::support::services::{database_url, file_row, rabbitmq_url, FileRow, FILE_ROW_SELECT};
+use crate::support::{sha256_hex, Daemon, DaemonBuilder, DEADLINE};
 
 /// How long a scenario may take to converge after its fault cleared:
 /// generous, as a reconnect backoff can reach several seconds; a typical run
@@ -1398,7 +1397,7 @@ fn a_burst_after_a_stall_with_a_rename_over_a_file_then_its_removal() {
 // ---------------------------------------------------------------------------
 
 /// A process started through a wrapper command, with stdout and stderr read
-/// into line buffers; killed and joined on drop. (`common::Daemon` runs the
+/// into line buffers; killed and joined on drop. (`crate::support::Daemon` runs the
 /// binary itself, without a wrapper.)
 struct Wrapped {
     child: Child,
