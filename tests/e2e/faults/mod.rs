@@ -19,45 +19,34 @@
 //! (`scripts/test.sh`); a [`ServicesGuard`] brings both servers back however
 //! such a test ends.
 //!
-//! The queue is durable (not the exclusive queue of `TestBroker`) because
-//! several faults close every connection, the test's own included, or restart
-//! the broker; it is read only once the registry says everything was
-//! published, so nothing published can still be on its way.
+//! The queue is durable ([`TestBroker::durable`], not the exclusive queue the
+//! other tests consume) because several faults close every connection, the
+//! test's own included, or restart the broker; it is read only once the
+//! registry says everything was published, so nothing published can still be
+//! on its way.
 //!
-//! Processes are `crate::support::Daemon`s pointed at the scenario's tree
+//! Processes are `Daemon`s pointed at the scenario's tree
 //! (`DaemonBuilder::watching`), so one tree outlives the processes that are
-//! killed and restarted on it. The watch-limit tests alone need a wrapper
-//! command (`unshare`) around the binary, which `Daemon` cannot run; they use
-//! the small [`Wrapped`] runner below.
+//! killed and restarted on it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
-use std::future::Future;
-use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::thread::JoinHandle;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use async_io::Timer;
 use file_watcher::config::{DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS};
 use file_watcher::filter::Filter;
-use futures_lite::future;
-use lapin::options::{
-    BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::support::proxy::FaultProxy;
-use crate::support::services::{database_url, file_row, rabbitmq_url, FileRow, FILE_ROW_SELECT};
-use crate::support::{sha256_hex, Daemon, DaemonBuilder, DEADLINE};
+use crate::support::broker::{self, rabbitmq_url};
+use crate::support::database::{self, database_url};
+use crate::support::{
+    event_type, file_path, run, sha256_hex, wait_until, Daemon, DaemonBuilder, Delivered, FaultProxy,
+    FileRow, TestBroker, TestDatabase, DEADLINE, POLL,
+};
 
 /// How long a scenario may take to converge after its fault cleared:
 /// generous, as a reconnect backoff can reach several seconds; a typical run
@@ -67,10 +56,6 @@ const CONVERGE: Duration = Duration::from_secs(60);
 /// Short, so tests are quick, yet long enough that a file written in one go
 /// settles once.
 const SETTLE_MS: &str = "150";
-
-/// How often a condition without an event to wait on (a table, a process
-/// list, a service's state) is looked at again while a test waits for it.
-const POLL: Duration = Duration::from_millis(25);
 
 // ---------------------------------------------------------------------------
 // The scenario: a tree, a schema, an exchange with a durable queue, an
@@ -89,9 +74,9 @@ struct Scenario {
     /// Every daemon of the scenario runs as this instance.
     instance_id: String,
     /// The registry schema the daemons create; read by the checks.
-    database: SchemaView,
-    /// The exchange the daemons publish to, and the queue the checks read.
-    queue: DurableQueue,
+    database: TestDatabase,
+    /// The exchange the daemons publish to, and the durable queue the checks read.
+    broker: TestBroker,
     /// Between the daemons and RabbitMQ, when the test breaks that link.
     broker_proxy: Option<FaultProxy>,
     /// Between the daemons and PostgreSQL, when the test breaks that link.
@@ -141,10 +126,12 @@ impl ScenarioOptions {
             tree,
             outside,
             instance_id: format!("faults-{}", &Uuid::new_v4().simple().to_string()[..8]),
-            database: SchemaView::new(),
-            queue: DurableQueue::new(),
-            broker_proxy: self.broker_proxy.then(|| FaultProxy::start(broker_address())),
-            database_proxy: self.database_proxy.then(|| FaultProxy::start(database_address())),
+            database: TestDatabase::new(),
+            broker: TestBroker::durable(),
+            broker_proxy: self.broker_proxy.then(|| FaultProxy::start(broker::address())),
+            database_proxy: self
+                .database_proxy
+                .then(|| FaultProxy::start(database::address())),
             heartbeat: self.heartbeat,
             filter: Filter::new(DEFAULT_EXTENSIONS, DEFAULT_EXCLUDE).expect("the default filter"),
         }
@@ -170,11 +157,11 @@ impl Scenario {
 
     /// The daemon's broker URL: through the proxy if there is one.
     fn broker_url(&self) -> String {
-        let mut uri: AMQPUri = rabbitmq_url().parse().expect("RABBITMQ_TEST_URL parses");
-        if let Some(proxy) = &self.broker_proxy {
-            uri.authority.host = "127.0.0.1".to_owned();
-            uri.authority.port = proxy.port();
-        }
+        let url = self
+            .broker_proxy
+            .as_ref()
+            .map_or_else(rabbitmq_url, broker::url_through);
+        let mut uri: AMQPUri = url.parse().expect("the broker URL parses");
         if let Some(heartbeat) = self.heartbeat {
             uri.query.heartbeat = Some(heartbeat);
         }
@@ -184,7 +171,7 @@ impl Scenario {
     /// The daemon's database URL: through the proxy if there is one.
     fn database_url(&self) -> String {
         match &self.database_proxy {
-            Some(proxy) => database_url_via(proxy.address()),
+            Some(proxy) => database::url_through(proxy),
             None => database_url(),
         }
     }
@@ -198,7 +185,7 @@ impl Scenario {
             .env("DATABASE_URL", self.database_url())
             .env("DB_SCHEMA", self.database.schema())
             .env("RABBITMQ_URL", self.broker_url())
-            .env("EXCHANGE", &self.queue.exchange)
+            .env("EXCHANGE", self.broker.exchange())
     }
 
     /// Starts a daemon on this scenario, waiting out a lock that a killed
@@ -274,18 +261,24 @@ impl Scenario {
         files
     }
 
-    /// Rows of this scenario's tree.
+    /// Rows of this scenario's tree (none while the database is away).
     fn rows(&self) -> Vec<FileRow> {
         let prefix = format!("{}/", self.tree.display());
         self.database
-            .rows()
+            .try_rows()
+            .unwrap_or_default()
             .into_iter()
             .filter(|row| row.file_path.starts_with(&prefix))
             .collect()
     }
 
+    /// Messages of this scenario's tree recorded and not yet confirmed
+    /// (none while the database is away).
     fn outbox_len(&self) -> i64 {
-        self.database.outbox_len(&self.tree)
+        let pattern = format!("{}/%", self.tree.display());
+        self.database
+            .try_query("SELECT count(*) FROM outbox WHERE file_path LIKE $1", &[&pattern])
+            .map_or(0, |records| records[0].get(0))
     }
 
     /// Waits until the registry holds the current disk state of `relatives`
@@ -322,7 +315,7 @@ impl Scenario {
     /// The end-of-test check described in the module docs; returns every
     /// delivery so far, in order.
     #[track_caller]
-    fn assert_converged(&self) -> Vec<Received> {
+    fn assert_converged(&self) -> Vec<Delivered> {
         let disk = self.disk();
         let rows = self.database.wait_until(
             "the registry matches the tree and everything is published",
@@ -338,8 +331,7 @@ impl Scenario {
                 (present == disk && published && self.outbox_len() == 0).then_some(rows)
             },
         );
-        self.queue.drain();
-        let deliveries = self.queue.history();
+        let deliveries = self.broker.deliveries();
         let problems = compare(&disk, &rows, &deliveries);
         assert!(
             problems.is_empty(),
@@ -354,19 +346,19 @@ impl Scenario {
 }
 
 /// Everything that disagrees between the disk, the registry and the queue.
-fn compare(disk: &BTreeMap<String, String>, rows: &[FileRow], deliveries: &[Received]) -> Vec<String> {
+fn compare(disk: &BTreeMap<String, String>, rows: &[FileRow], deliveries: &[Delivered]) -> Vec<String> {
     let mut problems = Vec::new();
     // Per path, the last message that concerns it, and what it says.
-    let mut last: BTreeMap<String, (&Received, Option<String>)> = BTreeMap::new();
+    let mut last: BTreeMap<String, (&Delivered, Option<String>)> = BTreeMap::new();
     let mut bodies: HashMap<&str, &Value> = HashMap::new();
     let mut changes: HashMap<(String, String, String, String), &str> = HashMap::new();
     for received in deliveries {
         let body = &received.body;
         let id = received.message_id();
-        if received.property_id != id {
+        let property_id = Delivered::text(received.properties.message_id()).unwrap_or_default();
+        if property_id != id {
             problems.push(format!(
-                "message {id}: the message_id property says {}",
-                received.property_id
+                "message {id}: the message_id property says {property_id}"
             ));
         }
         match bodies.insert(id, body) {
@@ -441,7 +433,7 @@ fn text(body: &Value, field: &str) -> String {
     body[field].as_str().unwrap_or_default().to_owned()
 }
 
-fn describe(deliveries: &[Received]) -> String {
+fn describe(deliveries: &[Delivered]) -> String {
     deliveries
         .iter()
         .map(|received| {
@@ -458,11 +450,11 @@ fn describe(deliveries: &[Received]) -> String {
 }
 
 /// Messages whose `file_path` is `path`.
-fn events_for<'a>(deliveries: &'a [Received], path: &str) -> Vec<&'a str> {
+fn events_for<'a>(deliveries: &'a [Delivered], path: &str) -> Vec<&'a str> {
     deliveries
         .iter()
         .filter(|received| text(&received.body, "file_path") == path)
-        .map(Received::event_type)
+        .map(Delivered::event_type)
         .collect()
 }
 
@@ -481,377 +473,11 @@ fn wait_ready_or_exit(daemon: &mut Daemon, deadline: Instant) -> Result<(), Stri
     }
 }
 
-/// Stderr lines of `daemon` that contain every one of `parts`.
-fn lines_with(daemon: &Daemon, parts: &[&str]) -> Vec<String> {
-    daemon
-        .stderr_lines()
-        .into_iter()
-        .filter(|line| parts.iter().all(|part| line.contains(part)))
-        .collect()
-}
-
 /// SIGKILL, and the exit reaped.
 #[track_caller]
 fn kill_9(daemon: &mut Daemon) {
     daemon.signal("KILL");
     daemon.wait_exit(DEADLINE).expect("a SIGKILLed daemon exits");
-}
-
-// ---------------------------------------------------------------------------
-// The registry, as the test reads it.
-// ---------------------------------------------------------------------------
-
-/// The test's schema `t_<uuid>`, which the daemon creates and migrates; read
-/// through a connection that is made again after a database restart (unlike
-/// `TestDatabase`'s). Dropped with the test, kept when the test fails.
-struct SchemaView {
-    schema: String,
-    client: Mutex<Option<postgres::Client>>,
-}
-
-impl SchemaView {
-    fn new() -> SchemaView {
-        SchemaView {
-            schema: format!("t_{}", Uuid::new_v4().simple()),
-            client: Mutex::new(None),
-        }
-    }
-
-    fn schema(&self) -> &str {
-        &self.schema
-    }
-
-    /// Runs `sql` in the schema; `None` while the database cannot be
-    /// reached or the daemon has not created the tables yet.
-    fn try_query(
-        &self,
-        sql: &str,
-        parameters: &[&(dyn postgres::types::ToSql + Sync)],
-    ) -> Option<Vec<postgres::Row>> {
-        let mut client = self.client.lock().unwrap_or_else(PoisonError::into_inner);
-        if client.as_ref().is_none_or(postgres::Client::is_closed) {
-            let mut fresh = postgres::Client::connect(&database_url(), postgres::NoTls).ok()?;
-            fresh
-                .batch_execute(&format!("SET search_path TO {}", self.schema))
-                .ok()?;
-            *client = Some(fresh);
-        }
-        let result = client.as_mut()?.query(sql, parameters);
-        match result {
-            Ok(rows) => Some(rows),
-            Err(error) if error.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) => None,
-            // The server went away (a restart, a shutdown under way): ask again later.
-            Err(error)
-                if error.is_closed()
-                    || error.as_db_error().is_none()
-                    || error.code().is_some_and(|code| {
-                        code.code().starts_with("57") || code.code().starts_with("08")
-                    }) =>
-            {
-                *client = None;
-                None
-            }
-            Err(error) => panic!("{sql}: {error}"),
-        }
-    }
-
-    fn rows(&self) -> Vec<FileRow> {
-        let records = self
-            .try_query(&format!("{FILE_ROW_SELECT} ORDER BY file_path"), &[])
-            .unwrap_or_default();
-        records.iter().map(file_row).collect()
-    }
-
-    fn row(&self, path: &str) -> Option<FileRow> {
-        let records = self.try_query(&format!("{FILE_ROW_SELECT} WHERE file_path = $1"), &[&path])?;
-        records.first().map(file_row)
-    }
-
-    /// Messages of `tree` recorded and not yet confirmed.
-    fn outbox_len(&self, tree: &Path) -> i64 {
-        let pattern = format!("{}/%", tree.display());
-        self.try_query("SELECT count(*) FROM outbox WHERE file_path LIKE $1", &[&pattern])
-            .map_or(0, |records| records[0].get(0))
-    }
-
-    /// Asks `check` again every few milliseconds until it returns `Some`.
-    #[track_caller]
-    fn wait_until<T>(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut check: impl FnMut(&SchemaView) -> Option<T>,
-    ) -> T {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(found) = check(self) {
-                return found;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: not within {timeout:?}; files:\n{}",
-                self.rows()
-                    .iter()
-                    .map(|row| format!(
-                        "{} {} {} {} published {}",
-                        row.file_path,
-                        row.state,
-                        row.last_event,
-                        row.message_id,
-                        row.published_at.is_some()
-                    ))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-}
-
-impl Drop for SchemaView {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("keeping schema {} for inspection", self.schema);
-            return;
-        }
-        let _ = self.try_query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema), &[]);
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Where the servers are, and URLs that go through a proxy instead.
-// ---------------------------------------------------------------------------
-
-fn broker_address() -> SocketAddr {
-    let uri: AMQPUri = rabbitmq_url().parse().expect("RABBITMQ_TEST_URL parses");
-    (uri.authority.host.as_str(), uri.authority.port)
-        .to_socket_addrs()
-        .expect("resolve the broker")
-        .next()
-        .expect("the broker has an address")
-}
-
-fn database_address() -> SocketAddr {
-    let config: postgres::Config = database_url().parse().expect("DATABASE_TEST_URL parses");
-    let host = match config.get_hosts().first() {
-        Some(postgres::config::Host::Tcp(host)) => host.clone(),
-        _ => panic!("the fault tests need a TCP database URL"),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    (host.as_str(), port)
-        .to_socket_addrs()
-        .expect("resolve the database host")
-        .next()
-        .expect("the database has an address")
-}
-
-/// The test database's URL with `address` as its host and port.
-fn database_url_via(address: SocketAddr) -> String {
-    let config: postgres::Config = database_url().parse().expect("DATABASE_TEST_URL parses");
-    let user = config.get_user().unwrap_or("postgres");
-    let dbname = config.get_dbname().unwrap_or(user);
-    let password = config
-        .get_password()
-        .map(|password| {
-            let encoded: String = password
-                .iter()
-                .map(|byte| match byte {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                        char::from(*byte).to_string()
-                    }
-                    _ => format!("%{byte:02X}"),
-                })
-                .collect();
-            format!(":{encoded}")
-        })
-        .unwrap_or_default();
-    format!("postgres://{user}{password}@{address}/{dbname}")
-}
-
-// ---------------------------------------------------------------------------
-// The durable queue the scenario reads at the end.
-// ---------------------------------------------------------------------------
-
-/// One delivery, as the test's queue received it.
-#[derive(Debug, Clone)]
-struct Received {
-    body: Value,
-    /// The AMQP `message_id` property (the body carries it too).
-    property_id: String,
-}
-
-impl Received {
-    fn message_id(&self) -> &str {
-        self.body["message_id"].as_str().unwrap_or_default()
-    }
-
-    fn event_type(&self) -> &str {
-        self.body["event_type"].as_str().unwrap_or_default()
-    }
-}
-
-/// An exchange of the test's own and a durable queue bound to it with
-/// `file.#`; both deleted on drop. The queue also expires by itself half an
-/// hour after its last use, should a run die before dropping it.
-struct DurableQueue {
-    exchange: String,
-    queue: String,
-    /// Everything drained so far, in delivery order.
-    history: Mutex<Vec<Received>>,
-}
-
-/// Runs `work` to completion or fails the test at `deadline`.
-#[track_caller]
-fn before<T>(deadline: Instant, what: &str, work: impl Future<Output = T>) -> T {
-    future::block_on(future::or(async { Some(work.await) }, async {
-        Timer::at(deadline).await;
-        None
-    }))
-    .unwrap_or_else(|| panic!("{what} did not finish in time"))
-}
-
-/// A channel on a fresh connection to the real broker, retried until
-/// `deadline` (the broker may be on its way back from a fault).
-#[track_caller]
-fn broker_channel(deadline: Instant) -> (Connection, Channel) {
-    loop {
-        let connecting = async {
-            let connection = Connection::connect(&rabbitmq_url(), ConnectionProperties::default()).await?;
-            let channel = connection.create_channel().await?;
-            Ok::<_, lapin::Error>((connection, channel))
-        };
-        let attempt_deadline = deadline.min(Instant::now() + Duration::from_secs(5));
-        match future::block_on(future::or(async { Some(connecting.await) }, async {
-            Timer::at(attempt_deadline).await;
-            None
-        })) {
-            Some(Ok(pair)) => return pair,
-            failed => {
-                assert!(
-                    Instant::now() < deadline,
-                    "the test cannot reach RabbitMQ: {failed:?}"
-                );
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    }
-}
-
-impl DurableQueue {
-    fn new() -> DurableQueue {
-        let deadline = Instant::now() + DEADLINE;
-        let exchange = format!("test_{}", Uuid::new_v4().simple());
-        let queue = format!("test_{}", Uuid::new_v4().simple());
-        let (connection, channel) = broker_channel(deadline);
-        // As the daemon declares it, so its own declaration agrees.
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        before(
-            deadline,
-            "exchange.declare",
-            channel.exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Topic,
-                durable,
-                FieldTable::default(),
-            ),
-        )
-        .expect("declare the test exchange");
-        let mut arguments = FieldTable::default();
-        arguments.insert("x-expires".into(), AMQPValue::LongUInt(30 * 60 * 1000));
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        before(
-            deadline,
-            "queue.declare",
-            channel.queue_declare(queue.as_str().into(), durable, arguments),
-        )
-        .expect("declare the test queue");
-        before(
-            deadline,
-            "queue.bind",
-            channel.queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "file.#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .expect("bind the test queue");
-        let _ = before(deadline, "close", connection.close(200, "declared".into()));
-        DurableQueue {
-            exchange,
-            queue,
-            history: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Takes everything waiting in the queue into the history.
-    #[track_caller]
-    fn drain(&self) {
-        let deadline = Instant::now() + CONVERGE;
-        let (connection, channel) = broker_channel(deadline);
-        let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
-        let no_ack = BasicGetOptions { no_ack: true };
-        while let Some(message) = before(
-            deadline,
-            "basic.get",
-            channel.basic_get(self.queue.as_str().into(), no_ack),
-        )
-        .expect("read the test queue")
-        {
-            let delivery = message.delivery;
-            let body = serde_json::from_slice(&delivery.data).unwrap_or_else(|error| {
-                panic!(
-                    "a delivery is not JSON ({error}): {:?}",
-                    String::from_utf8_lossy(&delivery.data)
-                )
-            });
-            let property_id = delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.as_str().to_owned())
-                .unwrap_or_default();
-            history.push(Received { body, property_id });
-        }
-        let _ = before(deadline, "close", connection.close(200, "drained".into()));
-    }
-
-    fn history(&self) -> Vec<Received> {
-        self.history
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-}
-
-impl Drop for DurableQueue {
-    fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let connecting = async {
-            let connection = Connection::connect(&rabbitmq_url(), ConnectionProperties::default()).await?;
-            let channel = connection.create_channel().await?;
-            let _ = channel
-                .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
-            for exchange in [self.exchange.clone(), format!("{}.dlx", self.exchange)] {
-                let _ = channel
-                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                    .await;
-            }
-            connection.close(200, "test done".into()).await
-        };
-        let _ = future::block_on(future::or(async { Some(connecting.await) }, async {
-            Timer::at(deadline).await;
-            None
-        }));
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -866,31 +492,6 @@ impl Drop for ServicesGuard {
     fn drop(&mut self) {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
         let _ = Command::new(script).status();
-    }
-}
-
-#[track_caller]
-fn run(program: &str, arguments: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(arguments)
-        .output()
-        .unwrap_or_else(|error| panic!("run {program}: {error}"));
-    assert!(
-        output.status.success(),
-        "{program} {arguments:?} failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// Polls `condition` until it holds, failing with `what` after `timeout`.
-#[track_caller]
-fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !condition() {
-        assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
-        std::thread::sleep(POLL);
     }
 }
 
@@ -938,7 +539,7 @@ fn broker_down_at_start_is_caught_up() {
     scenario.create("after", 3);
     scenario.assert_converged();
     assert_eq!(
-        lines_with(&daemon, &["cannot publish now"]).len(),
+        daemon.stderr_lines_with(&["cannot publish now"]).len(),
         1,
         "one warning for the outage:\n{}",
         daemon.stderr_text()
@@ -984,10 +585,10 @@ fn frozen_broker_is_caught_by_the_heartbeat() {
     scenario.wait_held(&during);
     // Two heartbeats (4 s) without a byte from the broker retire the
     // connection, before the confirm timeout (5 s) would.
-    wait_until(
-        "the heartbeat notices the frozen broker",
+    // The heartbeat notices the frozen broker.
+    daemon.wait_for_stderr_with(
+        &["WARN", "file_watcher::", "no heartbeat"],
         Duration::from_secs(30),
-        || !lines_with(&daemon, &["WARN", "file_watcher::", "no heartbeat"]).is_empty(),
     );
     assert!(
         frozen_at.elapsed() < Duration::from_secs(10),
@@ -1007,7 +608,7 @@ fn lost_confirms_are_republished_with_the_same_message_id() {
     scenario.create("before", 2);
     let daemon = scenario.daemon().start();
     scenario.assert_converged();
-    let warnings_before = lines_with(&daemon, &["cannot publish now"]).len();
+    let warnings_before = daemon.stderr_lines_with(&["cannot publish now"]).len();
 
     // The broker takes the messages, its confirms never come back: the
     // confirm timeout gives the batch up, and it stays in the outbox.
@@ -1018,15 +619,13 @@ fn lost_confirms_are_republished_with_the_same_message_id() {
         .map(|relative| scenario.path_str(relative))
         .collect();
     wait_until("the publisher gives a batch up", CONVERGE, || {
-        lines_with(&daemon, &["cannot publish now"]).len() > warnings_before
+        daemon.stderr_lines_with(&["cannot publish now"]).len() > warnings_before
     });
-    scenario.queue.drain();
+    let delivered = scenario.broker.deliveries();
     let delivered_unconfirmed: Vec<&String> = during
         .iter()
         .filter(|path| {
-            scenario
-                .queue
-                .history()
+            delivered
                 .iter()
                 .any(|received| text(&received.body, "file_path") == **path)
         })
@@ -1043,7 +642,7 @@ fn lost_confirms_are_republished_with_the_same_message_id() {
         let ids: Vec<&str> = all
             .iter()
             .filter(|received| text(&received.body, "file_path") == *path)
-            .map(Received::message_id)
+            .map(Delivered::message_id)
             .collect();
         assert!(
             ids.len() >= 2 && ids.iter().all(|id| *id == ids[0]),
@@ -1128,8 +727,8 @@ fn serial_broker_kill_9() {
 /// The outage and recovery lines of the pipeline's database link.
 fn database_outage_lines(daemon: &Daemon) -> (Vec<String>, Vec<String>) {
     (
-        lines_with(daemon, &["ERROR", "database", "unavailable"]),
-        lines_with(daemon, &["database", "reachable again"]),
+        daemon.stderr_lines_with(&["ERROR", "database", "unavailable"]),
+        daemon.stderr_lines_with(&["database", "reachable again"]),
     )
 }
 
@@ -1268,10 +867,7 @@ fn catch_up_after_downtime() {
         .collect();
 
     let daemon = scenario.daemon().env("WORKERS", "1").start();
-    daemon.wait_for_stderr(
-        &format!("full scan of {} found", scenario.tree.display()),
-        DEADLINE,
-    );
+    daemon.wait_for_full_scan(&scenario.tree);
     scenario.write("zz-barrier.flac", "barrier");
     let all = scenario.assert_converged();
     let caught_up: BTreeSet<(String, String)> = all[first.len()..]
@@ -1396,119 +992,19 @@ fn a_burst_after_a_stall_with_a_rename_over_a_file_then_its_removal() {
 // 6. The inotify watch limit.
 // ---------------------------------------------------------------------------
 
-/// A process started through a wrapper command, with stdout and stderr read
-/// into line buffers; killed and joined on drop. (`crate::support::Daemon` runs the
-/// binary itself, without a wrapper.)
-struct Wrapped {
-    child: Child,
-    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-impl Wrapped {
-    fn start(mut command: Command) -> Wrapped {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the wrapped daemon");
-        let lines: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
-        let pipes: [(&str, Box<dyn Read + Send>); 2] = [
-            ("stdout", Box::new(child.stdout.take().unwrap())),
-            ("stderr", Box::new(child.stderr.take().unwrap())),
-        ];
-        let readers = pipes
-            .into_iter()
-            .map(|(name, pipe)| {
-                let lines = lines.clone();
-                std::thread::Builder::new()
-                    .name(format!("wrapped-{name}"))
-                    .spawn(move || {
-                        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                            lines.0.lock().unwrap_or_else(PoisonError::into_inner).push(line);
-                            lines.1.notify_all();
-                        }
-                    })
-                    .expect("spawn a reader")
-            })
-            .collect();
-        Wrapped {
-            child,
-            lines,
-            readers,
-        }
-    }
-
-    fn text(&self) -> String {
-        self.lines
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .join("\n")
-    }
-
-    /// Waits for a line (stdout or stderr) containing every one of `parts`.
-    #[track_caller]
-    fn wait_for(&self, parts: &[&str], timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        let (lines, changed) = &*self.lines;
-        let mut lines = lines.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if let Some(line) = lines
-                .iter()
-                .find(|line| parts.iter().all(|part| line.contains(part)))
-            {
-                return line.clone();
-            }
-            let now = Instant::now();
-            assert!(
-                now < deadline,
-                "no line with {parts:?} within {timeout:?}:\n{}",
-                lines.join("\n")
-            );
-            lines = changed
-                .wait_timeout(lines, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-    }
-
-    fn exit_status(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for Wrapped {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- wrapped daemon output ---\n{}\n---", self.text());
-        }
-    }
-}
-
-/// The binary in stdout mode on `tree`, in a user namespace of its own whose
-/// inotify watch limit is `limit`.
-fn start_with_watch_limit(tree: &Path, limit: u32) -> Wrapped {
-    let mut command = Command::new("unshare");
-    command
-        .args(["--user", "--map-root-user", "sh", "-c"])
-        .arg(format!(
-            "echo {limit} > /proc/sys/user/max_inotify_watches && exec \"$0\""
-        ))
-        .arg(env!("CARGO_BIN_EXE_file-watcher"))
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("DATA_DIR", tree)
-        .env("SETTLE_MS", SETTLE_MS);
-    let wrapped = Wrapped::start(command);
-    wrapped.wait_for(&[": ready:"], DEADLINE);
-    wrapped
+/// The binary in stdout mode, in a user namespace of its own whose inotify
+/// watch limit is `limit`.
+fn with_watch_limit(limit: u32) -> DaemonBuilder {
+    Daemon::builder()
+        .wrapped_in([
+            "unshare".to_owned(),
+            "--user".to_owned(),
+            "--map-root-user".to_owned(),
+            "sh".to_owned(),
+            "-c".to_owned(),
+            format!("echo {limit} > /proc/sys/user/max_inotify_watches && exec \"$0\" \"$@\""),
+        ])
+        .env("SETTLE_MS", SETTLE_MS)
 }
 
 /// The value an error line tells the operator to set the limit to.
@@ -1523,58 +1019,59 @@ fn advised_watch_limit(line: &str) -> u64 {
         .unwrap_or_else(|_| panic!("no value to set in {line}"))
 }
 
-/// Nested directories `d0/d1/…` below `tree`; returns the deepest.
-fn nest(tree: &Path, depth: usize) -> PathBuf {
-    let mut dir = tree.to_owned();
-    for level in 0..depth {
-        dir.push(format!("d{level}"));
-    }
-    fs::create_dir_all(&dir).expect("create nested directories");
-    dir
+/// `d0/d1/…`, `depth` directories deep.
+fn nested(depth: usize) -> String {
+    (0..depth)
+        .map(|level| format!("d{level}"))
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 #[test]
 fn watch_limit_at_start_falls_back_to_polling() {
-    let root = tempfile::tempdir().unwrap();
-    let tree = root.path().canonicalize().unwrap();
-    let deepest = nest(&tree, 30);
-    let mut daemon = start_with_watch_limit(&tree, 20);
-    let error = daemon.wait_for(&["ERROR", "fs.inotify.max_user_watches="], DEADLINE);
+    let deepest = nested(30);
+    let mut daemon = with_watch_limit(20).directory(&deepest).start();
+    let error = daemon.wait_for_stderr_with(&["ERROR", "fs.inotify.max_user_watches="], DEADLINE);
     assert!(error.contains("polling"), "{error}");
     assert!(advised_watch_limit(&error) > 20, "{error}");
     assert!(
-        daemon.text().contains("polling every 5000 ms"),
+        daemon.stderr_text().contains("polling every 5000 ms"),
         "{}",
-        daemon.text()
+        daemon.stderr_text()
     );
 
-    let deep = deepest.join("deep.flac");
-    fs::write(&deep, "deep").unwrap();
+    let deep = format!("{deepest}/deep.flac");
+    fs::write(daemon.path(&deep), "deep").unwrap();
+    let deep = daemon.path_str(&deep);
     daemon.wait_for(
-        &["\"event_type\":\"created\"", deep.to_str().unwrap()],
+        |message| event_type(message) == "created" && file_path(message) == deep,
         Duration::from_secs(30),
     );
-    assert!(daemon.exit_status().is_none());
+    assert!(daemon.wait_exit(Duration::ZERO).is_none());
 }
 
 #[test]
 fn watch_limit_reached_later_falls_back_to_polling() {
-    let root = tempfile::tempdir().unwrap();
-    let tree = root.path().canonicalize().unwrap();
-    let mut daemon = start_with_watch_limit(&tree, 20);
-    assert!(daemon.text().contains("(inotify,"), "{}", daemon.text());
+    let mut daemon = with_watch_limit(20).start();
+    assert!(
+        daemon.stderr_text().contains("(inotify,"),
+        "{}",
+        daemon.stderr_text()
+    );
 
-    let deepest = nest(&tree, 30);
-    let error = daemon.wait_for(&["ERROR", "fs.inotify.max_user_watches="], DEADLINE);
+    let deepest = nested(30);
+    fs::create_dir_all(daemon.path(&deepest)).expect("create nested directories");
+    let error = daemon.wait_for_stderr_with(&["ERROR", "fs.inotify.max_user_watches="], DEADLINE);
     assert!(error.contains("polling"), "{error}");
     assert!(advised_watch_limit(&error) > 20, "{error}");
-    let deep = deepest.join("deep.flac");
-    fs::write(&deep, "deep").unwrap();
+    let deep = format!("{deepest}/deep.flac");
+    fs::write(daemon.path(&deep), "deep").unwrap();
+    let deep = daemon.path_str(&deep);
     daemon.wait_for(
-        &["\"event_type\":\"created\"", deep.to_str().unwrap()],
+        |message| event_type(message) == "created" && file_path(message) == deep,
         Duration::from_secs(30),
     );
-    assert!(daemon.exit_status().is_none());
+    assert!(daemon.wait_exit(Duration::ZERO).is_none());
 }
 
 // ---------------------------------------------------------------------------
@@ -1675,7 +1172,7 @@ fn share_disappears(poll: bool, stray: bool) {
         // deletion going through, which the checks below reject).
         let holding = format!("holding the deletion of {first_file}:");
         wait_until("a held deletion is tried again", CONVERGE, || {
-            lines_with(&daemon, &[&holding]).len() >= 2
+            daemon.stderr_lines_with(&[&holding]).len() >= 2
                 || scenario
                     .database
                     .row(&first_file)
