@@ -18,6 +18,9 @@
 //! Tests named `serial_…` stop or restart the shared servers; `scripts/test.sh`
 //! runs them one at a time after all the others.
 
+// Beside this folder rather than in it: `tests/e2e/` holds the tests,
+// `tests/support/` what they stand on (Cargo makes no test target of a
+// `mod.rs`), and a second test binary, should one be needed, can share it.
 #[path = "../support/mod.rs"]
 mod support;
 
