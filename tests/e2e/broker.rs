@@ -44,6 +44,7 @@ fn settings(exchange: &str) -> BrokerSettings {
     }
 }
 
+/// An exchange name for a `Broker` that never gets to declare it.
 fn unique_exchange() -> String {
     format!("test_{}", Uuid::new_v4().simple())
 }
