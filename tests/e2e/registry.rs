@@ -2,37 +2,34 @@
 //! kind of change, concurrent instances, migrations racing at start-up, a busy
 //! pool, the outbox scoped to a watched tree, and the instance lock.
 //!
-//! Every test gets its own schema (`t_<uuid>`) through [`Fixture`], so tests
-//! run in parallel and rerun without cleanup; the schema is dropped when a test
-//! passes and kept for inspection when it fails. The server is
+//! Every test gets its own schema (`t_<uuid>`, a [`TestDatabase`]) and
+//! directory of real files through [`Fixture`], so tests run in parallel and
+//! rerun without cleanup; the schema is dropped when a test passes and kept
+//! for inspection when it fails. The server is
 //! `postgres://postgres@127.0.0.1:5432/test` unless `DATABASE_TEST_URL` says otherwise.
 
-mod common;
-
 use std::fs;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Barrier;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use common::proxy::FaultProxy;
 use file_watcher::message::{EventType, Message, Origin};
 use file_watcher::registry::postgres::{
     InstanceLock, LockError, PostgresRegistry, PostgresSettings, MIGRATIONS, ORPHAN_GRACE,
 };
 use file_watcher::registry::{Applied, Change, Observed, Registry, RegistryError, Stat};
-use postgres::{Client, NoTls};
+use postgres::Client;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-/// How long any polled condition may take before the test fails.
-const DEADLINE: Duration = Duration::from_secs(30);
+use crate::support::database::{self, database_url};
+use crate::support::{wait_until, FaultProxy, FileRow, TestDatabase};
 
-fn database_url() -> String {
-    std::env::var("DATABASE_TEST_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
+/// How long a lock or a reconnect may take to show before the test fails:
+/// longer than `support::DEADLINE`, as the server notices a dropped session
+/// only after a while.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// `url` with one more query parameter.
 fn with_parameter(url: &str, parameter: &str) -> String {
@@ -42,14 +39,14 @@ fn with_parameter(url: &str, parameter: &str) -> String {
 
 /// One test's schema and directory of real files.
 struct Fixture {
-    schema: String,
+    database: TestDatabase,
     files: tempfile::TempDir,
 }
 
 impl Fixture {
     fn new() -> Fixture {
         Fixture {
-            schema: format!("t_{}", Uuid::new_v4().simple()),
+            database: TestDatabase::new(),
             files: tempfile::tempdir().expect("create a temporary directory"),
         }
     }
@@ -58,38 +55,48 @@ impl Fixture {
         self.files.path().to_owned()
     }
 
+    fn schema(&self) -> &str {
+        self.database.schema()
+    }
+
     fn settings(&self, pool_size: u32) -> PostgresSettings {
-        PostgresSettings {
-            url: database_url(),
-            schema: Some(self.schema.clone()),
-            pool_size,
-            connect_timeout: Duration::from_secs(5),
-        }
+        self.database.settings(pool_size)
     }
 
     fn registry(&self, watched: &Path, instance_id: &str) -> PostgresRegistry {
         connect(&self.settings(2), watched, instance_id)
     }
 
-    /// A plain connection for looking at the tables directly.
+    /// A session of its own, for transactions and locks beside the registry's.
     fn sql(&self) -> Client {
-        let mut client = Client::connect(&database_url(), NoTls).expect("connect for assertions");
-        client
-            .batch_execute(&format!("SET search_path TO {}", self.schema))
-            .expect("set search_path");
-        client
+        self.database.client()
     }
-}
 
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!("keeping schema {} for inspection", self.schema);
-            return;
-        }
-        if let Ok(mut client) = Client::connect(&database_url(), NoTls) {
-            let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema));
-        }
+    /// The `files` row of `path`, if there is one.
+    fn row(&self, path: &Path) -> Option<FileRow> {
+        self.database.row(&text(path))
+    }
+
+    /// Outbox rows in recording order: (message id, file path, body).
+    fn outbox(&self) -> Vec<(Uuid, String, String)> {
+        self.database
+            .query(
+                "SELECT message_id::text, file_path, body FROM outbox ORDER BY id",
+                &[],
+            )
+            .iter()
+            .map(|record| {
+                (
+                    record.get::<_, &str>(0).parse().expect("a uuid"),
+                    record.get(1),
+                    record.get(2),
+                )
+            })
+            .collect()
+    }
+
+    fn count(&self, query: &str) -> i64 {
+        self.database.query(query, &[])[0].get(0)
     }
 }
 
@@ -150,129 +157,26 @@ fn kinds(messages: &[Message]) -> Vec<EventType> {
     messages.iter().map(|message| message.event_type).collect()
 }
 
-/// A `files` row as the tests look at it.
-#[derive(Debug)]
-struct FileRow {
-    state: String,
-    sha256: String,
-    size_bytes: i64,
-    mtime_ns: i64,
-    ctime_ns: i64,
-    last_event: String,
-    old_path: Option<String>,
-    instance_id: String,
-    message_id: Uuid,
-    published: bool,
-}
-
-fn file_row(sql: &mut Client, path: &Path) -> Option<FileRow> {
-    sql.query_opt(
-        "SELECT state, sha256, size_bytes, mtime_ns, ctime_ns, last_event, old_path, \
-             instance_id, message_id::text, published_at IS NOT NULL \
-         FROM files WHERE file_path = $1",
-        &[&text(path)],
-    )
-    .expect("read a files row")
-    .map(|record| FileRow {
-        state: record.get(0),
-        sha256: record.get(1),
-        size_bytes: record.get(2),
-        mtime_ns: record.get(3),
-        ctime_ns: record.get(4),
-        last_event: record.get(5),
-        old_path: record.get(6),
-        instance_id: record.get(7),
-        message_id: record.get::<_, &str>(8).parse().expect("a uuid"),
-        published: record.get(9),
-    })
-}
-
-/// Outbox rows in recording order: (message id, file path, body).
-fn outbox(sql: &mut Client) -> Vec<(Uuid, String, String)> {
-    sql.query(
-        "SELECT message_id::text, file_path, body FROM outbox ORDER BY id",
-        &[],
-    )
-    .expect("read the outbox")
-    .iter()
-    .map(|record| {
-        (
-            record.get::<_, &str>(0).parse().expect("a uuid"),
-            record.get(1),
-            record.get(2),
-        )
-    })
-    .collect()
-}
-
-fn count(sql: &mut Client, query: &str) -> i64 {
-    sql.query_one(query, &[]).expect("count").get(0)
-}
-
-/// The test database's URL, pointed at `proxy`.
-fn url_through(proxy: &FaultProxy) -> String {
-    let config: postgres::Config = database_url().parse().expect("a database URL");
-    let user = config.get_user().unwrap_or("postgres");
-    let dbname = config.get_dbname().unwrap_or(user);
-    let address = proxy.address();
-    let mut url = format!(
-        "host={} port={} user={user} dbname={dbname}",
-        address.ip(),
-        address.port()
-    );
-    if let Some(password) = config.get_password() {
-        let password = String::from_utf8_lossy(password)
-            .replace('\\', "\\\\")
-            .replace('\'', "\\'");
-        url.push_str(&format!(" password='{password}'"));
-    }
-    url
-}
-
-/// Where the test database listens, for the proxy.
-fn database_address() -> SocketAddr {
-    let config: postgres::Config = database_url().parse().expect("a database URL");
-    let host = match config.get_hosts().first() {
-        Some(postgres::config::Host::Tcp(host)) => host.clone(),
-        _ => panic!("the outage test needs a TCP database URL"),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    (host.as_str(), port)
-        .to_socket_addrs()
-        .expect("resolve the database host")
-        .next()
-        .expect("an address")
-}
-
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn create_unchanged_refresh_modify_and_delete() {
     let fixture = Fixture::new();
     let root = fixture.root();
     let registry = fixture.registry(&root, "one");
-    let mut sql = fixture.sql();
     let file = root.join("a.flac");
     write(&file, "abc");
 
     let observed = observe(&file);
     let created = apply(&registry, &present(&file, None));
     assert_eq!(kinds(&created), [EventType::Created]);
-    let row = file_row(&mut sql, &file).expect("a row");
+    let row = fixture.row(&file).expect("a row");
     assert_eq!(row.state, "present");
     assert_eq!(row.sha256, observed.sha256);
     assert_eq!(row.size_bytes, 3);
     assert_eq!(row.last_event, "created");
     assert_eq!(row.instance_id, "one");
     assert_eq!(row.message_id, created[0].message_id);
-    assert!(!row.published);
-    let queued = outbox(&mut sql);
+    assert!(row.published_at.is_none());
+    let queued = fixture.outbox();
     assert_eq!(queued.len(), 1);
     assert_eq!(queued[0].0, created[0].message_id);
     assert_eq!(
@@ -289,7 +193,7 @@ fn create_unchanged_refresh_modify_and_delete() {
         apply(&registry, &present(&file, None)).is_empty(),
         "unchanged: no message"
     );
-    assert_eq!(outbox(&mut sql).len(), 1);
+    assert_eq!(fixture.outbox().len(), 1);
 
     // Same content with a fresher stat: only the stat columns change.
     registry.mark_published(&[created[0].message_id]).unwrap();
@@ -301,46 +205,49 @@ fn create_unchanged_refresh_modify_and_delete() {
         .unwrap();
     let touched = observe(&file);
     assert!(apply(&registry, &present(&file, None)).is_empty());
-    let row = file_row(&mut sql, &file).unwrap();
+    let row = fixture.row(&file).unwrap();
     assert_eq!(
         (row.mtime_ns, row.ctime_ns),
         (touched.stat.mtime_ns, touched.stat.ctime_ns)
     );
     assert_eq!(row.message_id, created[0].message_id);
-    assert!(row.published, "a refresh leaves the publish state alone");
-    assert!(outbox(&mut sql).is_empty());
+    assert!(
+        row.published_at.is_some(),
+        "a refresh leaves the publish state alone"
+    );
+    assert!(fixture.outbox().is_empty());
 
     write(&file, "abcd");
     let modified = apply(&registry, &present(&file, None));
     assert_eq!(kinds(&modified), [EventType::Modified]);
-    let row = file_row(&mut sql, &file).unwrap();
+    let row = fixture.row(&file).unwrap();
     assert_eq!(row.sha256, observe(&file).sha256);
     assert_eq!(row.last_event, "modified");
     assert_eq!(row.message_id, modified[0].message_id);
-    assert!(!row.published);
+    assert!(row.published_at.is_none());
 
     assert_eq!(
         registry.apply(&gone(&file), Uuid::new_v4()).unwrap(),
         Applied::Changed,
         "a deletion needs a stat that says gone"
     );
-    assert_eq!(file_row(&mut sql, &file).unwrap().state, "present");
+    assert_eq!(fixture.row(&file).unwrap().state, "present");
 
     fs::remove_file(&file).unwrap();
     let deleted = apply(&registry, &gone(&file));
     assert_eq!(kinds(&deleted), [EventType::Deleted]);
     assert!(deleted[0].content.is_none());
-    let row = file_row(&mut sql, &file).unwrap();
+    let row = fixture.row(&file).unwrap();
     assert_eq!(
         (row.state.as_str(), row.last_event.as_str()),
         ("deleted", "deleted")
     );
     assert_eq!(row.message_id, deleted[0].message_id);
-    assert!(!row.published);
+    assert!(row.published_at.is_none());
     assert_eq!(registry.lookup(&text(&file)).unwrap(), None);
     assert!(apply(&registry, &gone(&file)).is_empty(), "already deleted");
 
-    let ids: Vec<Uuid> = outbox(&mut sql).iter().map(|entry| entry.0).collect();
+    let ids: Vec<Uuid> = fixture.outbox().iter().map(|entry| entry.0).collect();
     assert_eq!(ids, [modified[0].message_id, deleted[0].message_id]);
 }
 
@@ -349,7 +256,6 @@ fn rename_and_move_carry_the_row() {
     let fixture = Fixture::new();
     let root = fixture.root();
     let registry = fixture.registry(&root, "one");
-    let mut sql = fixture.sql();
     let first = root.join("a.flac");
     let renamed = root.join("b.flac");
     let moved = root.join("sub").join("b.flac");
@@ -362,13 +268,13 @@ fn rename_and_move_carry_the_row() {
     assert_eq!(kinds(&messages), [EventType::Renamed]);
     assert_eq!(messages[0].old_path.as_deref(), Some(text(&first).as_str()));
     assert_eq!(messages[0].content.as_ref().unwrap().sha256_hash, hash);
-    let source = file_row(&mut sql, &first).unwrap();
+    let source = fixture.row(&first).unwrap();
     assert_eq!(
         (source.state.as_str(), source.last_event.as_str()),
         ("deleted", "renamed")
     );
     assert_eq!(source.message_id, messages[0].message_id);
-    let target = file_row(&mut sql, &renamed).unwrap();
+    let target = fixture.row(&renamed).unwrap();
     assert_eq!(target.state, "present");
     assert_eq!(target.sha256, hash);
     assert_eq!(target.old_path.as_deref(), Some(text(&first).as_str()));
@@ -378,11 +284,11 @@ fn rename_and_move_carry_the_row() {
     fs::rename(&renamed, &moved).unwrap();
     let messages = apply(&registry, &present(&moved, Some(&renamed)));
     assert_eq!(kinds(&messages), [EventType::Moved]);
-    assert_eq!(file_row(&mut sql, &renamed).unwrap().state, "deleted");
-    assert_eq!(file_row(&mut sql, &moved).unwrap().last_event, "moved");
+    assert_eq!(fixture.row(&renamed).unwrap().state, "deleted");
+    assert_eq!(fixture.row(&moved).unwrap().last_event, "moved");
     assert_eq!(registry.lookup(&text(&renamed)).unwrap(), None);
     assert_eq!(registry.lookup(&text(&moved)).unwrap().unwrap().sha256, hash);
-    assert_eq!(outbox(&mut sql).len(), 3);
+    assert_eq!(fixture.outbox().len(), 3);
 }
 
 #[test]
@@ -390,7 +296,6 @@ fn rename_over_an_existing_file_deletes_it_first() {
     let fixture = Fixture::new();
     let root = fixture.root();
     let registry = fixture.registry(&root, "one");
-    let mut sql = fixture.sql();
     let source = root.join("a.flac");
     let target = root.join("b.flac");
     write(&source, "one");
@@ -412,14 +317,14 @@ fn rename_over_an_existing_file_deletes_it_first() {
         .all(|message| message.correlation_id == correlation));
     assert_eq!(messages[0].file_path, text(&target));
     assert_eq!(messages[1].old_path.as_deref(), Some(text(&source).as_str()));
-    assert_eq!(file_row(&mut sql, &source).unwrap().state, "deleted");
-    let row = file_row(&mut sql, &target).unwrap();
+    assert_eq!(fixture.row(&source).unwrap().state, "deleted");
+    let row = fixture.row(&target).unwrap();
     assert_eq!(
         (row.state.as_str(), row.sha256.as_str()),
         ("present", source_hash.as_str())
     );
     assert_eq!(row.message_id, messages[1].message_id);
-    let tail: Vec<Uuid> = outbox(&mut sql)[2..].iter().map(|entry| entry.0).collect();
+    let tail: Vec<Uuid> = fixture.outbox()[2..].iter().map(|entry| entry.0).collect();
     assert_eq!(
         tail,
         [messages[0].message_id, messages[1].message_id],
@@ -432,14 +337,13 @@ fn observation_overtaken_by_a_newer_write_is_not_recorded() {
     let fixture = Fixture::new();
     let root = fixture.root();
     let registry = fixture.registry(&root, "one");
-    let mut sql = fixture.sql();
     let file = root.join("a.flac");
     write(&file, "first");
     let old = present(&file, None);
     write(&file, "second, longer");
     assert_eq!(registry.apply(&old, Uuid::new_v4()).unwrap(), Applied::Changed);
-    assert!(file_row(&mut sql, &file).is_none());
-    assert!(outbox(&mut sql).is_empty());
+    assert!(fixture.row(&file).is_none());
+    assert!(fixture.outbox().is_empty());
 }
 
 #[test]
@@ -459,16 +363,16 @@ fn stale_observation_never_overwrites_a_newer_one() {
         &[&text(&file)],
     )
     .unwrap();
-    let before = file_row(&mut sql, &file).unwrap();
+    let before = fixture.row(&file).unwrap();
 
     assert!(apply(&registry, &change).is_empty());
-    let after = file_row(&mut sql, &file).unwrap();
+    let after = fixture.row(&file).unwrap();
     assert_eq!(
         (after.sha256.as_str(), after.ctime_ns),
         ("newer", before.ctime_ns)
     );
     assert_eq!(after.message_id, before.message_id);
-    assert_eq!(outbox(&mut sql).len(), 1);
+    assert_eq!(fixture.outbox().len(), 1);
 }
 
 #[test]
@@ -476,7 +380,6 @@ fn directory_rename_moves_every_row_below_it() {
     let fixture = Fixture::new();
     let root = fixture.root();
     let registry = fixture.registry(&root, "one");
-    let mut sql = fixture.sql();
     let old_dir = root.join("a");
     let new_dir = root.join("z");
     for path in [
@@ -492,7 +395,7 @@ fn directory_rename_moves_every_row_below_it() {
     // `z` went away without the registry hearing of it; then `a` became `z`.
     fs::remove_dir_all(&new_dir).unwrap();
     fs::rename(&old_dir, &new_dir).unwrap();
-    let queued_before = outbox(&mut sql).len();
+    let queued_before = fixture.outbox().len();
 
     let change = Change::DirectoryRenamed {
         from: text(&old_dir),
@@ -552,14 +455,11 @@ fn directory_rename_moves_every_row_below_it() {
         under_new[2..]
     );
 
-    let moved = file_row(&mut sql, &new_dir.join("deep/3.flac")).unwrap();
+    let moved = fixture.row(&new_dir.join("deep/3.flac")).unwrap();
     assert_eq!(moved.last_event, "moved");
     assert_eq!(moved.sha256, observe(&new_dir.join("deep/3.flac")).sha256);
-    assert_eq!(
-        file_row(&mut sql, &old_dir.join("2.flac")).unwrap().state,
-        "deleted"
-    );
-    let tail: Vec<Uuid> = outbox(&mut sql)[queued_before..]
+    assert_eq!(fixture.row(&old_dir.join("2.flac")).unwrap().state, "deleted");
+    let tail: Vec<Uuid> = fixture.outbox()[queued_before..]
         .iter()
         .map(|entry| entry.0)
         .collect();
@@ -606,10 +506,9 @@ fn two_instances_record_one_change_once() {
     let deletions: Vec<Change> = files.iter().map(|file| gone(file)).collect();
     assert_eq!(race(&deletions), files.len(), "one deleted message per file");
 
-    let mut sql = fixture.sql();
-    assert_eq!(outbox(&mut sql).len(), 2 * files.len());
+    assert_eq!(fixture.outbox().len(), 2 * files.len());
     assert_eq!(
-        count(&mut sql, "SELECT count(*) FROM files WHERE state = 'deleted'"),
+        fixture.count("SELECT count(*) FROM files WHERE state = 'deleted'"),
         20
     );
 }
@@ -728,12 +627,11 @@ fn one_connection_serves_four_threads_and_a_thousand_files() {
         workers.into_iter().map(|worker| worker.join().unwrap()).sum()
     });
     assert_eq!(recorded_messages, 1000);
-    let mut sql = fixture.sql();
     assert_eq!(
-        count(&mut sql, "SELECT count(*) FROM files WHERE state = 'present'"),
+        fixture.count("SELECT count(*) FROM files WHERE state = 'present'"),
         1000
     );
-    assert_eq!(count(&mut sql, "SELECT count(*) FROM outbox"), 1000);
+    assert_eq!(fixture.count("SELECT count(*) FROM outbox"), 1000);
     assert_eq!(registry.outgoing(2000).unwrap().len(), 1000);
 }
 
@@ -741,7 +639,7 @@ fn one_connection_serves_four_threads_and_a_thousand_files() {
 fn busy_pool_waits_instead_of_failing() {
     let fixture = Fixture::new();
     let root = fixture.root();
-    let application = format!("busy-{}", fixture.schema);
+    let application = format!("busy-{}", fixture.schema());
     let mut settings = fixture.settings(1);
     settings.url = with_parameter(&settings.url, &format!("application_name={application}"));
     settings.connect_timeout = Duration::from_millis(300);
@@ -766,7 +664,7 @@ fn busy_pool_waits_instead_of_failing() {
     thread::scope(|scope| {
         let first = scope.spawn(|| apply(&registry, &held_change));
         let mut observer = fixture.sql();
-        wait_until("the first apply waits for the row lock", || {
+        wait_until("the first apply waits for the row lock", LOCK_WAIT, || {
             observer
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity \
@@ -812,14 +710,14 @@ fn outgoing_is_limited_to_the_watched_tree() {
     sql.execute(
         &format!(
             "UPDATE {}.outbox SET created_at = now() - interval '{} seconds'",
-            fixture.schema,
+            fixture.schema(),
             ORPHAN_GRACE.as_secs() + 1
         ),
         &[],
     )
     .unwrap();
     assert_eq!(parent_registry.outgoing(10).unwrap().len(), 2);
-    let body = &outbox(&mut sql)[0].2;
+    let body = &fixture.outbox()[0].2;
     assert_eq!(music_registry.outgoing(10).unwrap()[0].to_json(), body.as_bytes());
 
     music_registry
@@ -827,8 +725,8 @@ fn outgoing_is_limited_to_the_watched_tree() {
         .unwrap();
     assert!(music_registry.outgoing(10).unwrap().is_empty());
     assert_eq!(music2_registry.outgoing(10).unwrap(), from_music2);
-    assert!(file_row(&mut sql, &in_music).unwrap().published);
-    assert!(!file_row(&mut sql, &in_music2).unwrap().published);
+    assert!(fixture.row(&in_music).unwrap().published_at.is_some());
+    assert!(fixture.row(&in_music2).unwrap().published_at.is_none());
     music_registry.mark_published(&[]).unwrap();
 }
 
@@ -845,7 +743,7 @@ fn instance_lock_admits_one_holder() {
     assert!(error.to_string().contains("\"worker-1\""), "{error}");
     let _other_id = InstanceLock::acquire(&settings, "worker-2").expect("another id");
     let other_schema = PostgresSettings {
-        schema: Some(format!("{}_other", fixture.schema)),
+        schema: Some(format!("{}_other", fixture.schema())),
         ..settings.clone()
     };
     let _other_schema = InstanceLock::acquire(&other_schema, "worker-1").expect("another schema");
@@ -858,7 +756,7 @@ fn instance_lock_admits_one_holder() {
 #[test]
 fn instance_lock_is_taken_again_after_the_connection_is_lost() {
     let fixture = Fixture::new();
-    let application = format!("lock-{}", fixture.schema);
+    let application = format!("lock-{}", fixture.schema());
     let mut settings = fixture.settings(1);
     settings.url = with_parameter(&settings.url, &format!("application_name={application}"));
     let mut lock = InstanceLock::acquire(&settings, "worker-1").unwrap();
@@ -936,9 +834,9 @@ fn database_outage_is_unavailable_and_the_registry_recovers() {
     let fixture = Fixture::new();
     let root = fixture.root();
     // An outage of this test's own, without stopping the server other tests share.
-    let proxy = FaultProxy::start(database_address());
+    let proxy = FaultProxy::start(database::address());
     let settings = PostgresSettings {
-        url: url_through(&proxy),
+        url: database::url_through(&proxy),
         connect_timeout: Duration::from_millis(500),
         ..fixture.settings(2)
     };
@@ -964,8 +862,10 @@ fn database_outage_is_unavailable_and_the_registry_recovers() {
 
     proxy.refuse(false);
     let mut messages = Vec::new();
-    wait_until("the registry reaches the database again", || {
-        match registry.apply(&change, Uuid::new_v4()) {
+    wait_until(
+        "the registry reaches the database again",
+        LOCK_WAIT,
+        || match registry.apply(&change, Uuid::new_v4()) {
             Ok(applied) => {
                 messages = recorded(applied);
                 true
@@ -974,15 +874,17 @@ fn database_outage_is_unavailable_and_the_registry_recovers() {
                 assert!(error.is_unavailable(), "{error}");
                 false
             }
-        }
-    });
+        },
+    );
     assert_eq!(kinds(&messages), [EventType::Created]);
     // The server drops the old session (and its lock) a moment after the
     // proxy cut it; until then the lock reads as held by that session.
-    wait_until("the instance lock is held again", || match lock.verify() {
-        Ok(()) => true,
-        Err(LockError::Unavailable { .. } | LockError::HeldElsewhere { .. }) => false,
-        Err(error) => panic!("{error}"),
+    wait_until("the instance lock is held again", LOCK_WAIT, || {
+        match lock.verify() {
+            Ok(()) => true,
+            Err(LockError::Unavailable { .. } | LockError::HeldElsewhere { .. }) => false,
+            Err(error) => panic!("{error}"),
+        }
     });
     assert!(matches!(
         InstanceLock::acquire(&fixture.settings(1), "one"),
@@ -994,7 +896,7 @@ fn database_outage_is_unavailable_and_the_registry_recovers() {
 fn deadlock_victim_is_retried_without_an_error() {
     let fixture = Fixture::new();
     let root = fixture.root();
-    let application = format!("deadlock-{}", fixture.schema);
+    let application = format!("deadlock-{}", fixture.schema());
     let mut settings = fixture.settings(1);
     settings.url = with_parameter(&settings.url, &format!("application_name={application}"));
     let registry = connect(&settings, &root, "one");
@@ -1025,7 +927,7 @@ fn deadlock_victim_is_retried_without_an_error() {
     thread::scope(|scope| {
         let renaming = scope.spawn(|| registry.apply(&rename, Uuid::new_v4()));
         let mut observer = fixture.sql();
-        wait_until("the registry waits for the target row", || {
+        wait_until("the registry waits for the target row", LOCK_WAIT, || {
             observer
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity \
@@ -1046,6 +948,5 @@ fn deadlock_victim_is_retried_without_an_error() {
         let messages = recorded(renaming.join().unwrap().expect("retried, not failed"));
         assert_eq!(kinds(&messages), [EventType::Deleted, EventType::Renamed]);
     });
-    let mut sql = fixture.sql();
-    assert_eq!(outbox(&mut sql).len(), 4);
+    assert_eq!(fixture.outbox().len(), 4);
 }

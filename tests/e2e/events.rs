@@ -1,21 +1,20 @@
 //! End-to-end event rules: real files in a real directory, the real binary,
 //! one JSON message per settled change on stdout.
 //!
-//! Every test has its own directory (see `common`). A file that must produce
+//! Every test has its own directory (see `support`). A file that must produce
 //! *no* message is checked with `Daemon::barrier`: a marker file written after
 //! the action settles after it, so once the marker is announced anything the
 //! action produced is already visible.
-
-mod common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::time::{Duration, SystemTime};
 
-use common::{
+use serde_json::Value;
+
+use crate::support::{
     event_type, file_path, old_path, sha256_hex, summary, write_file, xxh128_hex, Daemon, SETTLE_MS,
 };
-use serde_json::Value;
 
 /// `(event_type, file_path, old_path)` for exact sequence assertions.
 fn triples(messages: &[Value]) -> Vec<(String, String, Option<String>)> {

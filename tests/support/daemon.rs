@@ -1,6 +1,5 @@
-//! The one helper every end-to-end test goes through: it runs the real
-//! `file-watcher` binary against a directory of its own and lets the test wait
-//! for what the binary says.
+//! The one runner of the real `file-watcher` binary: it runs it against a
+//! directory of its own and lets the test wait for what the binary says.
 //!
 //! Each `Daemon` owns a fresh temporary directory laid out as
 //!
@@ -27,9 +26,10 @@
 //! in the buffer. Messages for *different* paths may leave in either order
 //! (several workers hash in parallel), so a test waits for every message it
 //! expects before it calls the barrier; the barrier only rules out extras.
-
-// Each test crate (`events`, `cli`) uses a different part of this helper.
-#![allow(dead_code)]
+//!
+//! A test that needs the binary inside something else (a user namespace with
+//! its own inotify limit) names a wrapper command
+//! ([`DaemonBuilder::wrapped_in`]); everything else stays the same.
 
 use std::ffi::OsString;
 use std::fs;
@@ -44,32 +44,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
-pub mod proxy;
-pub mod services;
-
-/// How long any single wait may take. Generous: CI has two cores and builds
-/// other tests at the same time.
-pub const DEADLINE: Duration = Duration::from_secs(15);
-
-/// The settle time tests run with unless they set their own: short, so tests
-/// are quick, yet long enough that back-to-back writes fall inside it.
-pub const SETTLE_MS: u64 = 200;
-
-/// Environment variables the daemon reads. The child's environment is cleared
-/// anyway; this list documents what must never leak in and is used by the CLI
-/// tests that check `--help`.
-pub const CONFIG_VARIABLES: [&str; 10] = [
-    "DATA_DIR",
-    "INSTANCE_ID",
-    "EXTENSIONS",
-    "SETTLE_MS",
-    "WORKERS",
-    "POLL_INTERVAL_MS",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
-    "EXCLUDE",
-    "SCAN_EXISTING",
-];
+use super::{TestBroker, TestDatabase, DEADLINE, SETTLE_MS};
 
 /// Lines read from one of the child's pipes, and whether the pipe has closed.
 #[derive(Default)]
@@ -155,8 +130,12 @@ fn spawn_reader(
 /// Configures one run of the binary. Defaults: a fresh directory as
 /// `DATA_DIR`, `SETTLE_MS=200`, everything else left to the daemon.
 pub struct DaemonBuilder {
+    /// A command the binary is run through (its path appended), if any.
+    wrapper: Vec<OsString>,
     arguments: Vec<OsString>,
     environment: Vec<(String, String)>,
+    /// Directories to create (relative to the watched directory) before the start.
+    directories: Vec<PathBuf>,
     /// Files to create (relative to the watched directory) before the start.
     files: Vec<(PathBuf, Vec<u8>)>,
     /// Symbolic links to create (relative to the watched directory) before the start.
@@ -170,13 +149,17 @@ pub struct DaemonBuilder {
 }
 
 impl DaemonBuilder {
-    pub fn arg(mut self, argument: impl Into<OsString>) -> Self {
-        self.arguments.push(argument.into());
+    /// Runs the binary through `command`: its program and arguments, then the
+    /// binary's path, then the daemon's arguments. The wrapper must end by
+    /// exec-ing the binary, so that signals and the exit reach the daemon
+    /// (`sh -c '…; exec "$0" "$@"'`).
+    pub fn wrapped_in<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, command: I) -> Self {
+        self.wrapper = command.into_iter().map(Into::into).collect();
         self
     }
 
-    pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, arguments: I) -> Self {
-        self.arguments.extend(arguments.into_iter().map(Into::into));
+    pub fn arg(mut self, argument: impl Into<OsString>) -> Self {
+        self.arguments.push(argument.into());
         self
     }
 
@@ -184,6 +167,13 @@ impl DaemonBuilder {
     /// defaults (`DATA_DIR`, `SETTLE_MS`).
     pub fn env(mut self, name: &str, value: impl Into<String>) -> Self {
         self.environment.push((name.to_owned(), value.into()));
+        self
+    }
+
+    /// Creates the directory `relative` (parents included) in the watched
+    /// directory before the daemon starts.
+    pub fn directory(mut self, relative: impl Into<PathBuf>) -> Self {
+        self.directories.push(relative.into());
         self
     }
 
@@ -216,6 +206,27 @@ impl DaemonBuilder {
         self
     }
 
+    /// Watches `dir` (another daemon's tree, a scenario's) instead of a
+    /// directory of its own.
+    pub fn watching(self, dir: &Path) -> Self {
+        self.env("DATA_DIR", dir.to_str().expect("temp paths are UTF-8"))
+    }
+
+    /// Publishes to `broker` and records in `database`.
+    pub fn with_sinks(self, broker: &TestBroker, database: &TestDatabase) -> Self {
+        self.with_broker(broker).with_database(database)
+    }
+
+    pub fn with_broker(self, broker: &TestBroker) -> Self {
+        self.env("RABBITMQ_URL", broker.url())
+            .env("EXCHANGE", broker.exchange())
+    }
+
+    pub fn with_database(self, database: &TestDatabase) -> Self {
+        self.env("DATABASE_URL", database.url())
+            .env("DB_SCHEMA", database.schema())
+    }
+
     /// Starts the daemon and waits for its `ready:` log line; panics with the
     /// captured stderr if it exits or the line does not come in time.
     #[track_caller]
@@ -237,7 +248,6 @@ impl DaemonBuilder {
             status,
             stdout: daemon.stdout.snapshot(),
             stderr: daemon.stderr.snapshot(),
-            data_dir: daemon.data_dir.clone(),
         }
     }
 
@@ -252,6 +262,9 @@ impl DaemonBuilder {
         let outside = root_path.join("outside");
         fs::create_dir(&data_dir).expect("create watched dir");
         fs::create_dir(&outside).expect("create outside dir");
+        for relative in &self.directories {
+            fs::create_dir_all(data_dir.join(relative)).expect("create a prepared directory");
+        }
         for (relative, content) in &self.files {
             let path = data_dir.join(relative);
             if let Some(parent) = path.parent() {
@@ -263,7 +276,15 @@ impl DaemonBuilder {
             std::os::unix::fs::symlink(target, data_dir.join(relative)).expect("create a prepared symlink");
         }
 
-        let mut command = Command::new(env!("CARGO_BIN_EXE_file-watcher"));
+        let binary = env!("CARGO_BIN_EXE_file-watcher");
+        let mut command = match self.wrapper.split_first() {
+            Some((program, arguments)) => {
+                let mut command = Command::new(program);
+                command.args(arguments).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         command.env_clear();
         if let Some(path) = std::env::var_os("PATH") {
             command.env("PATH", path);
@@ -322,8 +343,6 @@ pub struct Finished {
     pub status: ExitStatus,
     pub stdout: Vec<String>,
     pub stderr: Vec<String>,
-    /// The directory the run was given (already removed when this is read).
-    pub data_dir: PathBuf,
 }
 
 impl Finished {
@@ -365,8 +384,10 @@ pub struct Daemon {
 impl Daemon {
     pub fn builder() -> DaemonBuilder {
         DaemonBuilder {
+            wrapper: Vec::new(),
             arguments: Vec::new(),
             environment: Vec::new(),
+            directories: Vec::new(),
             files: Vec::new(),
             symlinks: Vec::new(),
             directory_as_argument: false,
@@ -498,28 +519,6 @@ impl Daemon {
         )
     }
 
-    /// Waits until the messages concerning `path` number at least `count`;
-    /// returns them in order.
-    #[track_caller]
-    pub fn wait_for_messages_for(&self, path: &str, count: usize) -> Vec<Value> {
-        let deadline = Instant::now() + DEADLINE;
-        let found = self.stdout.wait_until(deadline, |lines| {
-            let matching: Vec<Value> = parse_messages(&lines.lines)
-                .into_iter()
-                .filter(|message| concerns(message, path))
-                .collect();
-            (matching.len() >= count).then_some(matching)
-        });
-        let Some(messages) = found else {
-            panic!(
-                "expected at least {count} messages for {path} within {DEADLINE:?}; messages:\n{}\nstderr:\n{}",
-                self.stdout_text(),
-                self.stderr_text()
-            );
-        };
-        messages
-    }
-
     /// Writes a fresh marker file and waits for its `created`. Returns every
     /// message so far, without markers. Whatever an earlier action produced
     /// has settled by then; wait for expected messages first (see the module
@@ -553,20 +552,50 @@ impl Daemon {
         self.stderr_lines().join("\n")
     }
 
+    /// Stderr lines that contain every one of `parts`.
+    pub fn stderr_lines_with(&self, parts: &[&str]) -> Vec<String> {
+        self.stderr_lines()
+            .into_iter()
+            .filter(|line| contains_all(line, parts))
+            .collect()
+    }
+
+    /// Stderr lines logged at WARN or ERROR.
+    pub fn warnings_and_errors(&self) -> Vec<String> {
+        self.stderr_lines()
+            .into_iter()
+            .filter(|line| matches!(log_level(line), Some("WARN" | "ERROR")))
+            .collect()
+    }
+
     /// Waits for a stderr line containing `text`; returns it.
     #[track_caller]
     pub fn wait_for_stderr(&self, text: &str, timeout: Duration) -> String {
+        self.wait_for_stderr_with(&[text], timeout)
+    }
+
+    /// Waits for a stderr line containing every one of `parts`; returns it.
+    #[track_caller]
+    pub fn wait_for_stderr_with(&self, parts: &[&str], timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         let found = self.stderr.wait_until(deadline, |lines| {
-            lines.lines.iter().find(|line| line.contains(text)).cloned()
+            lines.lines.iter().find(|line| contains_all(line, parts)).cloned()
         });
         let Some(line) = found else {
             panic!(
-                "no stderr line containing {text:?} within {timeout:?}:\n{}",
+                "no stderr line containing {parts:?} within {timeout:?}:\n{}",
                 self.stderr_text()
             );
         };
         line
+    }
+
+    /// Waits until the start-up reconciliation's full scan of `dir` has been
+    /// counted: every file it found is then pending in the settle stage, so a
+    /// file written afterwards is handled after them.
+    #[track_caller]
+    pub fn wait_for_full_scan(&self, dir: &Path) -> String {
+        self.wait_for_stderr(&format!("full scan of {} found", dir.display()), DEADLINE)
     }
 
     /// Sends `signal` (a name `kill` understands: `TERM`, `INT`, ...).
@@ -674,6 +703,15 @@ fn parse_messages(lines: &[String]) -> Vec<Value> {
         .collect()
 }
 
+fn contains_all(line: &str, parts: &[&str]) -> bool {
+    parts.iter().all(|part| line.contains(part))
+}
+
+/// The log level of a text-format stderr line (`<ts> <LEVEL> [...] ...`).
+pub fn log_level(line: &str) -> Option<&str> {
+    line.split_whitespace().nth(1)
+}
+
 fn concerns(message: &Value, path: &str) -> bool {
     file_path(message) == path || old_path(message) == Some(path)
 }
@@ -706,21 +744,4 @@ pub fn summary(messages: &[Value]) -> Vec<(String, String)> {
         .iter()
         .map(|message| (event_type(message).to_owned(), file_path(message).to_owned()))
         .collect()
-}
-
-/// Lower-case hex SHA-256, as the messages carry it.
-pub fn sha256_hex(content: &[u8]) -> String {
-    use sha2::Digest;
-    format!("{:x}", sha2::Sha256::digest(content))
-}
-
-/// Lower-case hex XXH3-128, as the messages carry it.
-pub fn xxh128_hex(content: &[u8]) -> String {
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(content))
-}
-
-/// Opens (creating or truncating), writes and closes: one finished write.
-#[track_caller]
-pub fn write_file(path: &Path, content: impl AsRef<[u8]>) {
-    fs::write(path, content).unwrap_or_else(|error| panic!("write {}: {error}", path.display()));
 }

@@ -1,12 +1,26 @@
 //! The command line as an operator meets it: `--help`, `--version`, bad
 //! configuration, log formats, signals and a closed stdout.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{event_type, write_file, Daemon, CONFIG_VARIABLES, DEADLINE};
 use serde_json::Value;
+
+use crate::support::{event_type, summary, write_file, Daemon, DaemonBuilder, DEADLINE};
+
+/// Environment variables the daemon reads. The child's environment is cleared
+/// anyway (see `support::daemon`); `--help` must document every one.
+const CONFIG_VARIABLES: [&str; 10] = [
+    "DATA_DIR",
+    "INSTANCE_ID",
+    "EXTENSIONS",
+    "SETTLE_MS",
+    "WORKERS",
+    "POLL_INTERVAL_MS",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "EXCLUDE",
+    "SCAN_EXISTING",
+];
 
 /// Flags that mirror `CONFIG_VARIABLES` (the directory is positional).
 const FLAGS: [&str; 9] = [
@@ -50,7 +64,7 @@ fn version_prints_the_crate_version() {
 
 /// Runs with one bad setting; returns a description of what is wrong with
 /// the outcome, if anything.
-fn check_rejected(builder: common::DaemonBuilder, name: &str, value: &str) -> Option<String> {
+fn check_rejected(builder: DaemonBuilder, name: &str, value: &str) -> Option<String> {
     let finished = builder.run();
     let lines = finished.stderr_nonblank();
     let problem = if finished.status.code() != Some(2) {
@@ -162,7 +176,7 @@ fn environment_configures_the_daemon() {
     daemon.wait_for_event("created", &daemon.path_str("taken.mp3"));
     let messages = daemon.barrier();
     assert_eq!(
-        common::summary(&messages),
+        summary(&messages),
         vec![("created".to_owned(), daemon.path_str("taken.mp3"))]
     );
     assert_eq!(messages[0]["instance_id"], "envid123");

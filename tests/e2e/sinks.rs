@@ -12,25 +12,24 @@
 //! message comes after anything the action produced). The registry has no
 //! event to wait on, so database conditions are polled up to a deadline.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::process::Command;
 use std::sync::Barrier;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::services::{
-    database_url, log_level, wait_for_full_scan, warnings_and_errors, Delivered, FileRow, TestBroker,
-    TestDatabase,
-};
-use common::{sha256_hex, write_file, xxh128_hex, Daemon, DEADLINE};
 use file_watcher::registry::postgres::MIGRATIONS;
 use lapin::types::AMQPValue;
 use lapin::uri::AMQPUri;
 use serde_json::json;
 use uuid::Uuid;
+
+use crate::support::broker::wait_until_listed;
+use crate::support::daemon::log_level;
+use crate::support::database::database_url;
+use crate::support::{
+    sha256_hex, write_file, xxh128_hex, Daemon, Delivered, FileRow, TestBroker, TestDatabase, DEADLINE,
+};
 
 /// A unique, valid `INSTANCE_ID` that says which test it belongs to.
 fn instance_id(label: &str) -> String {
@@ -65,7 +64,7 @@ fn change(event_type: &str, path: &str) -> (String, String) {
 
 #[track_caller]
 fn assert_no_warnings_or_errors(daemon: &Daemon) {
-    let problems = warnings_and_errors(daemon);
+    let problems = daemon.warnings_and_errors();
     assert!(problems.is_empty(), "WARN/ERROR lines:\n{}", problems.join("\n"));
 }
 
@@ -239,20 +238,6 @@ fn a_delivery_carries_the_contract_in_body_properties_and_headers() {
     assert_no_warnings_or_errors(&daemon);
 }
 
-/// `rabbitmqctl list_connections client_properties` names a daemon's connection.
-fn rabbitmq_lists(connection_name: &str) -> bool {
-    let output = Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "client_properties"])
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).contains(connection_name)
-}
-
 /// Issue 2: operators can tell which instance holds a connection.
 #[test]
 fn the_connection_is_named_after_the_instance() {
@@ -263,16 +248,9 @@ fn the_connection_is_named_after_the_instance() {
         .env("INSTANCE_ID", &instance)
         .start();
     let name = format!("file_watcher_{instance}");
-    // rabbitmqctl takes about a second per call: that is the polling interval.
-    let poll_until = |wanted: bool, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while rabbitmq_lists(&name) != wanted {
-            assert!(Instant::now() < deadline, "{what}: {name}");
-        }
-    };
-    poll_until(true, "rabbitmqctl never listed the connection");
+    wait_until_listed(&name, true, "rabbitmqctl never listed the connection");
     assert!(daemon.terminate().success(), "{}", daemon.stderr_text());
-    poll_until(false, "the connection is still listed after SIGTERM");
+    wait_until_listed(&name, false, "the connection is still listed after SIGTERM");
 }
 
 /// Issue 3: `RABBITMQ_HOST`/`PORT`/`USER`/`PASS` still work without `RABBITMQ_URL`.
@@ -424,7 +402,7 @@ fn unchanged_files_are_not_announced_again() {
         .env("INSTANCE_ID", &instance)
         .watching(first.dir())
         .start();
-    wait_for_full_scan(&second, first.dir());
+    second.wait_for_full_scan(first.dir());
     let expected = BTreeMap::from([(change("created", &one), 1), (change("created", &two), 1)]);
     assert_eq!(
         counts(&broker.barrier(first.dir())),
@@ -482,8 +460,8 @@ fn two_instances_on_one_tree_publish_each_change_once() {
         .env("INSTANCE_ID", instance_id("twin-b"))
         .watching(first.dir())
         .start();
-    wait_for_full_scan(&first, first.dir());
-    wait_for_full_scan(&second, first.dir());
+    first.wait_for_full_scan(first.dir());
+    second.wait_for_full_scan(first.dir());
     let name = |index: usize| format!("track-{index}.flac");
     let renamed = |index: usize| format!("renamed-{index}.flac");
     let mut expected = BTreeMap::new();
@@ -558,7 +536,7 @@ fn two_trees_written_at_once_give_every_file_once() {
         })
         .collect();
     for (daemon, _) in &daemons {
-        wait_for_full_scan(daemon, daemon.dir());
+        daemon.wait_for_full_scan(daemon.dir());
     }
     thread::scope(|scope| {
         for (daemon, instance) in &daemons {
@@ -760,7 +738,7 @@ fn a_pool_of_one_connection_records_a_burst_of_a_thousand_files() {
         .env("DB_POOL_SIZE", "1")
         .env("WORKERS", "4")
         .start();
-    wait_for_full_scan(&daemon, daemon.dir());
+    daemon.wait_for_full_scan(daemon.dir());
     for index in 0..FILES {
         write_file(&daemon.path(&format!("{index:04}.flac")), index.to_string());
     }

@@ -1,47 +1,40 @@
 //! The RabbitMQ sink against a real broker (`RABBITMQ_TEST_URL`, default
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`).
 //!
-//! Every test declares its own exchange (`test_<uuid>`) through the `Broker`
-//! and deletes it when done, and reads through its own exclusive auto-delete
-//! queue, so tests run in parallel and rerun without cleanup. The test side
-//! talks to RabbitMQ with lapin directly, the way a consumer would.
-
-mod common;
+//! Every test has its own exchange (`test_<uuid>`), deleted when done, and
+//! reads through its own exclusive auto-delete queue ([`TestBroker`]), so
+//! tests run in parallel and rerun without cleanup. The test side talks to
+//! RabbitMQ with lapin directly, the way a consumer would.
+//!
+//! Last, the daemon under a broker that blocks publishers (memory alarm,
+//! `connection.blocked`): publishing pauses with one warning, changes keep
+//! being recorded, and everything goes out once the broker unblocks. The
+//! alarm is broker-wide, so that test is `serial_` (scripts/test.sh runs
+//! those alone, after the rest), and a guard always lowers it again.
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::io::Read;
-use std::net::{TcpListener, ToSocketAddrs};
-use std::process::Command;
+use std::net::TcpListener;
 use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use async_io::Timer;
-use common::proxy::FaultProxy;
-use file_watcher::message::{Content, EventType, Message, Origin, SCHEMA_VERSION};
 use file_watcher::publish::broker::{exchange_declarations, Broker, BrokerError, BrokerSettings};
-use futures_lite::{future, StreamExt};
-use lapin::message::Delivery;
-use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::uri::AMQPUri;
-use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use file_watcher::message::{Content, EventType, Message, Origin, SCHEMA_VERSION};
+use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-/// How long any single step may take before the test fails instead of hanging.
-const STEP: Duration = Duration::from_secs(15);
-
-fn test_url() -> String {
-    std::env::var("RABBITMQ_TEST_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
+use crate::support::broker::{rabbitmq_url, url_through, wait_until_listed};
+use crate::support::{
+    broker, run, within, write_file, Daemon, Delivered, FaultProxy, TestBroker, TestDatabase, DEADLINE,
+};
 
 fn settings(exchange: &str) -> BrokerSettings {
     BrokerSettings {
-        url: test_url(),
+        url: rabbitmq_url(),
         exchange: exchange.to_owned(),
         dead_letter_exchange: format!("{exchange}.dlx"),
         connection_name: format!("file_watcher_{}", Uuid::new_v4().simple()),
@@ -51,104 +44,9 @@ fn settings(exchange: &str) -> BrokerSettings {
     }
 }
 
+/// An exchange name for a `Broker` that never gets to declare it.
 fn unique_exchange() -> String {
     format!("test_{}", Uuid::new_v4().simple())
-}
-
-/// Runs `work` to completion, failing the test after `STEP`.
-fn within<T>(what: &str, work: impl Future<Output = T>) -> T {
-    future::block_on(future::or(async { Some(work.await) }, async {
-        Timer::after(STEP).await;
-        None
-    }))
-    .unwrap_or_else(|| panic!("{what} did not finish within {STEP:?}"))
-}
-
-/// The consumer's side: its own connection, and the exchanges it removes on drop.
-struct Consumers {
-    connection: Connection,
-    channel: Channel,
-    exchanges: Vec<String>,
-}
-
-impl Consumers {
-    /// Connects and takes charge of deleting `exchange` and its `.dlx` at the end.
-    fn connect(exchange: &str) -> Consumers {
-        let connection = within(
-            "test connection",
-            Connection::connect(&test_url(), ConnectionProperties::default()),
-        )
-        .expect("the test side connects to RabbitMQ");
-        let channel = within("test channel", connection.create_channel()).expect("test channel opens");
-        Consumers {
-            connection,
-            channel,
-            exchanges: vec![exchange.to_owned(), format!("{exchange}.dlx")],
-        }
-    }
-
-    /// An exclusive auto-delete queue bound to `exchange` with `keys`, consumed without acks.
-    fn consume(&self, exchange: &str, keys: &[&str]) -> Consumer {
-        let options = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..QueueDeclareOptions::default()
-        };
-        let queue = within(
-            "queue.declare",
-            self.channel
-                .queue_declare("".into(), options, FieldTable::default()),
-        )
-        .expect("test queue is declared");
-        for key in keys {
-            within(
-                "queue.bind",
-                self.channel.queue_bind(
-                    queue.name().clone(),
-                    exchange.into(),
-                    (*key).into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                ),
-            )
-            .expect("test queue is bound");
-        }
-        let options = BasicConsumeOptions {
-            no_ack: true,
-            ..BasicConsumeOptions::default()
-        };
-        within(
-            "basic.consume",
-            self.channel
-                .basic_consume(queue.name().clone(), "".into(), options, FieldTable::default()),
-        )
-        .expect("test consumer starts")
-    }
-}
-
-impl Drop for Consumers {
-    fn drop(&mut self) {
-        for exchange in &self.exchanges {
-            let deleting = self
-                .channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default());
-            let _ = future::block_on(future::or(async { Some(deleting.await) }, async {
-                Timer::after(STEP).await;
-                None
-            }));
-        }
-        let closing = self.connection.close(200, "test done".into());
-        let _ = future::block_on(future::or(async { Some(closing.await) }, async {
-            Timer::after(STEP).await;
-            None
-        }));
-    }
-}
-
-fn next_delivery(consumer: &mut Consumer) -> Delivery {
-    within("delivery", consumer.next())
-        .expect("the consumer stream is open")
-        .expect("the delivery is intact")
 }
 
 fn sample_message(event_type: EventType) -> Message {
@@ -170,10 +68,6 @@ fn sample_message(event_type: EventType) -> Message {
         Uuid::new_v4(),
         Some(content),
     )
-}
-
-fn short(value: &Option<ShortString>) -> Option<&str> {
-    value.as_ref().map(ShortString::as_str)
 }
 
 /// Log records as `(target, text)`, captured for the whole test binary.
@@ -202,10 +96,8 @@ fn captured_logs() -> &'static Mutex<Vec<(String, String)>> {
 
 #[test]
 fn body_properties_and_headers_follow_the_contract() {
-    let exchange = unique_exchange();
-    let mut broker = Broker::connect(&settings(&exchange)).expect("connects");
-    let consumers = Consumers::connect(&exchange);
-    let mut consumer = consumers.consume(&exchange, &["file.#"]);
+    let consumer = TestBroker::new();
+    let mut broker = Broker::connect(&settings(consumer.exchange())).expect("connects");
 
     let message = sample_message(EventType::Created);
     let before = std::time::SystemTime::now()
@@ -217,19 +109,22 @@ fn body_properties_and_headers_follow_the_contract() {
     assert!(published.nacked.is_empty());
     assert_eq!(published.unroutable, 0);
 
-    let delivery = next_delivery(&mut consumer);
+    let delivery = consumer.wait_for_deliveries(1, DEADLINE).remove(0);
     assert_eq!(delivery.data, message.to_json());
-    assert_eq!(delivery.routing_key.as_str(), "file.created");
-    assert_eq!(delivery.exchange.as_str(), exchange);
+    assert_eq!(delivery.routing_key, "file.created");
+    assert_eq!(delivery.exchange, consumer.exchange());
     let properties = &delivery.properties;
     assert_eq!(properties.delivery_mode(), &Some(2));
-    assert_eq!(short(properties.content_type()), Some("application/json"));
     assert_eq!(
-        short(properties.message_id()),
+        Delivered::text(properties.content_type()),
+        Some("application/json")
+    );
+    assert_eq!(
+        Delivered::text(properties.message_id()),
         Some(message.message_id.to_string().as_str())
     );
     assert_eq!(
-        short(properties.correlation_id()),
+        Delivered::text(properties.correlation_id()),
         Some(message.correlation_id.to_string().as_str())
     );
     let timestamp = properties.timestamp().expect("timestamp is set");
@@ -237,8 +132,8 @@ fn body_properties_and_headers_follow_the_contract() {
         (before..=before + 60).contains(&timestamp),
         "timestamp {timestamp} is unix seconds now"
     );
-    assert_eq!(short(properties.app_id()), Some("file-watcher"));
-    assert_eq!(short(properties.kind()), Some("created"));
+    assert_eq!(Delivered::text(properties.app_id()), Some("file-watcher"));
+    assert_eq!(Delivered::text(properties.kind()), Some("created"));
     let headers = properties.headers().as_ref().expect("headers are set").inner();
     assert_eq!(headers["x-instance-id"], AMQPValue::LongString("inst42".into()));
     assert_eq!(
@@ -257,10 +152,8 @@ fn body_properties_and_headers_follow_the_contract() {
 
 #[test]
 fn batches_are_confirmed_and_delivered_in_order() {
-    let exchange = unique_exchange();
-    let mut broker = Broker::connect(&settings(&exchange)).expect("connects");
-    let consumers = Consumers::connect(&exchange);
-    let mut consumer = consumers.consume(&exchange, &["file.*"]);
+    let consumer = TestBroker::bound_with("file.*");
+    let mut broker = Broker::connect(&settings(consumer.exchange())).expect("connects");
 
     let messages: Vec<Message> = (0..300)
         .map(|index| sample_message(EventType::ALL[index % EventType::ALL.len()]))
@@ -269,13 +162,13 @@ fn batches_are_confirmed_and_delivered_in_order() {
     let ids: Vec<Uuid> = messages.iter().map(|message| message.message_id).collect();
     assert_eq!(published.acked, ids);
     assert!(published.nacked.is_empty() && published.unroutable == 0);
-    for message in &messages {
-        let delivery = next_delivery(&mut consumer);
+    let deliveries = consumer.wait_for_deliveries(messages.len(), DEADLINE);
+    for (message, delivery) in messages.iter().zip(&deliveries) {
         assert_eq!(
-            short(delivery.properties.message_id()),
+            Delivered::text(delivery.properties.message_id()),
             Some(message.message_id.to_string().as_str())
         );
-        assert_eq!(delivery.routing_key.as_str(), message.routing_key());
+        assert_eq!(delivery.routing_key, message.routing_key());
     }
     assert!(broker.is_usable() && !broker.is_blocked());
     assert_eq!(
@@ -286,39 +179,21 @@ fn batches_are_confirmed_and_delivered_in_order() {
 
 #[test]
 fn connection_name_is_visible_while_connected() {
-    let exchange = unique_exchange();
-    let settings = settings(&exchange);
-    let _consumers = Consumers::connect(&exchange);
+    let consumer = TestBroker::without_queue();
+    let settings = settings(consumer.exchange());
     let broker = Broker::connect(&settings).expect("connects");
-    let listed = || {
-        let output = Command::new("rabbitmqctl")
-            .args(["-q", "list_connections", "name", "client_properties"])
-            .output()
-            .expect("rabbitmqctl runs");
-        assert!(
-            output.status.success(),
-            "rabbitmqctl: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).contains(&settings.connection_name)
-    };
-    let poll_until = |wanted: bool, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while listed() != wanted {
-            assert!(Instant::now() < deadline, "{what}: {}", settings.connection_name);
-        }
-    };
-    poll_until(true, "rabbitmqctl never listed the connection");
+    let name = &settings.connection_name;
+    wait_until_listed(name, true, "rabbitmqctl never listed the connection");
     broker.close();
-    poll_until(false, "the connection is still listed after close");
+    wait_until_listed(name, false, "the connection is still listed after close");
 }
 
 #[test]
 fn unroutable_message_is_acked_counted_and_logged() {
     let logs = captured_logs();
-    let exchange = unique_exchange();
-    let _consumers = Consumers::connect(&exchange);
-    let mut broker = Broker::connect(&settings(&exchange)).expect("connects");
+    let consumer = TestBroker::without_queue();
+    let exchange = consumer.exchange();
+    let mut broker = Broker::connect(&settings(exchange)).expect("connects");
     let message = sample_message(EventType::Deleted);
     let published = broker.publish(std::slice::from_ref(&message)).expect("publishes");
     assert_eq!(published.unroutable, 1);
@@ -331,7 +206,7 @@ fn unroutable_message_is_acked_counted_and_logged() {
 
     let records = logs.lock().unwrap().clone();
     let ours = records.iter().find(|(target, text)| {
-        target == "file_watcher::publish::broker" && text.contains(&exchange) && text.contains("file.deleted")
+        target == "file_watcher::publish::broker" && text.contains(exchange) && text.contains("file.deleted")
     });
     assert!(
         ours.is_some(),
@@ -340,7 +215,7 @@ fn unroutable_message_is_acked_counted_and_logged() {
     // lapin logs through `tracing`; its `log` feature must carry the event to `log`.
     let lapin = records
         .iter()
-        .find(|(target, text)| target.starts_with("lapin") && text.contains(&exchange));
+        .find(|(target, text)| target.starts_with("lapin") && text.contains(exchange));
     assert!(
         lapin.is_some(),
         "lapin's own warning did not reach `log`: {records:#?}"
@@ -458,7 +333,7 @@ fn silent_broker_times_out_and_its_socket_is_released() {
         .name("silent-broker".into())
         .spawn(move || {
             let (mut socket, _) = listener.accept().expect("the daemon connects");
-            socket.set_read_timeout(Some(STEP)).unwrap();
+            socket.set_read_timeout(Some(DEADLINE)).unwrap();
             let mut received = Vec::new();
             let mut buffer = [0; 64];
             loop {
@@ -497,17 +372,17 @@ fn silent_broker_times_out_and_its_socket_is_released() {
 
 #[test]
 fn consumers_redeclare_the_same_exchanges() {
-    let exchange = unique_exchange();
-    let _broker = Broker::connect(&settings(&exchange)).expect("connects");
-    let consumers = Consumers::connect(&exchange);
+    let consumer = TestBroker::without_queue();
+    let exchange = consumer.exchange();
+    let _broker = Broker::connect(&settings(exchange)).expect("connects");
     let as_consumers_do = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
-    for name in [exchange.clone(), format!("{exchange}.dlx")] {
+    for name in [exchange.to_owned(), format!("{exchange}.dlx")] {
         within(
             "exchange.declare",
-            consumers.channel.exchange_declare(
+            consumer.channel().exchange_declare(
                 name.as_str().into(),
                 ExchangeKind::Topic,
                 as_consumers_do,
@@ -519,7 +394,7 @@ fn consumers_redeclare_the_same_exchanges() {
     // The check above means something: a different declaration is refused.
     let other = within(
         "second test connection",
-        Connection::connect(&test_url(), ConnectionProperties::default()),
+        Connection::connect(&rabbitmq_url(), ConnectionProperties::default()),
     )
     .expect("connects");
     let channel = within("channel", other.create_channel()).expect("channel opens");
@@ -527,7 +402,7 @@ fn consumers_redeclare_the_same_exchanges() {
     let refused = within(
         "exchange.declare",
         channel.exchange_declare(
-            exchange.as_str().into(),
+            exchange.into(),
             ExchangeKind::Topic,
             transient,
             FieldTable::default(),
@@ -541,9 +416,8 @@ fn consumers_redeclare_the_same_exchanges() {
 
 #[test]
 fn heartbeat_comes_from_settings_or_from_the_url() {
-    let exchange = unique_exchange();
-    let _consumers = Consumers::connect(&exchange);
-    let mut settings = settings(&exchange);
+    let consumer = TestBroker::without_queue();
+    let mut settings = settings(consumer.exchange());
     settings.heartbeat = Duration::from_secs(7);
     let broker = Broker::connect(&settings).expect("connects");
     assert_eq!(broker.heartbeat(), Duration::from_secs(7));
@@ -557,14 +431,13 @@ fn heartbeat_comes_from_settings_or_from_the_url() {
 
 #[test]
 fn a_failed_channel_makes_the_broker_unusable() {
-    let exchange = unique_exchange();
-    let consumers = Consumers::connect(&exchange);
-    let mut broker = Broker::connect(&settings(&exchange)).expect("connects");
+    let consumer = TestBroker::without_queue();
+    let mut broker = Broker::connect(&settings(consumer.exchange())).expect("connects");
     within(
         "exchange.delete",
-        consumers
-            .channel
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()),
+        consumer
+            .channel()
+            .exchange_delete(consumer.exchange().into(), ExchangeDeleteOptions::default()),
     )
     .expect("the exchange is deleted behind the daemon's back");
 
@@ -582,25 +455,17 @@ fn a_failed_channel_makes_the_broker_unusable() {
 
 /// A proxy in front of RabbitMQ, and the URL that goes through it.
 fn proxied_broker() -> (FaultProxy, String) {
-    let mut uri: AMQPUri = test_url().parse().expect("RABBITMQ_TEST_URL parses");
-    let upstream = (uri.authority.host.as_str(), uri.authority.port)
-        .to_socket_addrs()
-        .expect("resolve the broker")
-        .next()
-        .expect("the broker has an address");
-    let proxy = FaultProxy::start(upstream);
-    uri.authority.host = "127.0.0.1".to_owned();
-    uri.authority.port = proxy.port();
-    (proxy, uri.to_string())
+    let proxy = FaultProxy::start(broker::address());
+    let url = url_through(&proxy);
+    (proxy, url)
 }
 
 #[test]
 fn frozen_broker_is_caught_by_the_heartbeat() {
     let logs = captured_logs();
-    let exchange = unique_exchange();
-    let _consumers = Consumers::connect(&exchange);
+    let consumer = TestBroker::without_queue();
     let (proxy, url) = proxied_broker();
-    let mut settings = settings(&exchange);
+    let mut settings = settings(consumer.exchange());
     settings.url = url;
     // Two seconds, not one: a loaded CI machine must not miss its own heartbeats.
     settings.heartbeat = Duration::from_secs(2);
@@ -639,10 +504,9 @@ fn frozen_broker_is_caught_by_the_heartbeat() {
 
 #[test]
 fn frozen_broker_fails_a_batch_within_the_confirm_timeout() {
-    let exchange = unique_exchange();
-    let _consumers = Consumers::connect(&exchange);
+    let consumer = TestBroker::without_queue();
     let (proxy, url) = proxied_broker();
-    let mut settings = settings(&exchange);
+    let mut settings = settings(consumer.exchange());
     settings.url = url;
     settings.confirm_timeout = Duration::from_secs(1);
     let mut broker = Broker::connect(&settings).expect("connects through the proxy");
@@ -682,4 +546,75 @@ fn frozen_broker_fails_a_batch_within_the_confirm_timeout() {
         "dropping took {:?}",
         started.elapsed()
     );
+}
+
+/// Raises RabbitMQ's memory alarm (a watermark no node can stay under) and
+/// restores the watermark it found when dropped, whatever the test did.
+struct MemoryAlarm {
+    restore: String,
+}
+
+impl MemoryAlarm {
+    fn raise() -> MemoryAlarm {
+        let status = run("rabbitmqctl", &["status"]);
+        // "Memory high watermark setting: 0.4 of available memory, …"
+        let restore = status
+            .lines()
+            .find_map(|line| line.split("Memory high watermark setting: ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .filter(|value| value.parse::<f64>().is_ok())
+            .unwrap_or("0.4")
+            .to_owned();
+        run("rabbitmqctl", &["set_vm_memory_high_watermark", "0.00001"]);
+        MemoryAlarm { restore }
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        run("rabbitmqctl", &["set_vm_memory_high_watermark", &self.restore]);
+    }
+}
+
+#[test]
+fn serial_memory_alarm_pauses_publishing_until_the_broker_unblocks() {
+    let broker = TestBroker::new();
+    let database = TestDatabase::new();
+    let mut daemon = Daemon::builder().with_sinks(&broker, &database).start();
+    daemon.wait_for_full_scan(daemon.dir());
+    let before = daemon.path_str("before.flac");
+    write_file(&daemon.path("before.flac"), "published normally");
+    broker.wait_for_event("created", &before);
+
+    let alarm = MemoryAlarm::raise();
+    let during = daemon.path_str("during.flac");
+    write_file(&daemon.path("during.flac"), "recorded while blocked");
+    // Recorded, not published: the row is pending.
+    database.wait_until("the change is recorded", Duration::from_secs(15), |database| {
+        database.row(&during).filter(|row| row.published_at.is_none())
+    });
+    daemon.wait_for_stderr("blocked connection", Duration::from_secs(30));
+    assert!(
+        broker
+            .deliveries()
+            .iter()
+            .all(|delivery| delivery.file_path() != during),
+        "nothing may be published while the broker blocks us"
+    );
+
+    drop(alarm);
+    broker.wait_for_event("created", &during);
+    database.wait_until(
+        "the change is marked published",
+        Duration::from_secs(15),
+        |database| database.row(&during).filter(|row| row.published_at.is_some()),
+    );
+    let problems = daemon.warnings_and_errors();
+    let blocked: Vec<&String> = problems.iter().filter(|line| line.contains("blocked")).collect();
+    assert_eq!(blocked.len(), 1, "one warning for the block: {problems:#?}");
+    assert!(
+        problems.iter().all(|line| !line.contains(" ERROR ")),
+        "a block is not an error: {problems:#?}"
+    );
+    assert!(daemon.terminate().success());
 }

@@ -1,0 +1,32 @@
+//! The end-to-end tests: one binary, one module per subject, all of them
+//! through the one support layer in `tests/support/`.
+//!
+//! One binary rather than one per subject, so the support layer is compiled
+//! once and the compiler reports any helper that no test uses.
+//!
+//! Modules, in the order a change travels:
+//!
+//! - [`events`]: the event rules, real files to JSON messages on stdout;
+//! - [`cli`]: flags, environment, log formats, signals, a closed stdout;
+//! - [`registry`]: the PostgreSQL registry as a library, against the real server;
+//! - [`broker`]: the RabbitMQ connection as a library, and the daemon under a
+//!   broker that blocks publishers;
+//! - [`sinks`]: the daemon publishing to RabbitMQ and recording in PostgreSQL;
+//! - [`faults`]: outages, kills, overflows and vanishing shares, and that
+//!   nothing is lost through them.
+//!
+//! Tests named `serial_…` stop or restart the shared servers; `scripts/test.sh`
+//! runs them one at a time after all the others.
+
+// Beside this folder rather than in it: `tests/e2e/` holds the tests,
+// `tests/support/` what they stand on (Cargo makes no test target of a
+// `mod.rs`), and a second test binary, should one be needed, can share it.
+#[path = "../support/mod.rs"]
+mod support;
+
+mod events;
+mod cli;
+mod registry;
+mod broker;
+mod sinks;
+mod faults;
