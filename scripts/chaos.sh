@@ -3,7 +3,7 @@
 #
 # Full run (about 2.5 minutes, every fault):
 #     scripts/chaos.sh --duration 120
-# Short run (about 40 s, fewer faults; what `serial_chaos_short` in tests/faults.rs runs):
+# Short run (about 40 s, fewer faults; what `serial_chaos_short` in tests/e2e/faults/chaos.rs runs):
 #     scripts/chaos.sh --short
 #
 # Builds the release binary, starts 3 instances (one tree each, one registry

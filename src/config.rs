@@ -586,7 +586,7 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("/tmp/b/c"));
     }
 
-    /// The exact lines operators and `tests/cli.rs` see, one per step that
+    /// The exact lines operators and `tests/e2e/cli.rs` see, one per step that
     /// can fail, so that moving code between steps cannot change a byte.
     #[test]
     fn error_lines_are_exact() {

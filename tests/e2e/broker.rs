@@ -19,8 +19,8 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use file_watcher::publish::broker::{exchange_declarations, Broker, BrokerError, BrokerSettings};
 use file_watcher::message::{Content, EventType, Message, Origin, SCHEMA_VERSION};
+use file_watcher::publish::broker::{exchange_declarations, Broker, BrokerError, BrokerSettings};
 use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, ExchangeKind};

@@ -38,7 +38,7 @@
 //! - *Logs*: lapin logs through `tracing`; with `tracing`'s `log` feature and
 //!   no tracing subscriber installed, its events become `log` records (targets
 //!   `lapin::…`) and reach our log output like any other (checked by
-//!   `tests/broker.rs`).
+//!   `tests/e2e/broker.rs`).
 //!
 //! The parts, in the order a connection lives through them: `settings.rs`
 //! (what to connect to, and the URI lapin gets), `connect.rs` (TCP,
@@ -69,7 +69,7 @@ pub use settings::BrokerSettings;
 use connect::SocketSlot;
 
 /// The log target these lines had before the layout move, kept so that log
-/// lines (and anyone's filters on them, tests/broker.rs too) stay the same.
+/// lines (and anyone's filters on them, tests/e2e/broker.rs too) stay the same.
 const LOG_TARGET: &str = "file_watcher::broker";
 
 /// `app_id` of every message, so consumers can tell who published it.
