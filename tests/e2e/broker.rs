@@ -206,7 +206,7 @@ fn unroutable_message_is_acked_counted_and_logged() {
 
     let records = logs.lock().unwrap().clone();
     let ours = records.iter().find(|(target, text)| {
-        target == "file_watcher::publish::broker" && text.contains(exchange) && text.contains("file.deleted")
+        target == "file_watcher::broker" && text.contains(exchange) && text.contains("file.deleted")
     });
     assert!(
         ours.is_some(),
@@ -491,7 +491,7 @@ fn frozen_broker_is_caught_by_the_heartbeat() {
     );
     let records = logs.lock().unwrap().clone();
     let noticed = records.iter().any(|(target, text)| {
-        target == "file_watcher::publish::broker"
+        target == "file_watcher::broker"
             && text.contains(&settings.connection_name)
             && text.contains("heartbeat")
     });
