@@ -31,6 +31,9 @@ pub fn init(
         .level_for("async_io", level.min(log::LevelFilter::Info))
         .level_for("async_global_executor", level.min(log::LevelFilter::Info))
         .level_for("notify", level.min(log::LevelFilter::Info))
+        // The poller logs each walk error itself, at every poll, and hands it
+        // to us as well: the settle stage reports it (once, for a path too long).
+        .level_for("notify::poll", level.min(log::LevelFilter::Error))
         .level_for("mio", level.min(log::LevelFilter::Info))
         // Spans arrive as log records through tracing's `log` feature; they carry no news.
         .level_for("tracing::span", level.min(log::LevelFilter::Warn))
