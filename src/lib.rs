@@ -10,7 +10,7 @@
 //!   [`filter`] decides which names matter; [`path_text`] turns paths (bytes)
 //!   into the text every stage, the registry and the messages carry, and
 //!   back; [`redact`] keeps passwords out of what we print; [`logging`]
-//!   stamps every line with `[instance:dir]`.
+//!   stamps every line with `[instance:dir]` and escapes control characters.
 //! - [`watch`] owns notify and hands [`watch::RawEvent`]s to the settle
 //!   stage. Its callback never blocks: a full channel drops the event and
 //!   raises a flag that makes the settle stage rescan. [`watch::scan`] walks

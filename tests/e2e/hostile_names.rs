@@ -17,6 +17,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
+use crate::support::daemon::log_level;
 use crate::support::{file_path, old_path, sha256_hex, summary, write_file, Daemon, TestDatabase, DEADLINE};
 
 /// `name` (raw bytes) inside the watched directory.
@@ -229,6 +230,53 @@ fn unusual_names_are_announced_exactly() {
         daemon.warnings_and_errors().is_empty(),
         "valid names are not warned about:\n{}",
         daemon.stderr_text()
+    );
+}
+
+/// A file name cannot forge a log line: control characters in what is
+/// logged are escaped, so every line the daemon writes starts a log entry.
+#[test]
+fn a_file_name_cannot_forge_a_log_line() {
+    let daemon = Daemon::builder()
+        .env("LOG_LEVEL", "debug")
+        .env("INSTANCE_ID", "forge01")
+        .start();
+    let prefix = format!("[forge01:{}]", daemon.dir_str());
+    let forged = "a\n2026-01-01T00:00:00.000Z ERROR [x:y] FAKE ERROR line.flac";
+    let colored = "b\r\u{1b}[2K\u{1b}[31mred\u{9b}c.flac";
+    for name in [forged, colored] {
+        write_file(&daemon.path(name), name);
+        daemon.wait_for_event("created", &daemon.path_str(name));
+    }
+    daemon.barrier();
+    let lines = daemon.stderr_lines();
+    for line in &lines {
+        let timestamp = line.split(' ').next().unwrap_or("");
+        assert!(
+            humantime::parse_rfc3339(timestamp).is_ok()
+                && matches!(log_level(line), Some("WARN" | "INFO" | "DEBUG" | "TRACE"))
+                && line.split(' ').nth(2) == Some(prefix.as_str()),
+            "a line that is not one of the daemon's entries: {line:?}"
+        );
+        assert!(
+            !line.contains(['\u{1b}', '\r', '\u{9b}']),
+            "a raw control character in {line:?}"
+        );
+    }
+    // The names are still there to read, escaped.
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("a\\n2026-01-01T00:00:00.000Z ERROR [x:y] FAKE ERROR line.flac")),
+        "the forged name is logged escaped:\n{}",
+        lines.join("\n")
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("b\\r\\x1b[2K\\x1b[31mred\\u{9b}c.flac")),
+        "the colored name is logged escaped:\n{}",
+        lines.join("\n")
     );
 }
 
