@@ -210,9 +210,10 @@ impl Config {
         })
     }
 
-    /// The watched directory as it appears in messages and logs.
+    /// The watched directory as it appears in messages and logs: as path
+    /// text, like the `file_path`s below it.
     pub fn watched_directory(&self) -> String {
-        self.data_dir.to_string_lossy().into_owned()
+        crate::path_text::encode(self.data_dir.as_os_str())
     }
 }
 

@@ -7,8 +7,10 @@
 //! lives in one place, so "where does X go next" is "who imports X":
 //!
 //! - [`config`] parses environment and flags once into a [`config::Config`];
-//!   [`filter`] decides which names matter; [`redact`] keeps passwords out of
-//!   what we print; [`logging`] stamps every line with `[instance:dir]`.
+//!   [`filter`] decides which names matter; [`path_text`] turns paths (bytes)
+//!   into the text every stage, the registry and the messages carry, and
+//!   back; [`redact`] keeps passwords out of what we print; [`logging`]
+//!   stamps every line with `[instance:dir]` and escapes control characters.
 //! - [`watch`] owns notify and hands [`watch::RawEvent`]s to the settle
 //!   stage. Its callback never blocks: a full channel drops the event and
 //!   raises a flag that makes the settle stage rescan. [`watch::scan`] walks
@@ -43,6 +45,7 @@
 pub mod config;
 pub mod redact;
 pub mod filter;
+pub mod path_text;
 pub mod logging;
 pub mod backoff;
 pub mod watch;

@@ -5,10 +5,16 @@
 //! `target` and `message`, so aggregators can split instances. Logs go to
 //! stderr: stdout carries messages in stdout mode.
 //!
+//! One entry is one line: text lines escape control characters
+//! ([`EscapeControls`]), so a file name holding a newline or a terminal
+//! escape cannot start a forged entry or recolour the terminal; JSON lines
+//! are escaped by `serde_json`.
+//!
 //! Errors are logged as one line with their causes ([`error_chain`]), by
 //! `main` for the error that stops the process and by the sinks for the
 //! reason a delivery failed.
 
+use std::fmt;
 use std::time::SystemTime;
 
 use crate::config::LogFormat;
@@ -31,6 +37,9 @@ pub fn init(
         .level_for("async_io", level.min(log::LevelFilter::Info))
         .level_for("async_global_executor", level.min(log::LevelFilter::Info))
         .level_for("notify", level.min(log::LevelFilter::Info))
+        // The poller logs each walk error itself, at every poll, and hands it
+        // to us as well: the settle stage reports it (once, for a path too long).
+        .level_for("notify::poll", level.min(log::LevelFilter::Error))
         .level_for("mio", level.min(log::LevelFilter::Info))
         // Spans arrive as log records through tracing's `log` feature; they carry no news.
         .level_for("tracing::span", level.min(log::LevelFilter::Warn))
@@ -51,12 +60,15 @@ pub fn init(
     let dispatch = match format {
         LogFormat::Text => dispatch.format(move |out, message, record| {
             out.finish(format_args!(
-                "{} {} {} {}: {}",
-                humantime::format_rfc3339_millis(SystemTime::now()),
-                record.level(),
-                prefix,
-                record.target(),
-                message
+                "{}",
+                Escaped(&format_args!(
+                    "{} {} {} {}: {}",
+                    humantime::format_rfc3339_millis(SystemTime::now()),
+                    record.level(),
+                    prefix,
+                    record.target(),
+                    message
+                ))
             ))
         }),
         LogFormat::Json => dispatch.format(move |out, message, record| {
@@ -72,6 +84,41 @@ pub fn init(
         }),
     };
     dispatch.chain(std::io::stderr()).apply()
+}
+
+/// Shows what it wraps with its control characters escaped; see
+/// [`EscapeControls`].
+struct Escaped<'a>(&'a fmt::Arguments<'a>);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::write(&mut EscapeControls(formatter), *self.0)
+    }
+}
+
+/// Writes through to `W`, with `\n`, `\r` and `\t` as those two characters,
+/// other C0 controls and DEL as `\xNN` (so ESC is `\x1b`), and C1 controls as
+/// `\u{NN}`. Backslashes are left alone: the aim is one entry per line and
+/// no terminal escapes, and a path keeps the spelling it has in messages.
+struct EscapeControls<W>(W);
+
+impl<W: fmt::Write> fmt::Write for EscapeControls<W> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        let mut rest = text;
+        while let Some(at) = rest.find(char::is_control) {
+            self.0.write_str(&rest[..at])?;
+            let control = rest[at..].chars().next().expect("found above");
+            match control {
+                '\n' => self.0.write_str("\\n")?,
+                '\r' => self.0.write_str("\\r")?,
+                '\t' => self.0.write_str("\\t")?,
+                '\0'..='\x7f' => write!(self.0, "\\x{:02x}", u32::from(control))?,
+                _ => write!(self.0, "\\u{{{:x}}}", u32::from(control))?,
+            }
+            rest = &rest[at + control.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
 }
 
 /// An error and its causes on one line ("cannot connect …: Connection refused").
@@ -100,6 +147,19 @@ mod tests {
         Connect(#[source] std::io::Error),
         #[error("registry: {0}")]
         Quoting(#[source] std::io::Error),
+    }
+
+    fn escaped(text: &str) -> String {
+        Escaped(&format_args!("{text}")).to_string()
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escaped("a\nFAKE ERROR line.flac"), "a\\nFAKE ERROR line.flac");
+        assert_eq!(escaped("\r\t\u{1b}[31m\u{0}\u{7f}"), "\\r\\t\\x1b[31m\\x00\\x7f");
+        assert_eq!(escaped("c1 \u{85}\u{9b}"), "c1 \\u{85}\\u{9b}");
+        let ordinary = "/m/🎵 café \"q\" back\\slash \\x41.flac";
+        assert_eq!(escaped(ordinary), ordinary);
     }
 
     #[test]

@@ -94,10 +94,16 @@ pub struct Message {
     /// RFC 3339 UTC, when the change was recorded.
     pub timestamp: String,
     pub event_type: EventType,
+    /// The absolute path as path text ([`crate::path_text`]): the name on
+    /// disk for every valid UTF-8 name without `\x` or `\\` in it; bytes
+    /// that are not UTF-8 written `\xNN`, and a backslash before `x` or `\`
+    /// doubled, so the text always maps back to exactly one path.
     pub file_path: String,
+    /// Where the file was before a `moved` or `renamed`; path text too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub old_path: Option<String>,
     pub instance_id: String,
+    /// `DATA_DIR`, as path text: a prefix of every `file_path`.
     pub watched_directory: String,
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
     pub content: Option<Content>,

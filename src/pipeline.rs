@@ -28,6 +28,7 @@ use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 use crate::config::{Config, DatabaseConfig, WatchMode};
 use crate::job::{Dispatch, Done};
 use crate::message::Origin;
+use crate::path_text;
 use crate::publish::broker::BrokerSettings;
 use crate::publish::rabbitmq::BrokerSink;
 use crate::publish::stdout::StdoutSink;
@@ -148,8 +149,8 @@ impl Store {
         };
         let mut files = 0u64;
         scan::for_each_file(&config.data_dir, &config.filter, |path| {
-            if let (Some(text), Ok(Some(stat))) = (path.to_str(), Stat::of(path)) {
-                memory.seed(text.to_owned(), stat);
+            if let (Some(text), Ok(Some(stat))) = (path_text::admit(path), Stat::of(path)) {
+                memory.seed(text, stat);
                 files += 1;
             }
         });

@@ -280,7 +280,7 @@ impl Registry for Deferred {
 
 /// A fresh `stat` for a registry about to write: `Stat::of` with the error named.
 pub fn fresh_stat(path: &str) -> Result<Option<Stat>, RegistryError> {
-    Stat::of(Path::new(path)).map_err(|source| RegistryError::Stat {
+    Stat::of(&crate::path_text::decode(path)).map_err(|source| RegistryError::Stat {
         path: path.to_owned(),
         source,
     })

@@ -3,9 +3,10 @@
 //! notify reports what the kernel saw; this decides what each event means for
 //! the files we announce: data written, a writer that closed, a removal, a
 //! new directory to walk, or one half of a rename (paired in `renames`).
-//! Paths outside the tree, or not valid UTF-8, stop here.
+//! Paths outside the tree, or too long to use, stop here; the rest become
+//! path text ([`crate::path_text`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use notify::event::{CreateKind, ModifyKind, RemoveKind, RenameMode};
@@ -13,6 +14,7 @@ use notify::{Event, EventKind};
 
 use super::{Settle, LOG_TARGET};
 use crate::config::WatchMode;
+use crate::path_text;
 use crate::watch::RawEvent;
 
 impl Settle {
@@ -27,6 +29,9 @@ impl Settle {
                 notify::ErrorKind::WatchNotFound | notify::ErrorKind::PathNotFound => {
                     log::debug!(target: LOG_TARGET, "watch already gone: {error}")
                 }
+                // The poller meets a path too long to use at every poll: `admit` warns once.
+                notify::ErrorKind::Io(_)
+                    if error.paths.iter().any(|path| path_text::admit(path).is_none()) => {}
                 _ => log::warn!(target: LOG_TARGET, "watcher error: {error}"),
             },
         }
@@ -72,12 +77,12 @@ impl Settle {
             }
             EventKind::Create(CreateKind::Folder) => {
                 if let Some(path) = paths.next().filter(|path| !self.excluded(path)) {
-                    self.schedule_scan(PathBuf::from(path), now);
+                    self.schedule_scan(path_text::decode(&path).into_owned(), now);
                 }
             }
             EventKind::Create(_) | EventKind::Modify(_) => {
                 for path in paths {
-                    if poll && Path::new(&path).is_dir() {
+                    if poll && path_text::decode(&path).is_dir() {
                         continue; // the poll watcher walks new directories itself
                     }
                     self.on_write(path, poll, now);
@@ -111,22 +116,16 @@ impl Settle {
         }
     }
 
-    /// The path as UTF-8 text, if it is inside the watched tree (exclusion is
+    /// The path's text, if it is inside the watched tree (exclusion is
     /// decided later: a rename from an excluded name is still news).
     fn inside(&self, path: &Path) -> Option<String> {
         path.strip_prefix(&self.options.root).ok()?;
-        match path.to_str() {
-            Some(text) => Some(text.to_owned()),
-            None => {
-                log::warn!(target: LOG_TARGET, "ignoring {}: the path is not valid UTF-8", path.display());
-                None
-            }
-        }
+        path_text::admit(path)
     }
 
     /// True for the root itself, and for paths with an excluded component.
     pub(super) fn excluded(&self, path: &str) -> bool {
-        Path::new(path)
+        path_text::decode(path)
             .strip_prefix(&self.options.root)
             .map_or(true, |relative| {
                 relative.as_os_str().is_empty() || self.options.filter.excludes(relative)
@@ -134,7 +133,7 @@ impl Settle {
     }
 
     pub(super) fn announces(&self, path: &str) -> bool {
-        Path::new(path)
+        path_text::decode(path)
             .strip_prefix(&self.options.root)
             .is_ok_and(|relative| !relative.as_os_str().is_empty() && self.options.filter.announces(relative))
     }

@@ -49,6 +49,7 @@ use self::root::WATCHDOG_INTERVAL;
 use crate::config::WatchMode;
 use crate::filter::Filter;
 use crate::job::{Dispatch, Done, Key};
+use crate::path_text;
 use crate::watch::guard::RootGuard;
 use crate::watch::scan::{Discovery, ScanRequest};
 use crate::watch::{RawEvent, WatchCounters, Watcher};
@@ -135,7 +136,7 @@ impl Settle {
         raw_sender: Sender<RawEvent>,
         guard: RootGuard,
     ) -> Settle {
-        let root_text = options.root.to_string_lossy().into_owned();
+        let root_text = path_text::encode(options.root.as_os_str());
         Settle {
             watcher: Some(watcher),
             raw_sender,

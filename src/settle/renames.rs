@@ -6,7 +6,6 @@
 //! or out of the tree: what moved out is gone, what moved in is new.
 
 use std::cmp::Reverse;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use notify::event::{ModifyKind, RenameMode};
@@ -17,6 +16,7 @@ use super::dispatch::ReadyItem;
 use super::pending::State;
 use super::Settle;
 use crate::job::Job;
+use crate::path_text;
 use crate::registry::rebase;
 
 /// How long an unpaired "moved from" waits for its "moved to".
@@ -47,7 +47,7 @@ impl Settle {
     }
 
     pub(super) fn on_rename(&mut self, from: String, to: String, now: Instant) {
-        let to_is_directory = match std::fs::symlink_metadata(&to) {
+        let to_is_directory = match std::fs::symlink_metadata(path_text::decode(&to)) {
             Ok(metadata) => metadata.is_dir(),
             // Renamed again before we looked (A → B → C): a name we would not
             // announce as a file is taken as a directory. If it was not one,
@@ -89,7 +89,7 @@ impl Settle {
         match (!self.excluded(&from), !self.excluded(&to)) {
             (true, true) => {}
             (true, false) => return self.on_tree_gone(from, now),
-            (false, true) => return self.schedule_scan(PathBuf::from(to), now),
+            (false, true) => return self.schedule_scan(path_text::decode(&to).into_owned(), now),
             (false, false) => return,
         }
         // Pending entries below the old name follow it. The registry moves the
@@ -128,12 +128,12 @@ impl Settle {
             not_before: None,
         });
         // Watches are re-added by notify; what was written in between is found by this walk.
-        self.schedule_scan(PathBuf::from(to), now);
+        self.schedule_scan(path_text::decode(&to).into_owned(), now);
     }
 
     pub(super) fn on_moved_in(&mut self, path: String, now: Instant) {
-        if std::fs::symlink_metadata(&path).is_ok_and(|metadata| metadata.is_dir()) {
-            self.schedule_scan(PathBuf::from(path), now);
+        if std::fs::symlink_metadata(path_text::decode(&path)).is_ok_and(|metadata| metadata.is_dir()) {
+            self.schedule_scan(path_text::decode(&path).into_owned(), now);
         } else if self.announces(&path) {
             self.on_closed(path, now);
         }

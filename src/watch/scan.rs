@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use walkdir::WalkDir;
 
 use crate::filter::Filter;
+use crate::path_text;
 
 /// The log target these lines had before the layout move, kept so that log
 /// lines (and anyone's filters on them) stay the same.
@@ -100,8 +101,10 @@ fn walk(
                 if error.depth() == 0 {
                     outcome.failed = true;
                 }
-                // Vanished while walking is normal; unreadable is worth a warning.
-                if error.io_error().map(|e| e.kind()) != Some(std::io::ErrorKind::NotFound) {
+                // Vanished while walking is normal; too long is warned about once
+                // (`admit`); unreadable is worth a warning.
+                let too_long = error.path().is_some_and(|path| path_text::admit(path).is_none());
+                if !too_long && error.io_error().map(|e| e.kind()) != Some(std::io::ErrorKind::NotFound) {
                     log::warn!(
                         target: LOG_TARGET,
                         "cannot read {}: {error}",
@@ -119,14 +122,11 @@ fn walk(
         if !filter.announces(relative) {
             continue;
         }
-        let Some(text) = path.to_str() else {
-            log::warn!(target: LOG_TARGET, "skipping {}: the path is not valid UTF-8", path.display());
+        let Some(text) = path_text::admit(path) else {
             continue;
         };
         outcome.files += 1;
-        found
-            .send(Discovery::File(text.to_owned()))
-            .map_err(|_| Disconnected)?;
+        found.send(Discovery::File(text)).map_err(|_| Disconnected)?;
     }
     Ok(outcome)
 }

@@ -7,7 +7,6 @@
 
 pub mod hash;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +15,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::backoff::RETRY;
 use crate::job::{Dispatch, Done, Job, Outcome};
+use crate::path_text;
 use crate::registry::{Applied, Change, Health, Observed, Registry, RegistryError, Stat};
 use crate::watch::guard::RootGuard;
 
@@ -150,7 +150,7 @@ impl Worker {
         renamed_from: Option<&str>,
         correlation: uuid::Uuid,
     ) -> Result<Outcome, RegistryError> {
-        let before = match Stat::of(Path::new(path)) {
+        let before = match Stat::of(&path_text::decode(path)) {
             Ok(Some(stat)) => stat,
             Ok(None) => return self.vanished(path),
             Err(error) => {
@@ -170,7 +170,7 @@ impl Worker {
         let (sha256, xxh128) = match reusable {
             Some(row) => (row.sha256, row.xxh128),
             None => {
-                let digests = match hash::hash_file_until(Path::new(path), &self.stopping) {
+                let digests = match hash::hash_file_until(&path_text::decode(path), &self.stopping) {
                     Ok(digests) => digests,
                     // Shutting down: hand the job back; the next start picks the file up.
                     Err(error) if hash::is_stopped(&error) => return Ok(Outcome::Retry(Duration::ZERO)),
@@ -186,7 +186,7 @@ impl Worker {
                 self.counters
                     .bytes_hashed
                     .fetch_add(digests.bytes, Ordering::Relaxed);
-                let after = Stat::of(Path::new(path)).ok().flatten();
+                let after = Stat::of(&path_text::decode(path)).ok().flatten();
                 if after != Some(before) || digests.bytes != before.size {
                     log::debug!(
                         target: LOG_TARGET,
@@ -259,7 +259,7 @@ impl Worker {
         }
         let mut swept = 0u64;
         let outcome = self.for_each_recorded_below(dir, |worker, file| {
-            if matches!(Stat::of(Path::new(file)), Ok(None)) {
+            if matches!(Stat::of(&path_text::decode(file)), Ok(None)) {
                 swept += 1;
                 return worker.gone(file, correlation);
             }
