@@ -30,3 +30,4 @@ mod registry;
 mod broker;
 mod sinks;
 mod faults;
+mod hostile_renames;
