@@ -180,18 +180,29 @@ impl Settle {
         match job {
             Job::Check { path, renamed_from } => {
                 let fresher = self.pending.contains_key(&path);
-                let entry = self.touch(path, now);
+                let entry = self.touch(path.clone(), now);
                 if !fresher {
                     entry.state = State::Changed;
                     entry.closed = true;
                     entry.correlation_id = correlation_id;
                 }
                 // The rename was not recorded yet: whatever came later, it still has to be.
-                if entry.renamed_from.is_none() {
-                    entry.renamed_from = renamed_from;
-                }
+                let replaced = match (&entry.renamed_from, renamed_from) {
+                    (None, renamed_from) => {
+                        entry.renamed_from = renamed_from;
+                        None
+                    }
+                    // Another rename onto this path came meanwhile: the file
+                    // that came from `earlier` was replaced before it was
+                    // recorded here, so it is gone.
+                    (Some(later), Some(earlier)) if *later != earlier && earlier != path => Some(earlier),
+                    (Some(_), _) => None,
+                };
                 entry.not_before = retry_after;
                 entry.attempt = if changing { 0 } else { attempt + 1 };
+                if let Some(earlier) = replaced {
+                    self.mark_removed(earlier, now);
+                }
             }
             Job::Gone { path } => {
                 let fresher = self.pending.contains_key(&path);

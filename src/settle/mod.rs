@@ -254,17 +254,18 @@ mod tests {
     use crate::watch::Callback;
     use crossbeam_channel::{bounded, unbounded, Receiver};
 
-    /// A settle stage on a real (empty) temporary tree, driven by hand.
-    struct Harness {
-        settle: Settle,
-        jobs: Receiver<Dispatch>,
+    /// A settle stage on a real (empty) temporary tree, driven by hand. The
+    /// stage's other files test their parts with it too.
+    pub(super) struct Harness {
+        pub(super) settle: Settle,
+        pub(super) jobs: Receiver<Dispatch>,
         root: String,
         _dir: tempfile::TempDir,
         _keep: Vec<Box<dyn std::any::Any>>,
     }
 
     impl Harness {
-        fn new() -> Harness {
+        pub(super) fn new() -> Harness {
             let dir = tempfile::tempdir().unwrap();
             let root = dir.path().to_owned();
             let (raw_sender, raw) = bounded(16);
@@ -315,13 +316,13 @@ mod tests {
             }
         }
 
-        fn path(&self, name: &str) -> String {
+        pub(super) fn path(&self, name: &str) -> String {
             format!("{}/{name}", self.root)
         }
 
         /// One pass of the loop's bookkeeping, far enough in the future that
         /// every settle deadline has passed.
-        fn pass(&mut self) -> Vec<Dispatch> {
+        pub(super) fn pass(&mut self) -> Vec<Dispatch> {
             let later = Instant::now() + Duration::from_secs(1);
             self.settle.reschedule_touched();
             self.settle.promote_due(later);
@@ -329,7 +330,7 @@ mod tests {
             self.jobs.try_iter().collect()
         }
 
-        fn finish(&mut self, dispatch: Dispatch) {
+        pub(super) fn finish(&mut self, dispatch: Dispatch) {
             self.settle.on_done(Done {
                 dispatch,
                 outcome: Outcome::Finished,

@@ -68,6 +68,7 @@ impl Settle {
                     })
                     .filter(|original| *original != to);
                 let correlation_id = carried.map(|entry| entry.correlation_id);
+                self.replace_unrecorded_origin(&to, renamed_from.as_deref(), now);
                 let entry = self.touch(to, now);
                 entry.state = State::Changed;
                 entry.closed = true;
@@ -81,6 +82,24 @@ impl Settle {
             // `x.flac` → `x.flac.bak`: gone as far as consumers are concerned.
             (true, false) => self.mark_removed(from, now),
             (false, false) => {}
+        }
+    }
+
+    /// `to` is about to hold the file last recorded at `origin`. If a rename
+    /// onto `to` that was never recorded is pending there (`mv c b; mv a b`
+    /// within the settle time), the file it brought (`c`) was replaced
+    /// before anyone recorded it at `to`: it is gone, as `mark_removed` has it
+    /// for "renamed here, never recorded here". Otherwise the later origin
+    /// would overwrite the earlier one and `c` would stay recorded forever.
+    pub(super) fn replace_unrecorded_origin(&mut self, to: &str, origin: Option<&str>, now: Instant) {
+        let earlier = self
+            .pending
+            .get(to)
+            .and_then(|entry| entry.renamed_from.clone())
+            .filter(|earlier| Some(earlier.as_str()) != origin && earlier != to);
+        if let Some(earlier) = earlier {
+            self.pending.get_mut(to).expect("looked up above").renamed_from = None;
+            self.mark_removed(earlier, now);
         }
     }
 
@@ -161,5 +180,82 @@ impl Settle {
             attempt: 0,
             not_before: None,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::super::tests::Harness;
+    use crate::job::{Done, Job, Outcome};
+
+    fn sorted(mut jobs: Vec<Job>) -> Vec<Job> {
+        jobs.sort_by_key(|job| format!("{job:?}"));
+        jobs
+    }
+
+    #[test]
+    fn two_renames_onto_one_name_remove_the_first_origin() {
+        // `mv c b; mv a b` within one settle period: c's file was replaced at
+        // b before anyone recorded it there.
+        let mut harness = Harness::new();
+        let (a, b, c) = (harness.path("a.flac"), harness.path("b.flac"), harness.path("c.flac"));
+        harness.settle.on_rename(c.clone(), b.clone(), Instant::now());
+        harness.settle.on_rename(a.clone(), b.clone(), Instant::now());
+        let jobs = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        assert_eq!(
+            sorted(jobs),
+            [
+                Job::Check {
+                    path: b,
+                    renamed_from: Some(a)
+                },
+                Job::Gone { path: c },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rename_onto_a_name_whose_rename_is_in_flight_removes_the_first_origin() {
+        // `mv c b`, its check goes out, then `mv a b` before it is recorded.
+        let mut harness = Harness::new();
+        let (a, b, c) = (harness.path("a.flac"), harness.path("b.flac"), harness.path("c.flac"));
+        harness.settle.on_rename(c.clone(), b.clone(), Instant::now());
+        let in_flight = harness.pass().into_iter().next().unwrap();
+        harness.settle.on_rename(a.clone(), b.clone(), Instant::now());
+        harness.settle.on_done(Done {
+            dispatch: in_flight,
+            outcome: Outcome::Changing,
+        });
+        let jobs = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        assert_eq!(
+            sorted(jobs),
+            [
+                Job::Check {
+                    path: b,
+                    renamed_from: Some(a)
+                },
+                Job::Gone { path: c },
+            ]
+        );
+    }
+
+    #[test]
+    fn renaming_the_same_origin_onto_a_name_twice_removes_nothing() {
+        // `mv a b; mv b x; mv x b`: one origin all along.
+        let mut harness = Harness::new();
+        let (a, b, x) = (harness.path("a.flac"), harness.path("b.flac"), harness.path("x.flac"));
+        harness.settle.on_rename(a.clone(), b.clone(), Instant::now());
+        harness.settle.on_rename(b.clone(), x.clone(), Instant::now());
+        harness.settle.on_rename(x, b.clone(), Instant::now());
+        let jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        assert_eq!(
+            jobs,
+            [Job::Check {
+                path: b,
+                renamed_from: Some(a)
+            }]
+        );
     }
 }
