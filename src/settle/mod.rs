@@ -44,7 +44,7 @@ use crossbeam_channel::{never, select, Receiver, Sender};
 
 use self::dispatch::ReadyItem;
 use self::pending::Entry;
-use self::renames::RENAME_PAIRING;
+use self::renames::Pairing;
 use self::root::WATCHDOG_INTERVAL;
 use crate::config::WatchMode;
 use crate::filter::Filter;
@@ -99,8 +99,8 @@ pub struct Settle {
     ready: VecDeque<ReadyItem>,
     in_flight: HashMap<u64, Vec<Key>>,
     next_id: u64,
-    /// A "moved from" waiting for its pair: (tracker, path, seen at).
-    unpaired_from: Option<(usize, String, Instant)>,
+    /// Renames whose "moved to" has not come yet.
+    pairing: Pairing,
     /// Directories to walk once their watch surely exists.
     delayed_scans: Vec<(Instant, PathBuf)>,
     full_scan_running: bool,
@@ -151,7 +151,7 @@ impl Settle {
             ready: VecDeque::new(),
             in_flight: HashMap::new(),
             next_id: 0,
-            unpaired_from: None,
+            pairing: Pairing::default(),
             delayed_scans: Vec::new(),
             full_scan_running: false,
             full_scan_again: false,
@@ -205,7 +205,7 @@ impl Settle {
             if now >= self.next_watchdog {
                 self.watchdog(now);
             }
-            self.flush_unpaired_from(now, false);
+            self.expire_unpaired(now);
             self.start_due_scans(now);
             self.reschedule_touched();
             self.promote_due(now);
@@ -237,8 +237,8 @@ impl Settle {
         if let Some(Reverse((at, _))) = self.timers.peek() {
             next = next.min(*at);
         }
-        if let Some((_, _, seen)) = &self.unpaired_from {
-            next = next.min(*seen + RENAME_PAIRING);
+        if let Some(expiry) = self.pairing.next_expiry() {
+            next = next.min(expiry);
         }
         for (at, _) in &self.delayed_scans {
             next = next.min(*at);
