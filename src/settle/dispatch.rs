@@ -152,8 +152,20 @@ impl Settle {
             ..
         } = done.dispatch;
         let (retry_after, changing) = match done.outcome {
+            Outcome::Matched(moves) => {
+                self.outage_attempts = 0;
+                if let Job::MatchMoves { found, .. } = job {
+                    self.on_matched(found, moves, now);
+                }
+                return;
+            }
             Outcome::Finished => {
                 self.outage_attempts = 0;
+                // Given up after hard errors: nothing matched.
+                if let Job::MatchMoves { found, .. } = job {
+                    self.on_matched(found, Vec::new(), now);
+                    return;
+                }
                 if let Job::Sweep { dir, files_found } = &job {
                     log::info!(
                         target: LOG_TARGET,
@@ -216,7 +228,10 @@ impl Settle {
                 entry.not_before = retry_after;
                 entry.attempt = if changing { 0 } else { attempt + 1 };
             }
-            job @ (Job::GoneTree { .. } | Job::RenameDirectory { .. } | Job::Sweep { .. }) => {
+            job @ (Job::GoneTree { .. }
+            | Job::RenameDirectory { .. }
+            | Job::Sweep { .. }
+            | Job::MatchMoves { .. }) => {
                 // Keep its place in front of anything that overlaps it.
                 self.ready.push_front(ReadyItem::Tree {
                     job,

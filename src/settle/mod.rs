@@ -21,6 +21,8 @@
 //! through it:
 //! - `events`: raw notify events into pending entries;
 //! - `renames`: pairing "moved from" with "moved to", file and directory renames;
+//! - `unpaired`: a "moved from" with no "moved to", held for the walks of new
+//!   directories and matched by (device, inode);
 //! - `pending`: the entries, their timers, and promotion to the ready queue;
 //! - `dispatch`: the ready queue, keys in flight, the outage hold, and what
 //!   the workers answer;
@@ -29,6 +31,7 @@
 
 mod events;
 mod renames;
+mod unpaired;
 mod pending;
 mod dispatch;
 mod root;
@@ -46,6 +49,7 @@ use self::dispatch::ReadyItem;
 use self::pending::Entry;
 use self::renames::Pairing;
 use self::root::WATCHDOG_INTERVAL;
+use self::unpaired::Unpaired;
 use crate::config::WatchMode;
 use crate::filter::Filter;
 use crate::job::{Dispatch, Done, Key};
@@ -101,6 +105,8 @@ pub struct Settle {
     next_id: u64,
     /// Renames whose "moved to" has not come yet.
     pairing: Pairing,
+    /// "Moved from" halves held for the walks of new directories.
+    unpaired: Unpaired,
     /// Directories to walk once their watch surely exists.
     delayed_scans: Vec<(Instant, PathBuf)>,
     full_scan_running: bool,
@@ -152,6 +158,7 @@ impl Settle {
             in_flight: HashMap::new(),
             next_id: 0,
             pairing: Pairing::default(),
+            unpaired: Unpaired::default(),
             delayed_scans: Vec::new(),
             full_scan_running: false,
             full_scan_again: false,
@@ -186,7 +193,7 @@ impl Settle {
                     }
                 },
                 recv(discovered) -> discovery => if let Ok(discovery) = discovery {
-                    self.on_discovery(discovery);
+                    self.on_walked(discovery);
                 },
                 recv(self.channels.done) -> done => if let Ok(done) = done {
                     self.on_done(done);
@@ -207,6 +214,7 @@ impl Settle {
             }
             self.expire_unpaired(now);
             self.start_due_scans(now);
+            self.match_held(now);
             self.reschedule_touched();
             self.promote_due(now);
             self.dispatch(now);

@@ -65,6 +65,10 @@ impl Pairing {
     pub(super) fn next_expiry(&self) -> Option<Instant> {
         self.froms.values().map(|(_, seen)| *seen + RENAME_PAIRING).min()
     }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.froms.is_empty()
+    }
 }
 
 impl Settle {
@@ -81,12 +85,12 @@ impl Settle {
             return self.on_moved_in(path, now);
         };
         self.pairing.paired.insert(tracker, now);
-        match self.pairing.take(tracker) {
+        let from = self.pairing.take(tracker);
+        // A file that left this name earlier is not coming back to it.
+        self.expire_from_at(&path, now);
+        match from {
             Some(from) => self.on_rename(from, path, now),
-            None => {
-                self.expire_from_at(&path, now);
-                self.on_moved_in(path, now);
-            }
+            None => self.on_moved_in(path, now),
         }
     }
 
@@ -135,8 +139,12 @@ impl Settle {
         }
     }
 
-    /// A "moved from" whose "moved to" never came: the file or directory left the tree.
+    /// A "moved from" whose "moved to" never came: the file or directory left
+    /// the tree, or went into a directory too new to have a watch (`unpaired`).
     fn on_unpaired_from(&mut self, path: String, now: Instant) {
+        if self.hold_for_walks(&path, now) {
+            return;
+        }
         log::debug!(target: LOG_TARGET, "{path} moved away (no \"moved to\" in the tree)");
         self.on_tree_gone(path, now);
     }
@@ -317,18 +325,23 @@ mod tests {
         // What two busy writers and a renamer produce: notify's own pairing
         // (one remembered "moved from") sees neither pair; the trackers do.
         let mut harness = Harness::new();
-        let [a, b, c, d, busy] = ["a", "b", "c", "d", "busy"].map(|name| harness.path(&format!("{name}.flac")));
+        let [a, b, c, d, busy] =
+            ["a", "b", "c", "d", "busy"].map(|name| harness.path(&format!("{name}.flac")));
         harness.settle.on_raw(rename(RenameMode::From, &[&a], Some(1)));
         harness.settle.on_raw(write(&busy));
         harness.settle.on_raw(rename(RenameMode::From, &[&c], Some(2)));
         harness.settle.on_raw(rename(RenameMode::To, &[&b], Some(1)));
         harness.settle.on_raw(write(&busy));
         harness.settle.on_raw(rename(RenameMode::To, &[&d], Some(2)));
-        harness.settle.on_raw(rename(RenameMode::Both, &[&c, &d], Some(2)));
+        harness
+            .settle
+            .on_raw(rename(RenameMode::Both, &[&c, &d], Some(2)));
         let jobs = sorted(harness.pass().into_iter().map(|dispatch| dispatch.job).collect());
         assert_eq!(jobs, [check(&b, Some(&a)), check(&d, Some(&c))]);
         // Nothing is left waiting to expire into a removal.
-        harness.settle.expire_unpaired(Instant::now() + RENAME_PAIRING * 2);
+        harness
+            .settle
+            .expire_unpaired(Instant::now() + RENAME_PAIRING * 2);
         assert!(harness.pass().is_empty());
     }
 
@@ -353,9 +366,9 @@ mod tests {
         let mut harness = Harness::new();
         let a = harness.path("a.flac");
         harness.settle.on_raw(rename(RenameMode::From, &[&a], Some(1)));
-        harness
-            .settle
-            .on_raw(RawEvent::Fs(Event::new(EventKind::Create(CreateKind::File)).add_path(a.clone().into())));
+        harness.settle.on_raw(RawEvent::Fs(
+            Event::new(EventKind::Create(CreateKind::File)).add_path(a.clone().into()),
+        ));
         let first: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
         assert_eq!(first, [Job::GoneTree { path: a }]);
     }
@@ -366,10 +379,14 @@ mod tests {
         let (a, b) = (harness.path("a.flac"), harness.path("b.flac"));
         let seen = Instant::now();
         harness.settle.on_raw(rename(RenameMode::From, &[&a], Some(1)));
-        harness.settle.expire_unpaired(seen + RENAME_PAIRING + Duration::from_millis(1));
+        harness
+            .settle
+            .expire_unpaired(seen + RENAME_PAIRING + Duration::from_millis(1));
         // Late: the wait had ended; notify still pairs the two into a `Both`.
         harness.settle.on_raw(rename(RenameMode::To, &[&b], Some(1)));
-        harness.settle.on_raw(rename(RenameMode::Both, &[&a, &b], Some(1)));
+        harness
+            .settle
+            .on_raw(rename(RenameMode::Both, &[&a, &b], Some(1)));
         let jobs = sorted(harness.pass().into_iter().map(|dispatch| dispatch.job).collect());
         assert_eq!(jobs, [check(&b, None), Job::GoneTree { path: a }]);
     }
@@ -393,7 +410,11 @@ mod tests {
         // `mv c b; mv a b` within one settle period: c's file was replaced at
         // b before anyone recorded it there.
         let mut harness = Harness::new();
-        let (a, b, c) = (harness.path("a.flac"), harness.path("b.flac"), harness.path("c.flac"));
+        let (a, b, c) = (
+            harness.path("a.flac"),
+            harness.path("b.flac"),
+            harness.path("c.flac"),
+        );
         harness.settle.on_rename(c.clone(), b.clone(), Instant::now());
         harness.settle.on_rename(a.clone(), b.clone(), Instant::now());
         let jobs = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
@@ -413,7 +434,11 @@ mod tests {
     fn a_rename_onto_a_name_whose_rename_is_in_flight_removes_the_first_origin() {
         // `mv c b`, its check goes out, then `mv a b` before it is recorded.
         let mut harness = Harness::new();
-        let (a, b, c) = (harness.path("a.flac"), harness.path("b.flac"), harness.path("c.flac"));
+        let (a, b, c) = (
+            harness.path("a.flac"),
+            harness.path("b.flac"),
+            harness.path("c.flac"),
+        );
         harness.settle.on_rename(c.clone(), b.clone(), Instant::now());
         let in_flight = harness.pass().into_iter().next().unwrap();
         harness.settle.on_rename(a.clone(), b.clone(), Instant::now());
@@ -438,7 +463,11 @@ mod tests {
     fn renaming_the_same_origin_onto_a_name_twice_removes_nothing() {
         // `mv a b; mv b x; mv x b`: one origin all along.
         let mut harness = Harness::new();
-        let (a, b, x) = (harness.path("a.flac"), harness.path("b.flac"), harness.path("x.flac"));
+        let (a, b, x) = (
+            harness.path("a.flac"),
+            harness.path("b.flac"),
+            harness.path("x.flac"),
+        );
         harness.settle.on_rename(a.clone(), b.clone(), Instant::now());
         harness.settle.on_rename(b.clone(), x.clone(), Instant::now());
         harness.settle.on_rename(x, b.clone(), Instant::now());

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{event_type, file_path, old_path, sha256_hex, write_file, xxh128_hex, Daemon, DEADLINE};
+use crate::support::{
+    event_type, file_path, old_path, sha256_hex, write_file, xxh128_hex, Daemon, TestDatabase, DEADLINE,
+};
 
 fn assert_content(message: &Value, content: &[u8]) {
     assert_eq!(message["sha256_hash"], sha256_hex(content), "sha256 of {message}");
@@ -253,15 +255,33 @@ fn two_hundred_renames_beside_two_busy_writers_are_two_hundred_renamed() {
 /// `MOVED_TO`.
 #[test]
 fn moves_into_directories_made_a_moment_earlier_are_moved() {
-    const MOVES: usize = 20;
     let daemon = Daemon::start();
+    moves_into_fresh_directories_are_moved(&daemon, |number| format!("album {number:02}"));
+}
+
+/// Item 3 as beets does it (`os.makedirs("Artist/Album")`: the file lands
+/// two new directories down), recorded in PostgreSQL, whose rows must keep
+/// the device and inode the match needs.
+#[test]
+fn moves_into_nested_directories_made_a_moment_earlier_are_moved_with_postgresql() {
+    let database = TestDatabase::new();
+    let daemon = Daemon::builder().with_database(&database).start();
+    moves_into_fresh_directories_are_moved(&daemon, |number| format!("artist {number:02}/album"));
+}
+
+/// Twenty files announced, then each moved into a directory (`directory`
+/// of its number) made just before: twenty `moved` from the old path, with
+/// the content, and nothing else.
+#[track_caller]
+fn moves_into_fresh_directories_are_moved(daemon: &Daemon, directory: impl Fn(usize) -> String) {
+    const MOVES: usize = 20;
     let moves: Vec<_> = (0..MOVES)
         .map(|number| {
             let name = format!("track {number:02}.flac");
             let content = format!("track {number} content");
             write_file(&daemon.path(&name), &content);
             let old = daemon.path_str(&name);
-            let new = daemon.path_str(&format!("album {number:02}/{name}"));
+            let new = daemon.path_str(&format!("{}/{name}", directory(number)));
             (number, name, content, old, new)
         })
         .collect();
@@ -272,12 +292,12 @@ fn moves_into_directories_made_a_moment_earlier_are_moved() {
     let announced = daemon.barrier().len();
 
     for (number, name, ..) in &moves {
-        let album = daemon.path(&format!("album {number:02}"));
-        fs::create_dir(&album).unwrap();
+        let album = daemon.path(&directory(*number));
+        fs::create_dir_all(&album).unwrap();
         fs::rename(daemon.path(name), album.join(name)).unwrap();
     }
     // Every new path has been announced somehow (moved, or wrongly created).
-    wait_for_all(&daemon, &moves.iter().map(|(.., new)| new.as_str()).collect());
+    wait_for_all(daemon, &moves.iter().map(|(.., new)| new.as_str()).collect());
     let after = daemon.barrier().split_off(announced);
 
     let mut wrong = Vec::new();
