@@ -269,6 +269,42 @@ fn moves_into_nested_directories_made_a_moment_earlier_are_moved_with_postgresql
     moves_into_fresh_directories_are_moved(&daemon, |number| format!("artist {number:02}/album"));
 }
 
+/// Rows recorded before the registry kept device and inode (migration 3)
+/// cannot be matched; the full scan at the next start fills them in, with
+/// no hashing and no message.
+#[test]
+fn rows_without_device_and_inode_get_them_at_the_next_start_without_a_message() {
+    use std::os::unix::fs::MetadataExt;
+
+    let database = TestDatabase::new();
+    let mut first = Daemon::builder().with_database(&database).start();
+    let path = create_announced(&first, "old.flac", b"recorded before migration 3");
+    let created = first.messages_for(&path).remove(0);
+    let before = database.wait_published(&path, created["message_id"].as_str().unwrap());
+    assert!(first.terminate().success(), "{}", first.stderr_text());
+    database.query("UPDATE files SET device = NULL, inode = NULL", &[]);
+
+    let second = Daemon::builder()
+        .with_database(&database)
+        .watching(first.dir())
+        .start();
+    second.wait_for_full_scan(first.dir());
+    let identity = database.wait_until("the row's device and inode", DEADLINE, |database| {
+        let records = database.query("SELECT device, inode FROM files WHERE file_path = $1", &[&path]);
+        let (device, inode): (Option<i64>, Option<i64>) = (records[0].get(0), records[0].get(1));
+        device.zip(inode)
+    });
+    let metadata = fs::metadata(&path).unwrap();
+    assert_eq!(identity, (metadata.dev() as i64, metadata.ino() as i64));
+    let after = database.row(&path).expect("still recorded");
+    assert_eq!(
+        (after.message_id, after.published_at, after.state.as_str()),
+        (before.message_id, before.published_at, "present"),
+        "the refresh is no news"
+    );
+    assert_eq!(database.outbox_len(), 0, "nothing recorded to publish");
+}
+
 /// Twenty files announced, then each moved into a directory (`directory`
 /// of its number) made just before: twenty `moved` from the old path, with
 /// the content, and nothing else.
