@@ -200,6 +200,9 @@ impl Settle {
                 }
                 // The rename was not recorded yet: whatever came later, it still has to be.
                 let replaced = match (&entry.renamed_from, renamed_from) {
+                    // Removed since, before it was recorded here: the name
+                    // it came from goes too (as in `mark_removed`).
+                    (None, Some(from)) if entry.state == State::Removed => Some(from),
                     (None, renamed_from) => {
                         entry.renamed_from = renamed_from;
                         None

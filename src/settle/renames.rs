@@ -460,6 +460,23 @@ mod tests {
     }
 
     #[test]
+    fn a_renamed_file_removed_while_its_check_is_in_flight_removes_its_origin() {
+        // `mv a b; rm b`, the `rm` while the check of b is hashing: a's row
+        // must go, or it stays present forever.
+        let mut harness = Harness::new();
+        let (a, b) = (harness.path("a.flac"), harness.path("b.flac"));
+        harness.settle.on_rename(a.clone(), b.clone(), Instant::now());
+        let in_flight = harness.pass().into_iter().next().unwrap();
+        harness.settle.mark_removed(b.clone(), Instant::now());
+        harness.settle.on_done(Done {
+            dispatch: in_flight,
+            outcome: Outcome::Changing,
+        });
+        let jobs = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        assert_eq!(sorted(jobs), [Job::Gone { path: a }, Job::Gone { path: b }]);
+    }
+
+    #[test]
     fn renaming_the_same_origin_onto_a_name_twice_removes_nothing() {
         // `mv a b; mv b x; mv x b`: one origin all along.
         let mut harness = Harness::new();

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +18,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::{
-    event_type, file_path, old_path, sha256_hex, write_file, xxh128_hex, Daemon, TestDatabase, DEADLINE,
+    event_type, file_path, old_path, sha256_hex, wait_until, write_file, xxh128_hex, Daemon, TestDatabase,
+    DEADLINE,
 };
 
 fn assert_content(message: &Value, content: &[u8]) {
@@ -396,4 +398,41 @@ fn rename_chain_onto_one_name_within_the_settle_time_still_removes_the_first() {
         "after `mv c b; mv a b` a consumer must hold b alone ({c} gone); messages after the creates: {:?}",
         triples(&messages[announced..])
     );
+}
+
+/// Found on the way (items 2–4): `mv a b; rm b`, the `rm` while the check of
+/// `b` is reading it. The check comes back "changed"; the removal of `b`
+/// then took the rename's origin along without acting on it, so `a` was
+/// never removed and stayed recorded forever.
+#[test]
+fn a_renamed_file_removed_while_it_is_read_still_removes_its_old_name() {
+    let daemon = Daemon::start();
+    let a = create_announced(&daemon, "a.flac", b"announced at a");
+    let b = daemon.path_str("b.flac");
+    // New content (so `b` must be hashed, not follow a's hashes), big
+    // enough that reading it takes a while, then the rename.
+    write_file(&daemon.path("a.flac"), vec![9u8; 64 << 20]);
+    fs::rename(daemon.path("a.flac"), daemon.path("b.flac")).unwrap();
+    wait_until("the daemon reads b.flac", DEADLINE, || has_open(daemon.pid(), &b));
+    fs::remove_file(daemon.path("b.flac")).unwrap();
+
+    daemon.wait_for_event("deleted", &a);
+    let messages = daemon.barrier();
+    assert_eq!(
+        replay(&messages),
+        BTreeMap::new(),
+        "after `mv a b; rm b` nothing is left; messages: {:?}",
+        triples(&messages)
+    );
+}
+
+/// Whether process `pid` has `path` open (its `/proc/<pid>/fd` links).
+fn has_open(pid: u32, path: &str) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .any(|entry| fs::read_link(entry.path()).is_ok_and(|target| target == Path::new(path)))
+        })
+        .unwrap_or(false)
 }
