@@ -2,8 +2,10 @@
 //!
 //! A rename inside the tree rewrites pending entries, so a worker never hashes
 //! a path that has merely moved; a directory rename moves everything pending
-//! below it and goes to the registry as one job. Half a rename is a move into
-//! or out of the tree: what moved out is gone, what moved in is new.
+//! below it and goes to the registry as one job. The halves pair by
+//! tracker ([`Pairing`]). Half a rename is a move into or out of the tree:
+//! what moved in is new, what moved out is gone, unless it went into a
+//! directory too new to have a watch (`unpaired` finds it there).
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
