@@ -34,6 +34,15 @@ pub enum Job {
     /// After a full scan that found `files_found` files: every recorded file
     /// below `dir` that no longer exists is gone.
     Sweep { dir: String, files_found: u64 },
+    /// Moves the kernel reported only half of: `origins` are where files
+    /// were last recorded before a "moved from" that found no "moved to",
+    /// `found` what the walks of new directories found meanwhile. Which
+    /// found file is which recorded one? Answered with [`Outcome::Matched`];
+    /// nothing is recorded.
+    MatchMoves {
+        origins: Vec<String>,
+        found: Vec<String>,
+    },
 }
 
 impl Job {
@@ -51,6 +60,9 @@ impl Job {
                 vec![Key::Tree(from.clone()), Key::Tree(to.clone())]
             }
             Job::Sweep { dir, .. } => vec![Key::Tree(dir.clone())],
+            Job::MatchMoves { origins, found } => {
+                origins.iter().chain(found).cloned().map(Key::File).collect()
+            }
         }
     }
 }
@@ -72,7 +84,7 @@ pub struct Done {
     pub outcome: Outcome,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Finished,
     /// The file changed while it was being read: settle it again.
@@ -87,6 +99,16 @@ pub enum Outcome {
     /// The registry cannot be reached: keep the job, and hold all dispatching
     /// for a while (one probe per backoff period, not one retry per path).
     Unavailable,
+    /// The answer to [`Job::MatchMoves`]: these found files are recorded
+    /// files that moved.
+    Matched(Vec<Moved>),
+}
+
+/// The file last recorded at `from` is now at `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub from: String,
+    pub to: String,
 }
 
 /// What a job holds while it is in flight: a single path, or a whole subtree.

@@ -269,6 +269,7 @@ mod tests {
                     size: 1,
                     mtime_ns: 1,
                     ctime_ns: 1,
+                    identity: None,
                 },
             );
         }

@@ -42,6 +42,17 @@ pub struct Stat {
     pub size: u64,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
+    /// Which file this is, whatever its name: how a file whose rename was
+    /// not reported as one is recognised at its new path. `None` for rows
+    /// recorded before the registry kept it; such rows never match.
+    pub identity: Option<FileId>,
+}
+
+/// A file's (device, inode): the same across renames within one filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub device: u64,
+    pub inode: u64,
 }
 
 impl Stat {
@@ -62,6 +73,10 @@ impl Stat {
             size: metadata.len(),
             mtime_ns: metadata.mtime() * 1_000_000_000 + metadata.mtime_nsec(),
             ctime_ns: metadata.ctime() * 1_000_000_000 + metadata.ctime_nsec(),
+            identity: Some(FileId {
+                device: metadata.dev(),
+                inode: metadata.ino(),
+            }),
         }
     }
 

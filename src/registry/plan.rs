@@ -114,6 +114,7 @@ mod tests {
             size,
             mtime_ns: 1,
             ctime_ns,
+            identity: None,
         }
     }
 

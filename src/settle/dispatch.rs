@@ -152,8 +152,20 @@ impl Settle {
             ..
         } = done.dispatch;
         let (retry_after, changing) = match done.outcome {
+            Outcome::Matched(moves) => {
+                self.outage_attempts = 0;
+                if let Job::MatchMoves { found, .. } = job {
+                    self.on_matched(found, moves, now);
+                }
+                return;
+            }
             Outcome::Finished => {
                 self.outage_attempts = 0;
+                // Given up after hard errors: nothing matched.
+                if let Job::MatchMoves { found, .. } = job {
+                    self.on_matched(found, Vec::new(), now);
+                    return;
+                }
                 if let Job::Sweep { dir, files_found } = &job {
                     log::info!(
                         target: LOG_TARGET,
@@ -180,18 +192,32 @@ impl Settle {
         match job {
             Job::Check { path, renamed_from } => {
                 let fresher = self.pending.contains_key(&path);
-                let entry = self.touch(path, now);
+                let entry = self.touch(path.clone(), now);
                 if !fresher {
                     entry.state = State::Changed;
                     entry.closed = true;
                     entry.correlation_id = correlation_id;
                 }
                 // The rename was not recorded yet: whatever came later, it still has to be.
-                if entry.renamed_from.is_none() {
-                    entry.renamed_from = renamed_from;
-                }
+                let replaced = match (&entry.renamed_from, renamed_from) {
+                    // Removed since, before it was recorded here: the name
+                    // it came from goes too (as in `mark_removed`).
+                    (None, Some(from)) if entry.state == State::Removed => Some(from),
+                    (None, renamed_from) => {
+                        entry.renamed_from = renamed_from;
+                        None
+                    }
+                    // Another rename onto this path came meanwhile: the file
+                    // that came from `earlier` was replaced before it was
+                    // recorded here, so it is gone.
+                    (Some(later), Some(earlier)) if *later != earlier && earlier != path => Some(earlier),
+                    (Some(_), _) => None,
+                };
                 entry.not_before = retry_after;
                 entry.attempt = if changing { 0 } else { attempt + 1 };
+                if let Some(earlier) = replaced {
+                    self.mark_removed(earlier, now);
+                }
             }
             Job::Gone { path } => {
                 let fresher = self.pending.contains_key(&path);
@@ -205,7 +231,10 @@ impl Settle {
                 entry.not_before = retry_after;
                 entry.attempt = if changing { 0 } else { attempt + 1 };
             }
-            job @ (Job::GoneTree { .. } | Job::RenameDirectory { .. } | Job::Sweep { .. }) => {
+            job @ (Job::GoneTree { .. }
+            | Job::RenameDirectory { .. }
+            | Job::Sweep { .. }
+            | Job::MatchMoves { .. }) => {
                 // Keep its place in front of anything that overlaps it.
                 self.ready.push_front(ReadyItem::Tree {
                     job,

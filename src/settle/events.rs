@@ -44,35 +44,36 @@ impl Settle {
             self.request_full_scan("kernel event queue overflow");
             return;
         }
-        let pairs_with_from = self.pairs_with_unpaired_from(&event);
-        if !pairs_with_from {
-            self.flush_unpaired_from(now, true);
-        }
         let poll = matches!(self.options.mode, WatchMode::Poll(_));
         let paths: Vec<String> = event.paths.iter().filter_map(|path| self.inside(path)).collect();
+        let tracker = event.attrs.tracker();
+        // Renames pair by tracker (see `renames::Pairing`); anything else
+        // that happens at the name a "moved from" left means it is not
+        // coming back there.
+        if !matches!(event.kind, EventKind::Modify(ModifyKind::Name(_))) {
+            for path in &paths {
+                self.expire_from_at(path, now);
+            }
+        }
         let mut paths = paths.into_iter();
         match event.kind {
             EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
                 let (Some(from), Some(to)) = (paths.next(), paths.next()) else {
                     return;
                 };
-                self.unpaired_from = None;
-                self.on_rename(from, to, now);
+                self.on_moved_both(tracker, from, to, now);
             }
             EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
-                if let (Some(path), Some(tracker)) = (paths.next(), event.attrs.tracker()) {
-                    self.unpaired_from = Some((tracker, path, now));
+                if let (Some(path), Some(tracker)) = (paths.next(), tracker) {
+                    self.on_moved_from(tracker, path, now);
                 } else if let Some(path) = paths.next() {
                     // MOVE_SELF of a watched directory: its parent reports the rename.
                     log::debug!(target: LOG_TARGET, "{path} moved (no tracker)");
                 }
             }
             EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
-                if pairs_with_from {
-                    return; // the Both event that follows carries both names
-                }
                 if let Some(path) = paths.next() {
-                    self.on_moved_in(path, now);
+                    self.on_moved_to(tracker, path, now);
                 }
             }
             EventKind::Create(CreateKind::Folder) => {

@@ -21,6 +21,8 @@
 //! through it:
 //! - `events`: raw notify events into pending entries;
 //! - `renames`: pairing "moved from" with "moved to", file and directory renames;
+//! - `unpaired`: a "moved from" with no "moved to", held for the walks of new
+//!   directories and matched by (device, inode);
 //! - `pending`: the entries, their timers, and promotion to the ready queue;
 //! - `dispatch`: the ready queue, keys in flight, the outage hold, and what
 //!   the workers answer;
@@ -29,6 +31,7 @@
 
 mod events;
 mod renames;
+mod unpaired;
 mod pending;
 mod dispatch;
 mod root;
@@ -44,8 +47,9 @@ use crossbeam_channel::{never, select, Receiver, Sender};
 
 use self::dispatch::ReadyItem;
 use self::pending::Entry;
-use self::renames::RENAME_PAIRING;
+use self::renames::Pairing;
 use self::root::WATCHDOG_INTERVAL;
+use self::unpaired::Unpaired;
 use crate::config::WatchMode;
 use crate::filter::Filter;
 use crate::job::{Dispatch, Done, Key};
@@ -100,8 +104,10 @@ pub struct Settle {
     ready: VecDeque<ReadyItem>,
     in_flight: HashMap<u64, Vec<Key>>,
     next_id: u64,
-    /// A "moved from" waiting for its pair: (tracker, path, seen at).
-    unpaired_from: Option<(usize, String, Instant)>,
+    /// Renames whose "moved to" has not come yet.
+    pairing: Pairing,
+    /// "Moved from" halves held for the walks of new directories.
+    unpaired: Unpaired,
     /// Directories to walk once their watch surely exists.
     delayed_scans: Vec<(Instant, PathBuf)>,
     full_scan_running: bool,
@@ -152,7 +158,8 @@ impl Settle {
             ready: VecDeque::new(),
             in_flight: HashMap::new(),
             next_id: 0,
-            unpaired_from: None,
+            pairing: Pairing::default(),
+            unpaired: Unpaired::default(),
             delayed_scans: Vec::new(),
             full_scan_running: false,
             full_scan_again: false,
@@ -187,7 +194,7 @@ impl Settle {
                     }
                 },
                 recv(discovered) -> discovery => if let Ok(discovery) = discovery {
-                    self.on_discovery(discovery);
+                    self.on_walked(discovery);
                 },
                 recv(self.channels.done) -> done => if let Ok(done) = done {
                     self.on_done(done);
@@ -206,8 +213,9 @@ impl Settle {
             if now >= self.next_watchdog {
                 self.watchdog(now);
             }
-            self.flush_unpaired_from(now, false);
+            self.expire_unpaired(now);
             self.start_due_scans(now);
+            self.match_held(now);
             self.reschedule_touched();
             self.promote_due(now);
             self.dispatch(now);
@@ -238,8 +246,8 @@ impl Settle {
         if let Some(Reverse((at, _))) = self.timers.peek() {
             next = next.min(*at);
         }
-        if let Some((_, _, seen)) = &self.unpaired_from {
-            next = next.min(*seen + RENAME_PAIRING);
+        if let Some(expiry) = self.pairing.next_expiry() {
+            next = next.min(expiry);
         }
         for (at, _) in &self.delayed_scans {
             next = next.min(*at);
@@ -255,17 +263,18 @@ mod tests {
     use crate::watch::Callback;
     use crossbeam_channel::{bounded, unbounded, Receiver};
 
-    /// A settle stage on a real (empty) temporary tree, driven by hand.
-    struct Harness {
-        settle: Settle,
-        jobs: Receiver<Dispatch>,
+    /// A settle stage on a real (empty) temporary tree, driven by hand. The
+    /// stage's other files test their parts with it too.
+    pub(super) struct Harness {
+        pub(super) settle: Settle,
+        pub(super) jobs: Receiver<Dispatch>,
         root: String,
         _dir: tempfile::TempDir,
         _keep: Vec<Box<dyn std::any::Any>>,
     }
 
     impl Harness {
-        fn new() -> Harness {
+        pub(super) fn new() -> Harness {
             let dir = tempfile::tempdir().unwrap();
             let root = dir.path().to_owned();
             let (raw_sender, raw) = bounded(16);
@@ -316,13 +325,13 @@ mod tests {
             }
         }
 
-        fn path(&self, name: &str) -> String {
+        pub(super) fn path(&self, name: &str) -> String {
             format!("{}/{name}", self.root)
         }
 
         /// One pass of the loop's bookkeeping, far enough in the future that
         /// every settle deadline has passed.
-        fn pass(&mut self) -> Vec<Dispatch> {
+        pub(super) fn pass(&mut self) -> Vec<Dispatch> {
             let later = Instant::now() + Duration::from_secs(1);
             self.settle.reschedule_touched();
             self.settle.promote_due(later);
@@ -330,7 +339,7 @@ mod tests {
             self.jobs.try_iter().collect()
         }
 
-        fn finish(&mut self, dispatch: Dispatch) {
+        pub(super) fn finish(&mut self, dispatch: Dispatch) {
             self.settle.on_done(Done {
                 dispatch,
                 outcome: Outcome::Finished,

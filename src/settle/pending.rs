@@ -179,6 +179,10 @@ impl Settle {
                 self.timers.push(Reverse((deadline, path)));
                 continue;
             }
+            if self.unpaired.holds(&path) {
+                self.hold_back_entry(path, now); // a move may be matched to it (see `unpaired`)
+                continue;
+            }
             self.pending.get_mut(&path).expect("looked up above").ready = true;
             self.ready.push_back(ReadyItem::Path(path));
         }

@@ -7,6 +7,7 @@
 
 pub mod hash;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::backoff::RETRY;
-use crate::job::{Dispatch, Done, Job, Outcome};
+use crate::job::{Dispatch, Done, Job, Moved, Outcome};
 use crate::path_text;
 use crate::registry::{Applied, Change, Health, Observed, Registry, RegistryError, Stat};
 use crate::watch::guard::RootGuard;
@@ -89,6 +90,7 @@ impl Worker {
                 correlation,
             ),
             Job::Sweep { dir, files_found } => self.sweep(dir, *files_found, correlation),
+            Job::MatchMoves { origins, found } => self.match_moves(origins, found),
         };
         match result {
             Ok(outcome) => {
@@ -269,6 +271,52 @@ impl Worker {
             log::info!(target: LOG_TARGET, "sweep of {dir}: {swept} recorded files no longer exist");
         }
         Ok(outcome)
+    }
+
+    /// Which of the files in `found` (the walks of new directories found
+    /// them) is a file last recorded at one of `origins` (where a "moved
+    /// from" with no "moved to" left): the same (device, inode), and the same
+    /// size and mtime (a rename keeps both; a reused inode rarely does), while
+    /// nothing with that identity is left at the origin (a second hard link
+    /// is not a move). Records nothing: the settle stage follows each match
+    /// with an ordinary check.
+    fn match_moves(&self, origins: &[String], found: &[String]) -> Result<Outcome, RegistryError> {
+        let mut by_identity = HashMap::new();
+        for path in found {
+            if let Ok(Some(stat)) = Stat::of(&path_text::decode(path)) {
+                if let Some(identity) = stat.identity {
+                    by_identity.entry(identity).or_insert((path, stat));
+                }
+            }
+        }
+        let mut moves = Vec::new();
+        for origin in origins {
+            if by_identity.is_empty() {
+                break;
+            }
+            let Some(row) = self.registry.lookup(origin)? else {
+                continue; // never recorded: nothing to follow
+            };
+            let Some(identity) = row.stat.identity else {
+                continue; // recorded before identities were kept
+            };
+            let Some((to, stat)) = by_identity.get(&identity) else {
+                continue;
+            };
+            let same_file = stat.size == row.stat.size && stat.mtime_ns == row.stat.mtime_ns;
+            let still_at_origin = matches!(
+                Stat::of(&path_text::decode(origin)),
+                Ok(Some(at_origin)) if at_origin.identity == Some(identity)
+            );
+            if same_file && !still_at_origin {
+                moves.push(Moved {
+                    from: origin.clone(),
+                    to: (*to).clone(),
+                });
+                by_identity.remove(&identity);
+            }
+        }
+        Ok(Outcome::Matched(moves))
     }
 
     /// Visits recorded files below `dir` page by page; stops early (and

@@ -33,3 +33,4 @@ mod broker;
 mod sinks;
 mod faults;
 mod hostile_names;
+mod hostile_renames;

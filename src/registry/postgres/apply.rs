@@ -30,7 +30,7 @@ use postgres::Transaction;
 use uuid::Uuid;
 
 use super::faults::{fault, Fault};
-use super::{row_from_record, to_bigint, tree_bounds, PostgresRegistry};
+use super::{row_from_record, to_bigint, to_bigint_bits, tree_bounds, PostgresRegistry};
 use crate::message::{EventType, Message};
 use crate::registry::plan::{message_for_carried_row, messages_for, plan_present, rebase, Plan};
 use crate::registry::{fresh_stat, Applied, Observed, Row};
@@ -126,7 +126,7 @@ impl PostgresRegistry {
         let (lower, upper) = tree_bounds(from);
         let sources: Vec<Row> = transaction
             .query(
-                "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128 FROM files \
+                "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, device, inode FROM files \
                  WHERE state = 'present' AND file_path > $1 AND file_path < $2 \
                  ORDER BY file_path FOR UPDATE",
                 &[&lower, &upper],
@@ -231,6 +231,14 @@ impl PostgresRegistry {
         let sizes: Vec<i64> = arrivals.iter().map(|a| to_bigint(a.row.stat.size)).collect();
         let mtimes: Vec<i64> = arrivals.iter().map(|a| a.row.stat.mtime_ns).collect();
         let ctimes: Vec<i64> = arrivals.iter().map(|a| a.row.stat.ctime_ns).collect();
+        let devices: Vec<Option<i64>> = arrivals
+            .iter()
+            .map(|a| a.row.stat.identity.map(|id| to_bigint_bits(id.device)))
+            .collect();
+        let inodes: Vec<Option<i64>> = arrivals
+            .iter()
+            .map(|a| a.row.stat.identity.map(|id| to_bigint_bits(id.inode)))
+            .collect();
         let events: Vec<&str> = arrivals.iter().map(|a| a.message.event_type.as_str()).collect();
         let old_paths: Vec<Option<&str>> = arrivals.iter().map(|a| a.message.old_path.as_deref()).collect();
         let message_ids: Vec<String> = arrivals
@@ -241,18 +249,20 @@ impl PostgresRegistry {
             .execute(
                 "INSERT INTO files (file_path, state, sha256, xxh128, size_bytes, mtime_ns, \
                      ctime_ns, last_event, old_path, instance_id, watched_directory, message_id, \
-                     published_at, updated_at) \
+                     published_at, updated_at, device, inode) \
                  SELECT arrival.file_path, 'present', arrival.sha256, arrival.xxh128, \
                      arrival.size_bytes, arrival.mtime_ns, arrival.ctime_ns, arrival.last_event, \
-                     arrival.old_path, $10, $11, arrival.message_id::uuid, NULL, now() \
+                     arrival.old_path, $10, $11, arrival.message_id::uuid, NULL, now(), \
+                     arrival.device, arrival.inode \
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], \
-                     $6::int8[], $7::text[], $8::text[], $9::text[]) \
+                     $6::int8[], $7::text[], $8::text[], $9::text[], $12::int8[], $13::int8[]) \
                      AS arrival(file_path, sha256, xxh128, size_bytes, mtime_ns, ctime_ns, \
-                         last_event, old_path, message_id) \
+                         last_event, old_path, message_id, device, inode) \
                  ON CONFLICT (file_path) DO UPDATE SET state = 'present', \
                      sha256 = EXCLUDED.sha256, xxh128 = EXCLUDED.xxh128, \
                      size_bytes = EXCLUDED.size_bytes, mtime_ns = EXCLUDED.mtime_ns, \
-                     ctime_ns = EXCLUDED.ctime_ns, last_event = EXCLUDED.last_event, \
+                     ctime_ns = EXCLUDED.ctime_ns, device = EXCLUDED.device, inode = EXCLUDED.inode, \
+                     last_event = EXCLUDED.last_event, \
                      old_path = EXCLUDED.old_path, instance_id = EXCLUDED.instance_id, \
                      watched_directory = EXCLUDED.watched_directory, \
                      message_id = EXCLUDED.message_id, published_at = NULL, updated_at = now()",
@@ -268,6 +278,8 @@ impl PostgresRegistry {
                     &message_ids,
                     &self.origin.instance_id,
                     &self.origin.watched_directory,
+                    &devices,
+                    &inodes,
                 ],
             )
             .map_err(fault("upsert file rows"))?;
@@ -323,7 +335,7 @@ struct Departure<'a> {
 fn load_present(transaction: &mut Transaction<'_>, paths: &[&str]) -> Result<Vec<Row>, Fault> {
     Ok(transaction
         .query(
-            "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128 FROM files \
+            "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, device, inode FROM files \
              WHERE file_path = ANY($1) AND state = 'present' ORDER BY file_path FOR UPDATE",
             &[&paths],
         )
@@ -338,13 +350,16 @@ fn load_present(transaction: &mut Transaction<'_>, paths: &[&str]) -> Result<Vec
 fn refresh_stat(transaction: &mut Transaction<'_>, observed: &Observed) -> Result<(), Fault> {
     transaction
         .execute(
-            "UPDATE files SET size_bytes = $2, mtime_ns = $3, ctime_ns = $4, updated_at = now() \
+            "UPDATE files SET size_bytes = $2, mtime_ns = $3, ctime_ns = $4, device = $5, inode = $6, \
+                 updated_at = now() \
              WHERE file_path = $1",
             &[
                 &observed.path,
                 &to_bigint(observed.stat.size),
                 &observed.stat.mtime_ns,
                 &observed.stat.ctime_ns,
+                &observed.stat.identity.map(|id| to_bigint_bits(id.device)),
+                &observed.stat.identity.map(|id| to_bigint_bits(id.inode)),
             ],
         )
         .map_err(fault("refresh the file stat"))?;

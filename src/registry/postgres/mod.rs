@@ -20,6 +20,10 @@
 //!   observed (on a tombstone: as it was before it left). `message_id` is the
 //!   last message the row's latest change produced; `published_at` is NULL
 //!   while that message is still waiting for the sink's confirmation.
+//!   `device` and `inode` (migration 3, NULL on rows recorded before it) say
+//!   which file the row describes, so that a move the kernel did not report
+//!   as a rename can still be recognised (stored bit for bit: they may read
+//!   as negative).
 //!   Tombstones are never pruned by the daemon; an operator may delete old ones
 //!   (`DELETE FROM files WHERE state = 'deleted' AND published_at < now() - interval '30 days'`).
 //! - `outbox`: messages recorded but not yet confirmed, in the order they were
@@ -82,7 +86,7 @@ use faults::{describe, fault, name_database, query_error, Fault};
 use pool::Manager;
 use schema::migrate;
 
-use super::{Applied, Change, Registry, RegistryError, Row, Stat};
+use super::{Applied, Change, FileId, Registry, RegistryError, Row, Stat};
 use crate::message::{Message, Origin};
 use crate::redact::redact_url;
 
@@ -275,8 +279,8 @@ impl Registry for PostgresRegistry {
         self.read(|client| {
             let record = client
                 .query_opt(
-                    "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128 FROM files \
-                     WHERE file_path = $1 AND state = 'present'",
+                    "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, device, inode \
+                     FROM files WHERE file_path = $1 AND state = 'present'",
                     &[&path],
                 )
                 .map_err(fault("look up the file row"))?;
@@ -400,10 +404,28 @@ fn row_from_record(record: &postgres::Row) -> Row {
             size: u64::try_from(record.get::<_, i64>(1)).unwrap_or_default(),
             mtime_ns: record.get(2),
             ctime_ns: record.get(3),
+            identity: match (record.get::<_, Option<i64>>(6), record.get::<_, Option<i64>>(7)) {
+                (Some(device), Some(inode)) => Some(FileId {
+                    device: from_bigint_bits(device),
+                    inode: from_bigint_bits(inode),
+                }),
+                _ => None,
+            },
         },
         sha256: record.get(4),
         xxh128: record.get(5),
     }
+}
+
+/// Device and inode numbers are full 64-bit values (some filesystems use the
+/// top bit); they are stored bit for bit in `bigint`, so they may read as
+/// negative in SQL. Only equality matters.
+fn to_bigint_bits(value: u64) -> i64 {
+    i64::from_ne_bytes(value.to_ne_bytes())
+}
+
+fn from_bigint_bits(value: i64) -> u64 {
+    u64::from_ne_bytes(value.to_ne_bytes())
 }
 
 /// No file or limit comes near 2^63; saturate rather than wrap if one ever did.

@@ -60,6 +60,13 @@ UPDATE outbox SET instance_id = (body::jsonb) ->> 'instance_id' WHERE instance_i
 ALTER TABLE outbox ALTER COLUMN instance_id SET NOT NULL;
 "#,
     },
+    Migration {
+        version: 3,
+        description: "files rows remember the file's device and inode",
+        sql: r#"
+ALTER TABLE files ADD COLUMN device bigint, ADD COLUMN inode bigint;
+"#,
+    },
 ];
 
 /// Creates the schema if needed and applies the migrations it lacks.

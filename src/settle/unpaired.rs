@@ -1,0 +1,487 @@
+//! A "moved from" that found no "moved to": held for the walks of new
+//! directories, then matched by the file's (device, inode).
+//!
+//! `mkdir d; mv f d/` (what beets, Picard and Lidarr do) reports no "moved
+//! to": the kernel had no watch on `d` yet. Without more, the "moved from"
+//! expires into a removal and the walk of `d` then finds `d/f` as new:
+//! `deleted` + `created`, two unrelated messages for one move.
+//!
+//! So when a "moved from" expires while first walks of directories that
+//! appeared are due or running, it is held until those walks are done. What
+//! they find meanwhile is kept from the workers. Then one job
+//! ([`Job::MatchMoves`]) asks the registry which file each held move last
+//! recorded, and answers which found file is that file: same (device, inode),
+//! size and mtime ([`Outcome::Matched`](crate::job::Outcome::Matched)). A
+//! match goes out as an ordinary check that follows the rename (`moved` or
+//! `renamed`); an unmatched move is gone; unmatched finds are checked as
+//! usual. A move held longer than [`HOLD_LIMIT`] (a walk stuck behind a full
+//! scan of a huge tree) is matched against what was found so far.
+//!
+//! The same matching covers a "moved to" that comes later than
+//! `RENAME_PAIRING` into a directory being walked. Only names we announce
+//! are held: a directory that left is gone at once, as before.
+
+use std::cmp::Reverse;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::dispatch::ReadyItem;
+use super::pending::State;
+use super::{Settle, LOG_TARGET};
+use crate::job::{Job, Moved};
+use crate::watch::scan::{Discovery, ScanKind};
+
+/// The longest a move is held for walks to finish.
+const HOLD_LIMIT: Duration = Duration::from_secs(60);
+
+/// Files held back for matching at most; past it, finds are checked as usual.
+const FOUND_LIMIT: usize = 10_000;
+
+/// Held moves and what the walks found meanwhile.
+#[derive(Debug, Default)]
+pub(super) struct Unpaired {
+    /// First walks of directories that appeared, due or running, in the
+    /// order they were scheduled.
+    walks: Vec<NewWalk>,
+    /// Numbers the walks.
+    next_walk: u64,
+    /// Moves that wait for walks.
+    held: Vec<Held>,
+    /// Files found by the walks of new directories while moves waited: not
+    /// handed to the workers before they have been matched.
+    found: HashSet<String>,
+    /// The held moves a match job in flight settles (one job at a time).
+    matching: Option<Vec<Held>>,
+}
+
+#[derive(Debug)]
+struct NewWalk {
+    number: u64,
+    dir: PathBuf,
+    due: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    /// Where the "moved from" was.
+    path: String,
+    /// Where its file was last recorded: `path`, or where a rename not yet
+    /// recorded had brought it from.
+    origin: String,
+    since: Instant,
+    /// It waits for the walks numbered below this.
+    walks_before: u64,
+}
+
+impl Unpaired {
+    /// Whether a found file at `path` is held back from the workers.
+    pub(super) fn holds(&self, path: &str) -> bool {
+        self.found.contains(path)
+    }
+
+    fn ready(&self, held: &Held, now: Instant) -> bool {
+        now.duration_since(held.since) >= HOLD_LIMIT
+            || self.walks.iter().all(|walk| walk.number >= held.walks_before)
+    }
+
+    fn below_a_new_walk(&self, path: &str) -> bool {
+        let path = crate::path_text::decode(path);
+        self.walks.iter().any(|walk| path.starts_with(&walk.dir))
+    }
+}
+
+impl Settle {
+    /// The first walk of a directory that appeared is due at `due`.
+    pub(super) fn walk_scheduled(&mut self, dir: &Path, due: Instant) {
+        let number = self.unpaired.next_walk;
+        self.unpaired.next_walk += 1;
+        self.unpaired.walks.push(NewWalk {
+            number,
+            dir: dir.to_owned(),
+            due,
+        });
+    }
+
+    /// A "moved from" got no "moved to" in time. If a new directory is
+    /// about to be walked, its file may be in there: hold it (see the module
+    /// docs). Returns false when it is not held.
+    pub(super) fn hold_for_walks(&mut self, path: &str, now: Instant) -> bool {
+        if self.unpaired.walks.is_empty() || !self.announces(path) {
+            return false;
+        }
+        let origin = self
+            .pending
+            .remove(path)
+            .and_then(|entry| entry.renamed_from)
+            .unwrap_or_else(|| path.to_owned());
+        log::debug!(
+            target: LOG_TARGET,
+            "{path} moved away with no \"moved to\": holding it for the walks of new directories"
+        );
+        self.unpaired.held.push(Held {
+            path: path.to_owned(),
+            origin,
+            since: now,
+            walks_before: self.unpaired.next_walk,
+        });
+        true
+    }
+
+    /// What the scanner reports, with the finds of new directories held
+    /// back while moves wait for them.
+    pub(super) fn on_walked(&mut self, discovery: Discovery) {
+        match &discovery {
+            Discovery::File(path) if self.holds_back(path) => {
+                self.unpaired.found.insert(path.clone());
+            }
+            Discovery::Finished { request, .. } if request.kind == ScanKind::Directory => {
+                let now = Instant::now();
+                let walks = &mut self.unpaired.walks;
+                if let Some(index) = walks
+                    .iter()
+                    .position(|walk| walk.dir == request.dir && walk.due <= now)
+                {
+                    walks.remove(index);
+                }
+            }
+            _ => {}
+        }
+        self.on_discovery(discovery);
+    }
+
+    /// A file just found is held back when a move may be waiting for it: it
+    /// is below a new directory being walked, nobody dispatched or renamed
+    /// it yet, and a move is held or still waits for its pair.
+    fn holds_back(&self, path: &str) -> bool {
+        let waiting = !self.unpaired.held.is_empty() || !self.pairing.is_empty();
+        waiting
+            && self.unpaired.found.len() < FOUND_LIMIT
+            && self.unpaired.below_a_new_walk(path)
+            && self
+                .pending
+                .get(path)
+                .is_none_or(|entry| !entry.ready && entry.renamed_from.is_none())
+    }
+
+    /// Once a held move's walks are done, sends one job that matches every
+    /// held move against everything found; with nothing found, the ready
+    /// moves are simply gone. Finds nobody can claim any more are released.
+    pub(super) fn match_held(&mut self, now: Instant) {
+        if self.unpaired.matching.is_some() {
+            return;
+        }
+        if !self
+            .unpaired
+            .held
+            .iter()
+            .any(|held| self.unpaired.ready(held, now))
+        {
+            if self.unpaired.held.is_empty() && self.pairing.is_empty() && !self.unpaired.found.is_empty() {
+                let found: Vec<String> = self.unpaired.found.drain().collect();
+                self.release_found(found);
+            }
+            return;
+        }
+        let (ready, waiting): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.unpaired.held)
+            .into_iter()
+            .partition(|held| self.unpaired.ready(held, now));
+        self.unpaired.held = waiting;
+        if self.unpaired.found.is_empty() {
+            for held in ready {
+                self.held_gone(held, now);
+            }
+            return;
+        }
+        let mut origins: Vec<String> = ready
+            .iter()
+            .chain(&self.unpaired.held)
+            .map(|held| held.origin.clone())
+            .collect();
+        origins.sort_unstable();
+        origins.dedup();
+        let mut found: Vec<String> = self.unpaired.found.iter().cloned().collect();
+        found.sort_unstable();
+        self.unpaired.matching = Some(ready);
+        self.ready.push_back(ReadyItem::Tree {
+            job: Job::MatchMoves { origins, found },
+            correlation_id: Uuid::new_v4(),
+            attempt: 0,
+            not_before: None,
+        });
+    }
+
+    /// The workers matched `moves` among `found` (what the job was sent
+    /// with); an empty list when nothing matched or the job was given up.
+    pub(super) fn on_matched(&mut self, found: Vec<String>, moves: Vec<Moved>, now: Instant) {
+        let mut ready = self.unpaired.matching.take().unwrap_or_default();
+        for Moved { from, to } in moves {
+            // Whoever held it; none if it was settled meanwhile.
+            let held = if let Some(index) = ready.iter().position(|held| held.origin == from) {
+                ready.swap_remove(index)
+            } else if let Some(index) = self.unpaired.held.iter().position(|held| held.origin == from) {
+                self.unpaired.held.swap_remove(index)
+            } else {
+                continue;
+            };
+            log::debug!(target: LOG_TARGET, "{} was moved to {to} (matched by device and inode)", held.path);
+            // The name it left may have held another recorded file that the
+            // rename onto it replaced.
+            if held.path != held.origin && !self.pending.contains_key(&held.path) {
+                self.on_tree_gone(held.path, now);
+            }
+            self.unpaired.found.remove(&to);
+            let known = self.pending.contains_key(&to);
+            let entry = self.touch(to, now);
+            if !known {
+                entry.state = State::Changed;
+                entry.closed = true;
+            }
+            if entry.renamed_from.is_none() {
+                entry.renamed_from = Some(from);
+            }
+        }
+        for held in ready {
+            self.held_gone(held, now);
+        }
+        for path in &found {
+            self.unpaired.found.remove(path);
+        }
+        self.release_found(found);
+    }
+
+    /// A held move that matched nothing: it left the tree.
+    fn held_gone(&mut self, held: Held, now: Instant) {
+        if held.origin != held.path {
+            self.mark_removed(held.origin, now);
+        }
+        // A file made at the name since is news of its own, not this move's.
+        if !self.pending.contains_key(&held.path) {
+            self.on_tree_gone(held.path, now);
+        }
+    }
+
+    /// Finds no longer held back become ordinary pending entries again.
+    fn release_found(&mut self, found: Vec<String>) {
+        for path in found {
+            if let Some(entry) = self.pending.get_mut(&path) {
+                // `promote_due` dropped its timer while it was held.
+                entry.scheduled = Instant::now() + HOLD_LIMIT;
+                self.touched.push(path);
+            }
+        }
+    }
+
+    /// `promote_due` found a held-back entry due: look again later (a match
+    /// releases it sooner).
+    pub(super) fn hold_back_entry(&mut self, path: String, now: Instant) {
+        if let Some(entry) = self.pending.get_mut(&path) {
+            entry.scheduled = now + HOLD_LIMIT;
+            self.timers.push(Reverse((entry.scheduled, path)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Instant;
+
+    use notify::event::{ModifyKind, RenameMode};
+    use notify::{Event, EventKind};
+
+    use super::super::renames::RENAME_PAIRING;
+    use super::super::tests::Harness;
+    use super::HOLD_LIMIT;
+    use crate::job::{Dispatch, Done, Job, Moved, Outcome};
+    use crate::watch::scan::{Discovery, ScanKind, ScanRequest};
+    use crate::watch::RawEvent;
+
+    /// A stage where `album` is a new directory about to be walked, and
+    /// `a.flac` left with no "moved to" (its pairing time is over).
+    fn held_move() -> (Harness, String, String) {
+        let mut harness = Harness::new();
+        let (a, album) = (harness.path("a.flac"), harness.path("album"));
+        harness
+            .settle
+            .walk_scheduled(&PathBuf::from(&album), Instant::now());
+        moved_from(&mut harness, &a);
+        (harness, a, album)
+    }
+
+    fn moved_from(harness: &mut Harness, path: &str) {
+        let event = Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::From)))
+            .add_path(path.into())
+            .set_tracker(7);
+        harness.settle.on_raw(RawEvent::Fs(event));
+        harness.settle.expire_unpaired(Instant::now() + RENAME_PAIRING);
+    }
+
+    fn walked(harness: &mut Harness, dir: &str, files: &[&str]) {
+        for file in files {
+            harness.settle.on_walked(Discovery::File((*file).to_owned()));
+        }
+        harness.settle.on_walked(Discovery::Finished {
+            request: ScanRequest {
+                dir: dir.into(),
+                kind: ScanKind::Directory,
+            },
+            files: files.len() as u64,
+            failed: false,
+        });
+    }
+
+    /// What goes out to the workers now, in a stable order.
+    fn dispatched(harness: &mut Harness) -> Vec<Dispatch> {
+        harness.settle.match_held(Instant::now());
+        let mut dispatched = harness.pass();
+        dispatched.sort_by_key(|dispatch| format!("{:?}", dispatch.job));
+        dispatched
+    }
+
+    fn jobs(harness: &mut Harness) -> Vec<Job> {
+        dispatched(harness)
+            .into_iter()
+            .map(|dispatch| dispatch.job)
+            .collect()
+    }
+
+    fn check(path: &str, renamed_from: Option<&str>) -> Job {
+        Job::Check {
+            path: path.into(),
+            renamed_from: renamed_from.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_move_into_a_new_directory_waits_for_its_walk_and_follows_the_match() {
+        let (mut harness, a, album) = held_move();
+        assert!(jobs(&mut harness).is_empty(), "held, not gone");
+        let found = format!("{album}/a.flac");
+        harness.settle.on_walked(Discovery::File(found.clone()));
+        assert!(
+            jobs(&mut harness).is_empty(),
+            "neither gone nor created before the walk is done"
+        );
+        walked(&mut harness, &album, &[]);
+        let mut dispatched = dispatched(&mut harness);
+        assert_eq!(dispatched.len(), 1);
+        assert_eq!(
+            dispatched[0].job,
+            Job::MatchMoves {
+                origins: vec![a.clone()],
+                found: vec![found.clone()]
+            }
+        );
+        harness.settle.on_done(Done {
+            dispatch: dispatched.remove(0),
+            outcome: Outcome::Matched(vec![Moved {
+                from: a.clone(),
+                to: found.clone(),
+            }]),
+        });
+        assert_eq!(jobs(&mut harness), [check(&found, Some(&a))]);
+    }
+
+    #[test]
+    fn an_unmatched_move_is_gone_and_what_the_walk_found_is_new() {
+        let (mut harness, a, album) = held_move();
+        let found = format!("{album}/other.flac");
+        walked(&mut harness, &album, &[&found]);
+        let mut matching = dispatched(&mut harness);
+        assert!(matches!(
+            &matching[..],
+            [Dispatch {
+                job: Job::MatchMoves { .. },
+                ..
+            }]
+        ));
+        harness.settle.on_done(Done {
+            dispatch: matching.remove(0),
+            outcome: Outcome::Matched(Vec::new()),
+        });
+        assert_eq!(
+            jobs(&mut harness),
+            [check(&found, None), Job::GoneTree { path: a }]
+        );
+    }
+
+    #[test]
+    fn a_walk_that_finds_nothing_releases_the_move_as_gone() {
+        let (mut harness, a, album) = held_move();
+        walked(&mut harness, &album, &[]);
+        assert_eq!(jobs(&mut harness), [Job::GoneTree { path: a }]);
+    }
+
+    #[test]
+    fn a_move_is_held_no_longer_than_the_limit() {
+        let (mut harness, a, _album) = held_move();
+        harness
+            .settle
+            .match_held(Instant::now() + RENAME_PAIRING + HOLD_LIMIT);
+        let jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        assert_eq!(jobs, [Job::GoneTree { path: a }], "the walk never finished");
+    }
+
+    #[test]
+    fn a_move_away_with_no_new_directory_about_is_gone_at_once() {
+        let mut harness = Harness::new();
+        let a = harness.path("a.flac");
+        moved_from(&mut harness, &a);
+        assert_eq!(jobs(&mut harness), [Job::GoneTree { path: a }]);
+    }
+
+    #[test]
+    fn what_a_walk_finds_while_no_move_waits_is_checked_as_usual() {
+        let mut harness = Harness::new();
+        let album = harness.path("album");
+        harness
+            .settle
+            .walk_scheduled(&PathBuf::from(&album), Instant::now());
+        let found = format!("{album}/a.flac");
+        harness.settle.on_walked(Discovery::File(found.clone()));
+        assert_eq!(jobs(&mut harness), [check(&found, None)]);
+    }
+
+    #[test]
+    fn a_held_move_follows_the_file_from_where_it_was_recorded() {
+        // `mv x a; mkdir album; mv a album/` within the settle time: the
+        // file was last recorded at x, and whatever was recorded at `a` was
+        // replaced by it.
+        let mut harness = Harness::new();
+        let (x, a, album) = (
+            harness.path("x.flac"),
+            harness.path("a.flac"),
+            harness.path("album"),
+        );
+        harness.settle.on_rename(x.clone(), a.clone(), Instant::now());
+        harness
+            .settle
+            .walk_scheduled(&PathBuf::from(&album), Instant::now());
+        moved_from(&mut harness, &a);
+        let found = format!("{album}/a.flac");
+        walked(&mut harness, &album, &[&found]);
+        let mut matching = dispatched(&mut harness);
+        assert_eq!(matching.len(), 1);
+        assert_eq!(
+            matching[0].job,
+            Job::MatchMoves {
+                origins: vec![x.clone()],
+                found: vec![found.clone()]
+            }
+        );
+        harness.settle.on_done(Done {
+            dispatch: matching.remove(0),
+            outcome: Outcome::Matched(vec![Moved {
+                from: x.clone(),
+                to: found.clone(),
+            }]),
+        });
+        assert_eq!(
+            jobs(&mut harness),
+            [check(&found, Some(&x)), Job::GoneTree { path: a }]
+        );
+    }
+}
