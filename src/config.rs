@@ -749,6 +749,55 @@ mod tests {
         assert_eq!(config.broker.unwrap().url, "amqp://guest:guest@h:5672/%2f");
     }
 
+    /// Issue 8: `{:?}` of the raw arguments and of the configuration (and of
+    /// its parts) can never show a password, whichever way it was given.
+    #[test]
+    fn debug_output_holds_no_password() {
+        let secrets = ["Url-s3cret", "Db-s3cret", "Pass-s3cret"];
+        let argv = [
+            "file-watcher",
+            "/tmp",
+            "--rabbitmq-url",
+            "amqp://watcher:Url-s3cret@broker/%2f",
+            "--database-url",
+            "postgres://watcher:Db-s3cret@db/registry",
+            "--rabbitmq-pass",
+            "Pass-s3cret",
+        ];
+        let args = Args::try_parse_from(argv).unwrap();
+        let mut printed = vec![format!("{args:?}"), format!("{args:#?}")];
+        let config = Config::from_args(args).unwrap();
+        printed.push(format!("{config:?}"));
+        printed.push(format!("{config:#?}"));
+        printed.push(format!("{:?}", config.broker.as_ref().unwrap()));
+        printed.push(format!("{:?}", config.database.as_ref().unwrap()));
+        // The legacy variables build a URL with the password inside.
+        let legacy = parse(&[
+            "/tmp",
+            "--rabbitmq-host",
+            "broker",
+            "--rabbitmq-pass",
+            "Pass-s3cret",
+        ])
+        .unwrap();
+        printed.push(format!("{legacy:?}"));
+        for text in &printed {
+            for secret in secrets {
+                assert!(!text.contains(secret), "{secret} in {text}");
+            }
+        }
+        assert!(
+            printed[2].contains("amqp://watcher:***@broker/%2f"),
+            "{}",
+            printed[2]
+        );
+        assert!(
+            printed[2].contains("postgres://watcher:***@db/registry"),
+            "{}",
+            printed[2]
+        );
+    }
+
     #[test]
     fn sentinel_is_resolved_below_the_data_dir() {
         let data_dir = Path::new("/data/music");
