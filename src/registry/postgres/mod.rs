@@ -57,8 +57,10 @@
 //!   is unreachable, and the retry loop (its module docs: Errors);
 //! - `lock`: [`InstanceLock`].
 //!
-//! No error text or log line holds the password: URLs are shown through
-//! [`redact_url`], and PostgreSQL's own messages never include it.
+//! No error text or log line holds the password: the URL is a
+//! [`SecretUrl`](crate::redact::SecretUrl), which prints through
+//! [`redact_url`](crate::redact::redact_url) and is exposed only to the
+//! client's configuration; PostgreSQL's own messages never include it.
 
 mod apply;
 mod faults;
@@ -84,7 +86,7 @@ use schema::migrate;
 
 use super::{Applied, Change, Registry, RegistryError, Row, Stat};
 use crate::message::{Message, Origin};
-use crate::redact::redact_url;
+use crate::redact::SecretUrl;
 
 /// Connections per process when the configuration does not say otherwise:
 /// enough for a few workers and the publisher without crowding a server
@@ -108,11 +110,11 @@ const APPLICATION_NAME: &str = "file-watcher";
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(30);
 
 /// How to reach the registry database.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct PostgresSettings {
     /// `postgres://user:password@host:port/database` or a `key=value`
-    /// connection string. May hold a password: show it only through [`redact_url`].
-    pub url: String,
+    /// connection string. May hold a password; prints redacted.
+    pub url: SecretUrl,
     /// Schema holding the registry tables; `None` means [`DEFAULT_SCHEMA`].
     /// Must be a plain lower-case identifier (`[a-z_][a-z0-9_]*`, at most 63
     /// bytes, PostgreSQL's limit). `Config` checks that for `DB_SCHEMA`, where
@@ -125,28 +127,17 @@ pub struct PostgresSettings {
     pub connect_timeout: Duration,
 }
 
-impl fmt::Debug for PostgresSettings {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter
-            .debug_struct("PostgresSettings")
-            .field("url", &redact_url(&self.url))
-            .field("schema", &self.schema)
-            .field("pool_size", &self.pool_size)
-            .field("connect_timeout", &self.connect_timeout)
-            .finish()
-    }
-}
-
 impl PostgresSettings {
     fn schema_name(&self) -> &str {
         self.schema.as_deref().unwrap_or(DEFAULT_SCHEMA)
     }
 
     fn client_config(&self, application_name: &str) -> Result<postgres::Config, RegistryError> {
-        let mut config = postgres::Config::from_str(&self.url).map_err(|error| RegistryError::Query {
-            what: "parse the database URL",
-            detail: format!("{}: {}", redact_url(&self.url), describe(&error)),
-        })?;
+        let mut config =
+            postgres::Config::from_str(self.url.expose()).map_err(|error| RegistryError::Query {
+                what: "parse the database URL",
+                detail: format!("{}: {}", self.url, describe(&error)),
+            })?;
         config.connect_timeout(self.connect_timeout);
         if config.get_application_name().is_none() {
             config.application_name(application_name);
@@ -212,7 +203,7 @@ impl PostgresRegistry {
                 detail: "connect_timeout must be longer than zero".into(),
             });
         }
-        let database = redact_url(&settings.url);
+        let database = settings.url.to_string();
         let config = settings.client_config(APPLICATION_NAME)?;
 
         // Start-up errors name the database even when they are not about
@@ -426,7 +417,7 @@ mod tests {
     #[test]
     fn settings_debug_hides_the_password() {
         let settings = PostgresSettings {
-            url: "postgres://postgres:secret@h/db".into(),
+            url: SecretUrl::new("postgres://postgres:secret@h/db"),
             schema: None,
             pool_size: DEFAULT_POOL_SIZE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
