@@ -86,7 +86,14 @@ pub enum PublisherExit {
 impl Publisher {
     /// Runs until `wake` disconnects (then drains for at most `final_drain`)
     /// or the sink closes for good.
+    ///
+    /// "Publishing again" is said once a message has gone out after failed
+    /// attempts, and only then: a round that found the outbox empty proves
+    /// nothing about the sink. While the sink is away and there is nothing to
+    /// publish, each round tries to reach it, so the sink reports the end of
+    /// an outage even while the tree is quiet.
     pub fn run(mut self, wake: Receiver<()>, final_drain: Duration) -> PublisherExit {
+        // Failed attempts (to connect or to deliver) since the last delivery.
         let mut failures = 0u32;
         let mut retry_at: Option<Instant> = None;
         if let Err(SinkError::Unavailable(reason)) = self.sink.prepare() {
@@ -114,12 +121,14 @@ impl Publisher {
                 return PublisherExit::Stopped;
             }
             let deadline = stopping.then(|| Instant::now() + final_drain);
-            match self.drain(deadline) {
-                Ok(()) => {
-                    if failures > 0 {
-                        log::info!("publishing again after {failures} failed attempts");
+            match self.drain(deadline, failures > 0) {
+                Ok(published) => {
+                    if published > 0 {
+                        if failures > 0 {
+                            log::info!("publishing again after {}", attempts(failures));
+                        }
+                        failures = 0;
                     }
-                    failures = 0;
                     retry_at = None;
                 }
                 Err(SinkError::Closed) => return PublisherExit::SinkClosed,
@@ -153,23 +162,31 @@ impl Publisher {
         }
     }
 
-    /// Publishes until the outbox is empty (or the deadline passes).
-    fn drain(&mut self, deadline: Option<Instant>) -> Result<(), SinkError> {
+    /// Publishes until the outbox is empty (or the deadline passes); returns
+    /// how many messages the sink confirmed. With `reach_sink` (the last
+    /// attempts failed), an empty outbox is the moment to try to reach a
+    /// sink that is not connected.
+    fn drain(&mut self, deadline: Option<Instant>, reach_sink: bool) -> Result<usize, SinkError> {
+        let mut published = 0;
         loop {
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
-                return Ok(());
+                return Ok(published);
             }
             let batch = self
                 .registry
                 .outgoing(BATCH)
                 .map_err(|error| self.registry_error(error))?;
             if batch.is_empty() {
-                return Ok(());
+                if reach_sink && published == 0 && deadline.is_none() && !self.sink.is_connected() {
+                    self.sink.prepare()?;
+                }
+                return Ok(published);
             }
             let confirmed = self.sink.deliver(&batch)?;
             self.registry
                 .mark_published(&confirmed)
                 .map_err(|error| self.registry_error(error))?;
+            published += confirmed.len();
             if confirmed.len() < batch.len() {
                 return Err(SinkError::Unavailable(format!(
                     "{} of {} messages were not confirmed",
@@ -178,5 +195,13 @@ impl Publisher {
                 )));
             }
         }
+    }
+}
+
+/// "1 failed attempt", "3 failed attempts".
+fn attempts(count: u32) -> String {
+    match count {
+        1 => "1 failed attempt".to_owned(),
+        _ => format!("{count} failed attempts"),
     }
 }
