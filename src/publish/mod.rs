@@ -4,7 +4,9 @@
 //! path is the order things happened). A message is marked published only
 //! after the sink confirmed it: stdout after the line was written and flushed,
 //! RabbitMQ after the broker's publisher confirm. Anything unconfirmed stays in
-//! the outbox and goes out again, with the same `message_id`.
+//! the outbox and goes out again, with the same `message_id` — unless the
+//! sink refuses that one message for good (RabbitMQ: larger than its
+//! `max_message_size`): then the registry sets it aside and the rest goes on.
 //!
 //! The sinks live beside it: [`stdout`] writes JSON lines, [`rabbitmq`] is
 //! the sink over [`broker`], which owns the lapin connection.
@@ -42,10 +44,38 @@ pub enum SinkError {
     Paused(String),
 }
 
+/// What a sink did with a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// Confirmed, in the batch's order: a prefix of it.
+    pub confirmed: Vec<Uuid>,
+    /// The message right after `confirmed`, which the sink refuses for good:
+    /// sending it again would fail the same way.
+    pub refused: Option<Refused>,
+}
+
+impl Delivery {
+    /// These were confirmed and nothing was refused.
+    pub fn confirmed(confirmed: Vec<Uuid>) -> Delivery {
+        Delivery {
+            confirmed,
+            refused: None,
+        }
+    }
+}
+
+/// A message the sink will never take, and its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub message_id: Uuid,
+    pub reason: String,
+}
+
 /// Where messages go.
 pub trait Sink: Send {
-    /// Delivers `messages` in order and returns the ids the sink confirmed.
-    fn deliver(&mut self, messages: &[Message]) -> Result<Vec<Uuid>, SinkError>;
+    /// Delivers `messages` in order: says which the sink confirmed, and which
+    /// one (if any) it refuses for good.
+    fn deliver(&mut self, messages: &[Message]) -> Result<Delivery, SinkError>;
 
     /// Gets ready to deliver (connects), so problems show at start rather
     /// than with the first file.
@@ -182,11 +212,18 @@ impl Publisher {
                 }
                 return Ok(published);
             }
-            let confirmed = self.sink.deliver(&batch)?;
+            let Delivery { confirmed, refused } = self.sink.deliver(&batch)?;
             self.registry
                 .mark_published(&confirmed)
                 .map_err(|error| self.registry_error(error))?;
             published += confirmed.len();
+            if let Some(Refused { message_id, reason }) = refused {
+                // Out of the way, so the messages behind it go next round.
+                self.registry
+                    .set_aside(message_id, &reason)
+                    .map_err(|error| self.registry_error(error))?;
+                continue;
+            }
             if confirmed.len() < batch.len() {
                 return Err(SinkError::Unavailable(format!(
                     "{} of {} messages were not confirmed",

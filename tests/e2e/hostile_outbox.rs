@@ -264,7 +264,8 @@ fn a_message_the_broker_refuses_is_set_aside() {
         .env("INSTANCE_ID", &instance)
         .watching(&dir)
         .start();
-    let patient = Duration::from_secs(120);
+    // Debug builds take about half a minute to serialize and send 128 MiB twice.
+    let patient = Duration::from_secs(180);
     broker.wait_for(|delivered| delivered.file_path() == kept.file_path, patient);
     let reason = wait_set_aside(&database, huge_row, patient);
     assert!(reason.contains("RabbitMQ refused it"), "{reason}");

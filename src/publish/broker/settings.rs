@@ -32,7 +32,8 @@ pub struct BrokerSettings {
     /// [`Broker::close`](super::Broker::close).
     pub connect_timeout: Duration,
     /// Bounds one [`Broker::publish`](super::Broker::publish) call: sending
-    /// the batch and waiting for all of its publisher confirms.
+    /// the batch and waiting for all of its publisher confirms (plus the time
+    /// its bytes take on a slow link, which only matters for huge messages).
     pub confirm_timeout: Duration,
     /// Requested AMQP heartbeat. A broker that stops answering (frozen, or
     /// behind a dead network path) is noticed after two intervals.

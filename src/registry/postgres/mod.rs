@@ -25,7 +25,7 @@
 //! - `outbox`: messages recorded but not yet confirmed, in the order they were
 //!   recorded (`id`). `body` is exactly `Message::to_json()`, so every
 //!   redelivery sends the same bytes. A row that can never be published (a
-//!   body this build cannot read) is *set aside*
+//!   body this build cannot read, or one the broker refuses) is *set aside*
 //!   rather than left to block the rows behind it: `set_aside_at` and
 //!   `set_aside_reason` are set (both or neither, migration 4), the row stays,
 //!   `outgoing` skips it, and its file row keeps `published_at` NULL.
