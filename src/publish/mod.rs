@@ -242,3 +242,80 @@ fn attempts(count: u32) -> String {
         _ => format!("{count} failed attempts"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Origin;
+    use crate::registry::memory::MemoryRegistry;
+    use crate::registry::{Applied, Change, Observed, Stat};
+
+    /// Confirms every message up to the one it refuses.
+    struct Refusing {
+        refuse: Uuid,
+    }
+
+    impl Sink for Refusing {
+        fn deliver(&mut self, messages: &[Message]) -> Result<Delivery, SinkError> {
+            let mut delivery = Delivery::default();
+            for message in messages {
+                if message.message_id == self.refuse {
+                    delivery.refused = Some(Refused {
+                        message_id: message.message_id,
+                        reason: "too large".into(),
+                    });
+                    break;
+                }
+                delivery.confirmed.push(message.message_id);
+            }
+            Ok(delivery)
+        }
+    }
+
+    /// A registry holding one `created` message per name, in order.
+    fn registry_with(dir: &std::path::Path, names: &[&str]) -> (Arc<MemoryRegistry>, Vec<Uuid>) {
+        let registry = Arc::new(MemoryRegistry::new(Origin {
+            instance_id: "test".into(),
+            watched_directory: dir.to_str().unwrap().into(),
+        }));
+        let mut ids = Vec::new();
+        for name in names {
+            let path = dir.join(name);
+            std::fs::write(&path, name).unwrap();
+            let observed = Observed {
+                path: path.to_str().unwrap().into(),
+                stat: Stat::of(&path).unwrap().unwrap(),
+                sha256: (*name).into(),
+                xxh128: (*name).into(),
+            };
+            let change = Change::Present {
+                observed,
+                renamed_from: None,
+            };
+            match registry.apply(&change, Uuid::new_v4()).unwrap() {
+                Applied::Recorded(messages) => ids.extend(messages.iter().map(|m| m.message_id)),
+                Applied::Changed => panic!("the file did not change"),
+            }
+        }
+        (registry, ids)
+    }
+
+    #[test]
+    fn a_refused_message_is_set_aside_and_the_rest_go_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (registry, ids) = registry_with(dir.path(), &["a.flac", "b.flac", "c.flac"]);
+        let mut publisher = Publisher {
+            registry: registry.clone(),
+            sink: Box::new(Refusing { refuse: ids[1] }),
+            health: Arc::new(Health::default()),
+        };
+        assert_eq!(publisher.drain(None, false).unwrap(), 2);
+        assert!(registry.outgoing(10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn plural_only_for_several_attempts() {
+        assert_eq!(attempts(1), "1 failed attempt");
+        assert_eq!(attempts(3), "3 failed attempts");
+    }
+}
