@@ -111,7 +111,7 @@ impl BrokerSink {
             self.unroutable
                 .fetch_add(published.unroutable as u64, Ordering::Relaxed);
         }
-        // Keep the recorded order: stop at the first message the broker refused.
+        // Keep the recorded order: stop at the first message the broker did not ack.
         let acked: HashSet<Uuid> = published.acked.into_iter().collect();
         messages
             .iter()
