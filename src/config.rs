@@ -3,7 +3,9 @@
 //! Parsing happens in two steps (as in ripgrep): clap collects raw strings,
 //! then [`Config::from_args`] validates them into types that cannot be wrong,
 //! failing with one line that names the variable, the flag and the value.
-//! Secrets (passwords in URLs) are never echoed back.
+//! Secrets (passwords in URLs) are never echoed back: from the raw arguments
+//! on, URLs are [`SecretUrl`]s and the legacy password a [`Secret`], so even
+//! `{:?}` of [`Args`] or [`Config`] shows them redacted.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,7 +13,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::filter::{Filter, FilterError};
-use crate::redact::redact_url;
+use crate::redact::{Secret, SecretUrl};
 
 pub const DEFAULT_EXTENSIONS: &str = "mp3,flac,wav,wave,m4a,mp4,m4b,m4p,m4v,m4r,ogg,oga,opus,aac,wma";
 
@@ -61,7 +63,7 @@ pub struct Args {
     pub scan_existing: Option<String>,
     /// RabbitMQ URL, e.g. amqp://user:pass@host:5672/%2f. Unset: see RABBITMQ_HOST.
     #[arg(long, env = "RABBITMQ_URL", hide_env_values = true)]
-    pub rabbitmq_url: Option<String>,
+    pub rabbitmq_url: Option<SecretUrl>,
     /// Legacy broker settings, used when RABBITMQ_URL is unset; RABBITMQ_HOST
     /// being set is what turns the broker on.
     #[arg(long, env = "RABBITMQ_HOST")]
@@ -77,13 +79,13 @@ pub struct Args {
         hide_env_values = true,
         hide_default_value = true
     )]
-    pub rabbitmq_pass: String,
+    pub rabbitmq_pass: Secret,
     /// Topic exchange messages are published to.
     #[arg(long, env = "EXCHANGE", default_value = "file_events")]
     pub exchange: String,
     /// PostgreSQL URL, e.g. postgres://user:pass@host:5432/db. Unset: no registry database.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
+    pub database_url: Option<SecretUrl>,
     /// A file that exists only while the share is mounted (relative paths are
     /// below DIR); while it is missing no deletion is published.
     #[arg(long, env = "SENTINEL_FILE")]
@@ -135,16 +137,16 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
-    /// May hold a password: log only `redacted_url`.
-    pub url: String,
+    /// May hold a password; prints redacted.
+    pub url: SecretUrl,
     pub exchange: String,
     pub dead_letter_exchange: String,
 }
 
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
-    /// May hold a password: log only a redacted form.
-    pub url: String,
+    /// May hold a password; prints redacted.
+    pub url: SecretUrl,
     pub schema: Option<String>,
     pub pool_size: u32,
 }
@@ -314,7 +316,7 @@ fn parse_log_format(value: &str) -> Result<LogFormat, ConfigError> {
 fn parse_broker(args: &Args) -> Result<Option<BrokerConfig>, ConfigError> {
     let exchange = parse_exchange(&args.exchange)?;
     let url = match (&args.rabbitmq_url, &args.rabbitmq_host) {
-        (Some(url), _) if !url.trim().is_empty() => parse_rabbitmq_url(url)?,
+        (Some(url), _) if !url.is_blank() => parse_rabbitmq_url(url)?,
         (_, Some(host)) if !host.trim().is_empty() => legacy_rabbitmq_url(
             host,
             &args.rabbitmq_port,
@@ -340,32 +342,37 @@ fn parse_exchange(value: &str) -> Result<String, ConfigError> {
 
 /// RABBITMQ_URL as given; only the scheme is checked here. The error shows
 /// the URL redacted, never its password.
-fn parse_rabbitmq_url(url: &str) -> Result<String, ConfigError> {
-    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+fn parse_rabbitmq_url(url: &SecretUrl) -> Result<SecretUrl, ConfigError> {
+    if !matches!(url.scheme(), Some("amqp" | "amqps")) {
         return Err(invalid(
             "RABBITMQ_URL",
             "rabbitmq-url",
-            &redact_url(url),
+            &url.to_string(),
             "expected amqp:// or amqps://",
         ));
     }
-    Ok(url.to_owned())
+    Ok(url.clone())
 }
 
 /// The URL the legacy variables describe, on the default vhost `/`. Only
 /// RABBITMQ_PORT can be wrong; user and password may hold any character.
-fn legacy_rabbitmq_url(host: &str, port: &str, user: &str, password: &str) -> Result<String, ConfigError> {
+fn legacy_rabbitmq_url(
+    host: &str,
+    port: &str,
+    user: &str,
+    password: &Secret,
+) -> Result<SecretUrl, ConfigError> {
     let port = port
         .trim()
         .parse::<u16>()
         .map_err(|_| invalid("RABBITMQ_PORT", "rabbitmq-port", port, "expected a port number"))?;
-    Ok(format!(
+    Ok(SecretUrl::new(format!(
         "amqp://{}:{}@{}:{}/%2f",
         percent_encode(user),
-        percent_encode(password),
+        percent_encode(password.expose()),
         host.trim(),
         port
-    ))
+    )))
 }
 
 /// The registry database, on when DATABASE_URL is set and not blank.
@@ -374,7 +381,7 @@ fn parse_database(args: &Args) -> Result<Option<DatabaseConfig>, ConfigError> {
     let pool_size = parse_pool_size(&args.db_pool_size)?;
     let schema = parse_schema(args.db_schema.as_deref())?;
     Ok(match &args.database_url {
-        Some(url) if !url.trim().is_empty() => Some(DatabaseConfig {
+        Some(url) if !url.is_blank() => Some(DatabaseConfig {
             url: url.clone(),
             schema,
             pool_size,
@@ -567,7 +574,7 @@ mod tests {
         ])
         .unwrap();
         let broker = config.broker.unwrap();
-        assert_eq!(broker.url, "amqp://u:p%40ss@broker:5672/%2f");
+        assert_eq!(broker.url.expose(), "amqp://u:p%40ss@broker:5672/%2f");
         assert_eq!(broker.exchange, "file_events");
         assert_eq!(broker.dead_letter_exchange, "file_events.dlx");
         let config = parse(&[
@@ -578,7 +585,7 @@ mod tests {
             "ignored",
         ])
         .unwrap();
-        assert_eq!(config.broker.unwrap().url, "amqp://a:b@h/%2f");
+        assert_eq!(config.broker.unwrap().url.expose(), "amqp://a:b@h/%2f");
     }
 
     #[test]
@@ -742,12 +749,66 @@ mod tests {
     #[test]
     fn legacy_url_encodes_credentials_and_trims_the_host() {
         assert_eq!(
-            legacy_rabbitmq_url(" h ", " 5673 ", "a b", "p:/@%é").unwrap(),
+            legacy_rabbitmq_url(" h ", " 5673 ", "a b", &Secret::from("p:/@%é"))
+                .unwrap()
+                .expose(),
             "amqp://a%20b:p%3A%2F%40%25%C3%A9@h:5673/%2f"
         );
         // A blank RABBITMQ_URL counts as unset, so the legacy host applies.
         let config = parse(&["/tmp", "--rabbitmq-url", " ", "--rabbitmq-host", "h"]).unwrap();
-        assert_eq!(config.broker.unwrap().url, "amqp://guest:guest@h:5672/%2f");
+        assert_eq!(
+            config.broker.unwrap().url.expose(),
+            "amqp://guest:guest@h:5672/%2f"
+        );
+    }
+
+    /// Issue 8: `{:?}` of the raw arguments and of the configuration (and of
+    /// its parts) can never show a password, whichever way it was given.
+    #[test]
+    fn debug_output_holds_no_password() {
+        let secrets = ["Url-s3cret", "Db-s3cret", "Pass-s3cret"];
+        let argv = [
+            "file-watcher",
+            "/tmp",
+            "--rabbitmq-url",
+            "amqp://watcher:Url-s3cret@broker/%2f",
+            "--database-url",
+            "postgres://watcher:Db-s3cret@db/registry",
+            "--rabbitmq-pass",
+            "Pass-s3cret",
+        ];
+        let args = Args::try_parse_from(argv).unwrap();
+        let mut printed = vec![format!("{args:?}"), format!("{args:#?}")];
+        let config = Config::from_args(args).unwrap();
+        printed.push(format!("{config:?}"));
+        printed.push(format!("{config:#?}"));
+        printed.push(format!("{:?}", config.broker.as_ref().unwrap()));
+        printed.push(format!("{:?}", config.database.as_ref().unwrap()));
+        // The legacy variables build a URL with the password inside.
+        let legacy = parse(&[
+            "/tmp",
+            "--rabbitmq-host",
+            "broker",
+            "--rabbitmq-pass",
+            "Pass-s3cret",
+        ])
+        .unwrap();
+        printed.push(format!("{legacy:?}"));
+        for text in &printed {
+            for secret in secrets {
+                assert!(!text.contains(secret), "{secret} in {text}");
+            }
+        }
+        assert!(
+            printed[2].contains("amqp://watcher:***@broker/%2f"),
+            "{}",
+            printed[2]
+        );
+        assert!(
+            printed[2].contains("postgres://watcher:***@db/registry"),
+            "{}",
+            printed[2]
+        );
     }
 
     #[test]

@@ -39,7 +39,8 @@
 //! - Invariant: nothing blocks notify's thread.
 //! - Invariant: a message is recorded before it is published, and marked
 //!   published only after the sink confirmed it; it keeps its `message_id`
-//!   across every retry.
+//!   across every retry. One that can never be published (unreadable, or
+//!   refused by the broker) is set aside, visibly, instead of blocking the rest.
 //! - Invariant: a registry row is written only after a fresh `stat` agrees
 //!   with the observation; a deletion only when that `stat` says gone.
 pub mod config;

@@ -33,7 +33,6 @@ use crate::publish::broker::BrokerSettings;
 use crate::publish::rabbitmq::BrokerSink;
 use crate::publish::stdout::StdoutSink;
 use crate::publish::{Publisher, PublisherExit, Sink};
-use crate::redact::redact_url;
 use crate::registry::memory::MemoryRegistry;
 use crate::registry::postgres::{InstanceLock, LockError, PostgresRegistry, PostgresSettings};
 use crate::registry::{Deferred, Health, Registry, RegistryError, Stat};
@@ -178,7 +177,7 @@ fn log_start(config: &Config) {
         .broker
         .as_ref()
         .map_or("none (messages go to stdout)".to_owned(), |broker| {
-            format!("{} exchange {}", redact_url(&broker.url), broker.exchange)
+            format!("{} exchange {}", broker.url, broker.exchange)
         });
     let database = config
         .database
@@ -188,7 +187,7 @@ fn log_start(config: &Config) {
             let schema = schema
                 .map(|schema| format!(" schema {schema}"))
                 .unwrap_or_default();
-            format!("{}{schema}", redact_url(&database.url))
+            format!("{}{schema}", database.url)
         });
     log::info!(
         "instance {} watching {}; broker: {broker}; database: {database}",

@@ -1,8 +1,100 @@
-//! Secrets out of logs: one redaction for every URL this process prints.
+//! Secrets out of logs: one redaction for every URL this process prints,
+//! and the types that make printing a password impossible.
 //!
 //! Broker and database URLs may carry passwords (in the userinfo, or as a
-//! `password=` parameter or key); every log line and error that names a
-//! server goes through [`redact_url`].
+//! `password=` parameter or key). They are held as [`SecretUrl`], whose
+//! `Display` and `Debug` go through [`redact_url`], and a bare password as
+//! [`Secret`], which prints as `***`. So any struct holding them (the
+//! arguments, the configuration, the broker and database settings) can derive
+//! `Debug` and still print no password: the text itself comes out only
+//! through a method named `expose`, called where a connection is made (and
+//! where the legacy variables are put together into a URL).
+
+use std::fmt;
+
+/// A broker or database URL (or PostgreSQL `key=value` string) that may hold
+/// a password. Printed in any way, it shows [`redact_url`] of itself; the URL
+/// comes out only through [`SecretUrl::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> SecretUrl {
+        SecretUrl(url.into())
+    }
+
+    /// The URL with its password, for the one place each connection is made
+    /// (lapin's URI, the PostgreSQL client's configuration). Never print it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Empty or only whitespace: the setting counts as unset.
+    pub fn is_blank(&self) -> bool {
+        self.0.trim().is_empty()
+    }
+
+    /// What comes before `://`, if anything does; holds no password.
+    pub fn scheme(&self) -> Option<&str> {
+        self.0.split_once("://").map(|(scheme, _)| scheme)
+    }
+}
+
+/// What clap builds from a flag or variable, so that even the raw arguments
+/// never hold the URL as a plain `String`.
+impl From<String> for SecretUrl {
+    fn from(url: String) -> SecretUrl {
+        SecretUrl(url)
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(&redact_url(&self.0))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&redact_url(&self.0), formatter)
+    }
+}
+
+/// A password on its own (`RABBITMQ_PASS`): printed as `***`; the text comes
+/// out only through [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The password, to be put into a [`SecretUrl`]. Never print it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(secret: String) -> Secret {
+        Secret(secret)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(secret: &str) -> Secret {
+        Secret(secret.to_owned())
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("***")
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("\"***\"")
+    }
+}
 
 /// The URL (or PostgreSQL `key=value` string) with every password replaced
 /// by `***`, for logs and errors. Anything it cannot read is not echoed.
@@ -116,6 +208,37 @@ fn value_length(text: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_url_prints_only_redacted() {
+        let url = SecretUrl::new("amqp://user:hunter2@host/%2f?password=also-secret");
+        let printed = [
+            format!("{url}"),
+            format!("{url:?}"),
+            format!("{url:#?}"),
+            format!("{:?}", Some(url.clone())),
+        ];
+        for text in &printed {
+            assert!(
+                !text.contains("hunter2") && !text.contains("also-secret"),
+                "{text}"
+            );
+        }
+        assert_eq!(printed[0], "amqp://user:***@host/%2f?password=***");
+        assert_eq!(printed[1], "\"amqp://user:***@host/%2f?password=***\"");
+        assert_eq!(url.expose(), "amqp://user:hunter2@host/%2f?password=also-secret");
+        assert_eq!(url.scheme(), Some("amqp"));
+        assert_eq!(SecretUrl::new("host=h password=x").scheme(), None);
+        assert!(SecretUrl::new(" ").is_blank() && !url.is_blank());
+    }
+
+    #[test]
+    fn secret_prints_as_stars() {
+        let secret = Secret::from("hunter2");
+        assert_eq!(format!("{secret}"), "***");
+        assert_eq!(format!("{secret:?}"), "\"***\"");
+        assert_eq!(secret.expose(), "hunter2");
+    }
 
     #[test]
     fn url_password_is_hidden() {

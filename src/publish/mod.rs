@@ -4,7 +4,9 @@
 //! path is the order things happened). A message is marked published only
 //! after the sink confirmed it: stdout after the line was written and flushed,
 //! RabbitMQ after the broker's publisher confirm. Anything unconfirmed stays in
-//! the outbox and goes out again, with the same `message_id`.
+//! the outbox and goes out again, with the same `message_id` — unless the
+//! sink refuses that one message for good (RabbitMQ: larger than its
+//! `max_message_size`): then the registry sets it aside and the rest goes on.
 //!
 //! The sinks live beside it: [`stdout`] writes JSON lines, [`rabbitmq`] is
 //! the sink over [`broker`], which owns the lapin connection.
@@ -42,10 +44,38 @@ pub enum SinkError {
     Paused(String),
 }
 
+/// What a sink did with a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// Confirmed, in the batch's order: a prefix of it.
+    pub confirmed: Vec<Uuid>,
+    /// The message right after `confirmed`, which the sink refuses for good:
+    /// sending it again would fail the same way.
+    pub refused: Option<Refused>,
+}
+
+impl Delivery {
+    /// These were confirmed and nothing was refused.
+    pub fn confirmed(confirmed: Vec<Uuid>) -> Delivery {
+        Delivery {
+            confirmed,
+            refused: None,
+        }
+    }
+}
+
+/// A message the sink will never take, and its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub message_id: Uuid,
+    pub reason: String,
+}
+
 /// Where messages go.
 pub trait Sink: Send {
-    /// Delivers `messages` in order and returns the ids the sink confirmed.
-    fn deliver(&mut self, messages: &[Message]) -> Result<Vec<Uuid>, SinkError>;
+    /// Delivers `messages` in order: says which the sink confirmed, and which
+    /// one (if any) it refuses for good.
+    fn deliver(&mut self, messages: &[Message]) -> Result<Delivery, SinkError>;
 
     /// Gets ready to deliver (connects), so problems show at start rather
     /// than with the first file.
@@ -86,7 +116,14 @@ pub enum PublisherExit {
 impl Publisher {
     /// Runs until `wake` disconnects (then drains for at most `final_drain`)
     /// or the sink closes for good.
+    ///
+    /// "Publishing again" is said once a message has gone out after failed
+    /// attempts, and only then: a round that found the outbox empty proves
+    /// nothing about the sink. While the sink is away and there is nothing to
+    /// publish, each round tries to reach it, so the sink reports the end of
+    /// an outage even while the tree is quiet.
     pub fn run(mut self, wake: Receiver<()>, final_drain: Duration) -> PublisherExit {
+        // Failed attempts (to connect or to deliver) since the last delivery.
         let mut failures = 0u32;
         let mut retry_at: Option<Instant> = None;
         if let Err(SinkError::Unavailable(reason)) = self.sink.prepare() {
@@ -114,12 +151,14 @@ impl Publisher {
                 return PublisherExit::Stopped;
             }
             let deadline = stopping.then(|| Instant::now() + final_drain);
-            match self.drain(deadline) {
-                Ok(()) => {
-                    if failures > 0 {
-                        log::info!("publishing again after {failures} failed attempts");
+            match self.drain(deadline, failures > 0) {
+                Ok(published) => {
+                    if published > 0 {
+                        if failures > 0 {
+                            log::info!("publishing again after {}", attempts(failures));
+                        }
+                        failures = 0;
                     }
-                    failures = 0;
                     retry_at = None;
                 }
                 Err(SinkError::Closed) => return PublisherExit::SinkClosed,
@@ -153,23 +192,38 @@ impl Publisher {
         }
     }
 
-    /// Publishes until the outbox is empty (or the deadline passes).
-    fn drain(&mut self, deadline: Option<Instant>) -> Result<(), SinkError> {
+    /// Publishes until the outbox is empty (or the deadline passes); returns
+    /// how many messages the sink confirmed. With `reach_sink` (the last
+    /// attempts failed), an empty outbox is the moment to try to reach a
+    /// sink that is not connected.
+    fn drain(&mut self, deadline: Option<Instant>, reach_sink: bool) -> Result<usize, SinkError> {
+        let mut published = 0;
         loop {
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
-                return Ok(());
+                return Ok(published);
             }
             let batch = self
                 .registry
                 .outgoing(BATCH)
                 .map_err(|error| self.registry_error(error))?;
             if batch.is_empty() {
-                return Ok(());
+                if reach_sink && published == 0 && deadline.is_none() && !self.sink.is_connected() {
+                    self.sink.prepare()?;
+                }
+                return Ok(published);
             }
-            let confirmed = self.sink.deliver(&batch)?;
+            let Delivery { confirmed, refused } = self.sink.deliver(&batch)?;
             self.registry
                 .mark_published(&confirmed)
                 .map_err(|error| self.registry_error(error))?;
+            published += confirmed.len();
+            if let Some(Refused { message_id, reason }) = refused {
+                // Out of the way, so the messages behind it go next round.
+                self.registry
+                    .set_aside(message_id, &reason)
+                    .map_err(|error| self.registry_error(error))?;
+                continue;
+            }
             if confirmed.len() < batch.len() {
                 return Err(SinkError::Unavailable(format!(
                     "{} of {} messages were not confirmed",
@@ -178,5 +232,90 @@ impl Publisher {
                 )));
             }
         }
+    }
+}
+
+/// "1 failed attempt", "3 failed attempts".
+fn attempts(count: u32) -> String {
+    match count {
+        1 => "1 failed attempt".to_owned(),
+        _ => format!("{count} failed attempts"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Origin;
+    use crate::registry::memory::MemoryRegistry;
+    use crate::registry::{Applied, Change, Observed, Stat};
+
+    /// Confirms every message up to the one it refuses.
+    struct Refusing {
+        refuse: Uuid,
+    }
+
+    impl Sink for Refusing {
+        fn deliver(&mut self, messages: &[Message]) -> Result<Delivery, SinkError> {
+            let mut delivery = Delivery::default();
+            for message in messages {
+                if message.message_id == self.refuse {
+                    delivery.refused = Some(Refused {
+                        message_id: message.message_id,
+                        reason: "too large".into(),
+                    });
+                    break;
+                }
+                delivery.confirmed.push(message.message_id);
+            }
+            Ok(delivery)
+        }
+    }
+
+    /// A registry holding one `created` message per name, in order.
+    fn registry_with(dir: &std::path::Path, names: &[&str]) -> (Arc<MemoryRegistry>, Vec<Uuid>) {
+        let registry = Arc::new(MemoryRegistry::new(Origin {
+            instance_id: "test".into(),
+            watched_directory: dir.to_str().unwrap().into(),
+        }));
+        let mut ids = Vec::new();
+        for name in names {
+            let path = dir.join(name);
+            std::fs::write(&path, name).unwrap();
+            let observed = Observed {
+                path: path.to_str().unwrap().into(),
+                stat: Stat::of(&path).unwrap().unwrap(),
+                sha256: (*name).into(),
+                xxh128: (*name).into(),
+            };
+            let change = Change::Present {
+                observed,
+                renamed_from: None,
+            };
+            match registry.apply(&change, Uuid::new_v4()).unwrap() {
+                Applied::Recorded(messages) => ids.extend(messages.iter().map(|m| m.message_id)),
+                Applied::Changed => panic!("the file did not change"),
+            }
+        }
+        (registry, ids)
+    }
+
+    #[test]
+    fn a_refused_message_is_set_aside_and_the_rest_go_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (registry, ids) = registry_with(dir.path(), &["a.flac", "b.flac", "c.flac"]);
+        let mut publisher = Publisher {
+            registry: registry.clone(),
+            sink: Box::new(Refusing { refuse: ids[1] }),
+            health: Arc::new(Health::default()),
+        };
+        assert_eq!(publisher.drain(None, false).unwrap(), 2);
+        assert!(registry.outgoing(10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn plural_only_for_several_attempts() {
+        assert_eq!(attempts(1), "1 failed attempt");
+        assert_eq!(attempts(3), "3 failed attempts");
     }
 }

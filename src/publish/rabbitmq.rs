@@ -5,6 +5,16 @@
 //! the first message that was not acked. The sink also owns what a single
 //! `Broker` deliberately does not: reconnecting with backoff after a failure,
 //! and waiting (not reconnecting) while RabbitMQ blocks publishing.
+//!
+//! A nack is not the message's fault (a queue full with `reject-publish`, an
+//! internal error): it is retried. A message RabbitMQ will never take (larger
+//! than its `max_message_size`) is refused differently: the broker closes
+//! the channel with 406 PRECONDITION_FAILED, and the rest of the batch fails
+//! with it (messages sent after it see only a closed channel), so which
+//! message it was is not known. So when the broker closes the channel over a
+//! batch, the sink publishes the same batch again one message at a time on a
+//! fresh connection; a message whose lone publish is refused with 406 is the
+//! one, and goes back to the publisher as [`Refused`] to be set aside.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::broker::{Broker, BrokerError, BrokerSettings};
-use super::{Sink, SinkError};
+use super::broker::{Broker, BrokerError, BrokerSettings, Published};
+use super::{Delivery, Refused, Sink, SinkError};
 use crate::logging;
 use crate::message::Message;
 
@@ -33,6 +43,10 @@ pub struct BrokerSink {
     next_connect: Instant,
     /// A `connection.blocked` was reported and not yet lifted.
     blocked: bool,
+    /// The broker refused one message of the last batch (see the module
+    /// docs): publish one message at a time until that message is found, or
+    /// until a whole batch went out that way.
+    one_at_a_time: bool,
     /// Messages the broker accepted but could route to no queue, over the
     /// life of the process (each one was also logged). Nothing in the daemon
     /// reads it yet: the metrics issue (#10) exports it as the returned
@@ -48,6 +62,7 @@ impl BrokerSink {
             failed_connects: 0,
             next_connect: Instant::now(),
             blocked: false,
+            one_at_a_time: false,
             unroutable: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -82,6 +97,75 @@ impl BrokerSink {
         }
         Ok(self.broker.as_mut().expect("connected above"))
     }
+
+    /// Closes the connection after a failed batch; the next call connects again.
+    fn drop_connection(&mut self) {
+        if let Some(broker) = self.broker.take() {
+            broker.close();
+        }
+    }
+
+    /// The confirmed prefix of `messages`, counting unroutable ones.
+    fn confirmed(&mut self, messages: &[Message], published: Published) -> Vec<Uuid> {
+        if published.unroutable > 0 {
+            self.unroutable
+                .fetch_add(published.unroutable as u64, Ordering::Relaxed);
+        }
+        // Keep the recorded order: stop at the first message the broker did not ack.
+        let acked: HashSet<Uuid> = published.acked.into_iter().collect();
+        messages
+            .iter()
+            .map(|message| message.message_id)
+            .take_while(|id| acked.contains(id))
+            .collect()
+    }
+
+    /// Publishes `messages` one by one, each alone on the channel, so that a
+    /// refusal names its message. Stops at the first message not confirmed.
+    fn deliver_one_at_a_time(&mut self, messages: &[Message]) -> Result<Delivery, SinkError> {
+        let mut delivery = Delivery::default();
+        for message in messages {
+            let outcome = match self.connected() {
+                Ok(broker) => broker.publish(std::slice::from_ref(message)),
+                Err(error) if delivery.confirmed.is_empty() => return Err(error),
+                Err(_) => return Ok(delivery),
+            };
+            match outcome {
+                Ok(published) => {
+                    let confirmed = self.confirmed(std::slice::from_ref(message), published);
+                    if confirmed.is_empty() {
+                        return Ok(delivery); // nacked: retried later, like any nack
+                    }
+                    delivery.confirmed.extend(confirmed);
+                }
+                Err(BrokerError::Blocked { .. }) => {
+                    self.blocked = true;
+                    if delivery.confirmed.is_empty() {
+                        return Err(SinkError::Paused("RabbitMQ blocked publishing".into()));
+                    }
+                    return Ok(delivery);
+                }
+                Err(error) => {
+                    self.drop_connection();
+                    if let Some(reason) = error.refusal() {
+                        self.one_at_a_time = false;
+                        delivery.refused = Some(Refused {
+                            message_id: message.message_id,
+                            reason: format!("RabbitMQ refused it: {reason}"),
+                        });
+                        return Ok(delivery);
+                    }
+                    if delivery.confirmed.is_empty() {
+                        return Err(SinkError::Unavailable(logging::error_chain(&error)));
+                    }
+                    return Ok(delivery);
+                }
+            }
+        }
+        // The whole batch went out: whatever was refused is no longer in it.
+        self.one_at_a_time = false;
+        Ok(delivery)
+    }
 }
 
 impl Sink for BrokerSink {
@@ -89,7 +173,7 @@ impl Sink for BrokerSink {
         self.connected().map(|_| ())
     }
 
-    fn deliver(&mut self, messages: &[Message]) -> Result<Vec<Uuid>, SinkError> {
+    fn deliver(&mut self, messages: &[Message]) -> Result<Delivery, SinkError> {
         let broker = self.connected()?;
         if broker.is_blocked() {
             // The broker module warned once, with the broker's reason.
@@ -99,31 +183,40 @@ impl Sink for BrokerSink {
         if std::mem::take(&mut self.blocked) {
             log::info!(target: LOG_TARGET, "RabbitMQ unblocked publishing; resuming");
         }
+        if self.one_at_a_time {
+            return self.deliver_one_at_a_time(messages);
+        }
         let broker = self.broker.as_mut().expect("connected above");
         match broker.publish(messages) {
-            Ok(published) => {
-                if published.unroutable > 0 {
-                    self.unroutable
-                        .fetch_add(published.unroutable as u64, Ordering::Relaxed);
-                }
-                // Keep the recorded order: stop at the first message the broker refused.
-                let acked: HashSet<Uuid> = published.acked.into_iter().collect();
-                let confirmed: Vec<Uuid> = messages
-                    .iter()
-                    .map(|message| message.message_id)
-                    .take_while(|id| acked.contains(id))
-                    .collect();
-                Ok(confirmed)
-            }
+            Ok(published) => Ok(Delivery::confirmed(self.confirmed(messages, published))),
             Err(BrokerError::Blocked { .. }) => {
                 self.blocked = true;
                 Err(SinkError::Paused("RabbitMQ blocked publishing".into()))
             }
             Err(error) => {
-                if let Some(broker) = self.broker.take() {
-                    broker.close();
+                let channel_closed = self.broker.as_ref().is_some_and(Broker::channel_closed_by_broker);
+                self.drop_connection();
+                if (channel_closed || error.refusal().is_some()) && messages.len() > 1 {
+                    // Not an outage: look for the message at once, on a new connection.
+                    log::warn!(
+                        target: LOG_TARGET,
+                        "RabbitMQ closed the channel over a batch of {} messages; \
+                         publishing them one at a time to find one it refuses",
+                        messages.len()
+                    );
+                    self.one_at_a_time = true;
+                    return self.deliver_one_at_a_time(messages);
                 }
-                Err(SinkError::Unavailable(logging::error_chain(&error)))
+                match error.refusal() {
+                    Some(reason) => Ok(Delivery {
+                        confirmed: Vec::new(),
+                        refused: Some(Refused {
+                            message_id: messages[0].message_id,
+                            reason: format!("RabbitMQ refused it: {reason}"),
+                        }),
+                    }),
+                    None => Err(SinkError::Unavailable(logging::error_chain(&error))),
+                }
             }
         }
     }

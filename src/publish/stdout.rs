@@ -6,9 +6,7 @@
 
 use std::io::{self, Write};
 
-use uuid::Uuid;
-
-use super::{Sink, SinkError};
+use super::{Delivery, Sink, SinkError};
 use crate::message::Message;
 
 /// One JSON object per line on stdout, flushed per line (`file-watcher dir | jq`).
@@ -29,7 +27,7 @@ impl Default for StdoutSink {
 }
 
 impl Sink for StdoutSink {
-    fn deliver(&mut self, messages: &[Message]) -> Result<Vec<Uuid>, SinkError> {
+    fn deliver(&mut self, messages: &[Message]) -> Result<Delivery, SinkError> {
         let mut out = self.out.lock();
         let mut delivered = Vec::with_capacity(messages.len());
         for message in messages {
@@ -41,6 +39,6 @@ impl Sink for StdoutSink {
                 Err(error) => return Err(SinkError::Unavailable(format!("cannot write to stdout: {error}"))),
             }
         }
-        Ok(delivered)
+        Ok(Delivery::confirmed(delivered))
     }
 }

@@ -188,6 +188,21 @@ impl Registry for MemoryRegistry {
             .retain(|message| !message_ids.contains(&message.message_id));
         Ok(())
     }
+
+    /// Messages here never need reading back, so only a sink's refusal
+    /// lands here. Without a database nothing survives a restart anyway:
+    /// the message is logged and dropped.
+    fn set_aside(&self, message_id: Uuid, reason: &str) -> Result<(), RegistryError> {
+        let mut state = self.lock();
+        let before = state.outbox.len();
+        state.outbox.retain(|message| message.message_id != message_id);
+        if state.outbox.len() < before {
+            log::error!(
+                "outbox message {message_id} set aside, not published (no database: dropped): {reason}"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Rows strictly below directory `dir`, in path order.

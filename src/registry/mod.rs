@@ -209,11 +209,19 @@ pub trait Registry: Send + Sync {
         limit: usize,
     ) -> Result<Vec<String>, RegistryError>;
 
-    /// The oldest messages not yet confirmed, in the order they were recorded.
+    /// The oldest messages not yet confirmed, in the order they were
+    /// recorded, leaving out those set aside. A stored message that cannot be
+    /// read back is set aside here (see [`Registry::set_aside`]).
     fn outgoing(&self, limit: usize) -> Result<Vec<Message>, RegistryError>;
 
     /// The sink confirmed these messages: drop them from the outbox.
     fn mark_published(&self, message_ids: &[Uuid]) -> Result<(), RegistryError>;
+
+    /// This message can never be published (`reason` says why): keep it out
+    /// of [`Registry::outgoing`] so the messages behind it flow, and log it
+    /// once, naming it. The PostgreSQL registry keeps it in its outbox table,
+    /// marked, for an operator to look at or requeue.
+    fn set_aside(&self, message_id: Uuid, reason: &str) -> Result<(), RegistryError>;
 }
 
 /// Whether the database answers, shared by everyone who talks to it, so an
@@ -290,6 +298,10 @@ impl Registry for Deferred {
 
     fn mark_published(&self, message_ids: &[Uuid]) -> Result<(), RegistryError> {
         self.get()?.mark_published(message_ids)
+    }
+
+    fn set_aside(&self, message_id: Uuid, reason: &str) -> Result<(), RegistryError> {
+        self.get()?.set_aside(message_id, reason)
     }
 }
 

@@ -34,7 +34,7 @@ use crate::support::{
 
 fn settings(exchange: &str) -> BrokerSettings {
     BrokerSettings {
-        url: rabbitmq_url(),
+        url: rabbitmq_url().into(),
         exchange: exchange.to_owned(),
         dead_letter_exchange: format!("{exchange}.dlx"),
         connection_name: format!("file_watcher_{}", Uuid::new_v4().simple()),
@@ -307,7 +307,7 @@ fn definitions_match_the_declarations_and_the_consumers() {
 #[test]
 fn closed_port_fails_within_connect_timeout_without_the_password() {
     let mut settings = settings(&unique_exchange());
-    settings.url = "amqp://watcher:s3cret-Pa55@127.0.0.1:1/%2f".to_owned();
+    settings.url = "amqp://watcher:s3cret-Pa55@127.0.0.1:1/%2f".to_owned().into();
     settings.connect_timeout = Duration::from_secs(3);
     let started = Instant::now();
     let error = Broker::connect(&settings)
@@ -347,7 +347,7 @@ fn silent_broker_times_out_and_its_socket_is_released() {
         .unwrap();
 
     let mut settings = settings(&unique_exchange());
-    settings.url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    settings.url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f").into();
     settings.connect_timeout = Duration::from_secs(1);
     let started = Instant::now();
     let error = Broker::connect(&settings)
@@ -423,8 +423,12 @@ fn heartbeat_comes_from_settings_or_from_the_url() {
     assert_eq!(broker.heartbeat(), Duration::from_secs(7));
     broker.close();
 
-    let separator = if settings.url.contains('?') { '&' } else { '?' };
-    settings.url = format!("{}{separator}heartbeat=5", settings.url);
+    let separator = if settings.url.expose().contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    settings.url = format!("{}{separator}heartbeat=5", settings.url.expose()).into();
     let broker = Broker::connect(&settings).expect("connects");
     assert_eq!(broker.heartbeat(), Duration::from_secs(5));
 }
@@ -466,7 +470,7 @@ fn frozen_broker_is_caught_by_the_heartbeat() {
     let consumer = TestBroker::without_queue();
     let (proxy, url) = proxied_broker();
     let mut settings = settings(consumer.exchange());
-    settings.url = url;
+    settings.url = url.into();
     // Two seconds, not one: a loaded CI machine must not miss its own heartbeats.
     settings.heartbeat = Duration::from_secs(2);
     let broker = Broker::connect(&settings).expect("connects through the proxy");
@@ -507,7 +511,7 @@ fn frozen_broker_fails_a_batch_within_the_confirm_timeout() {
     let consumer = TestBroker::without_queue();
     let (proxy, url) = proxied_broker();
     let mut settings = settings(consumer.exchange());
-    settings.url = url;
+    settings.url = url.into();
     settings.confirm_timeout = Duration::from_secs(1);
     let mut broker = Broker::connect(&settings).expect("connects through the proxy");
     let first = sample_message(EventType::Created);

@@ -16,6 +16,8 @@
 //!   nothing is lost through them;
 //! - [`hostile_names`]: names that are not UTF-8 or hold control characters,
 //!   and paths near and over `PATH_MAX`.
+//! - [`hostile_outbox`]: outbox rows that can never go out are set aside,
+//!   honest publisher logs, no password printed.
 //!
 //! Tests named `serial_…` stop or restart the shared servers; `scripts/test.sh`
 //! runs them one at a time after all the others.
@@ -34,3 +36,4 @@ mod sinks;
 mod faults;
 mod hostile_names;
 mod hostile_renames;
+mod hostile_outbox;

@@ -641,7 +641,7 @@ fn busy_pool_waits_instead_of_failing() {
     let root = fixture.root();
     let application = format!("busy-{}", fixture.schema());
     let mut settings = fixture.settings(1);
-    settings.url = with_parameter(&settings.url, &format!("application_name={application}"));
+    settings.url = with_parameter(settings.url.expose(), &format!("application_name={application}")).into();
     settings.connect_timeout = Duration::from_millis(300);
     let registry = connect(&settings, &root, "one");
     let held = root.join("held.flac");
@@ -758,7 +758,7 @@ fn instance_lock_is_taken_again_after_the_connection_is_lost() {
     let fixture = Fixture::new();
     let application = format!("lock-{}", fixture.schema());
     let mut settings = fixture.settings(1);
-    settings.url = with_parameter(&settings.url, &format!("application_name={application}"));
+    settings.url = with_parameter(settings.url.expose(), &format!("application_name={application}")).into();
     let mut lock = InstanceLock::acquire(&settings, "worker-1").unwrap();
     let mut admin = fixture.sql();
     let terminate = |admin: &mut Client| {
@@ -795,7 +795,7 @@ fn unreachable_database_is_unavailable_and_the_password_stays_hidden() {
         "host=127.0.0.1 port=1 user=postgres password=s3cr3t-pw dbname=test",
     ] {
         let settings = PostgresSettings {
-            url: url.to_owned(),
+            url: url.to_owned().into(),
             ..fixture.settings(1)
         };
         let error = PostgresRegistry::connect(&settings, origin(&fixture.root(), "one")).unwrap_err();
@@ -817,7 +817,7 @@ fn missing_database_is_a_query_error() {
         .rsplit_once('/')
         .expect("a URL with a database");
     let settings = PostgresSettings {
-        url: format!("{server}/no_such_database_{}", Uuid::new_v4().simple()),
+        url: format!("{server}/no_such_database_{}", Uuid::new_v4().simple()).into(),
         ..fixture.settings(1)
     };
     match PostgresRegistry::connect(&settings, origin(&fixture.root(), "one")) {
@@ -836,7 +836,7 @@ fn database_outage_is_unavailable_and_the_registry_recovers() {
     // An outage of this test's own, without stopping the server other tests share.
     let proxy = FaultProxy::start(database::address());
     let settings = PostgresSettings {
-        url: database::url_through(&proxy),
+        url: database::url_through(&proxy).into(),
         connect_timeout: Duration::from_millis(500),
         ..fixture.settings(2)
     };
@@ -898,7 +898,7 @@ fn deadlock_victim_is_retried_without_an_error() {
     let root = fixture.root();
     let application = format!("deadlock-{}", fixture.schema());
     let mut settings = fixture.settings(1);
-    settings.url = with_parameter(&settings.url, &format!("application_name={application}"));
+    settings.url = with_parameter(settings.url.expose(), &format!("application_name={application}")).into();
     let registry = connect(&settings, &root, "one");
     let source = root.join("a.flac");
     let target = root.join("b.flac");

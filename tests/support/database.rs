@@ -141,7 +141,7 @@ impl TestDatabase {
     /// What a `PostgresRegistry` or `InstanceLock` on this schema is made with.
     pub fn settings(&self, pool_size: u32) -> PostgresSettings {
         PostgresSettings {
-            url: self.url.clone(),
+            url: self.url.clone().into(),
             schema: Some(self.schema.clone()),
             pool_size,
             connect_timeout: Duration::from_secs(5),

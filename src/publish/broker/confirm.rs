@@ -3,10 +3,12 @@
 //!
 //! Pipelined: every message is sent before the first confirm is awaited, so
 //! a batch costs about one round trip. The whole batch is bounded by the
-//! confirm timeout.
+//! confirm timeout, stretched by the time its bytes take on a slow link
+//! ([`SLOWEST_LINK_BYTES_PER_SECOND`]): a large message must not time out,
+//! and be retried forever, for its size alone.
 
 use std::cell::Cell;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use lapin::message::BasicReturnMessage;
 use lapin::options::BasicPublishOptions;
@@ -17,6 +19,11 @@ use uuid::Uuid;
 
 use super::{block_on_until, Broker, BrokerError, APP_ID, LOG_TARGET};
 use crate::message::Message;
+
+/// The slowest link a batch is expected to cross (4 MiB/s, about 32 Mbit/s):
+/// a batch may take the confirm timeout plus its size at this rate. Batches
+/// of ordinary messages (a few hundred bytes each) gain a millisecond or so.
+pub const SLOWEST_LINK_BYTES_PER_SECOND: u64 = 4 * 1024 * 1024;
 
 /// What the broker said about one batch. Only `acked` messages are published.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,9 +40,10 @@ pub struct Published {
 
 impl Broker {
     /// Publishes every message (mandatory, persistent) and waits for all of
-    /// their confirms, within `confirm_timeout`. Pipelined: all messages are
-    /// sent before the first confirm is awaited, so a batch costs about one
-    /// round trip.
+    /// their confirms, within `confirm_timeout` plus the time the batch's
+    /// bytes take at [`SLOWEST_LINK_BYTES_PER_SECOND`] (the bodies are made
+    /// before that clock starts). Pipelined: all messages are sent before the
+    /// first confirm is awaited, so a batch costs about one round trip.
     ///
     /// An `Err` means the outcome of the batch is unknown (some messages may
     /// have been acked); the caller publishes the whole batch again on a new
@@ -45,8 +53,9 @@ impl Broker {
         if messages.is_empty() {
             return Ok(Published::default());
         }
+        let bodies: Vec<Vec<u8>> = messages.iter().map(Message::to_json).collect();
         let started = Instant::now();
-        let confirmations = self.send_and_await_confirms(messages, started)?;
+        let confirmations = self.send_and_await_confirms(messages, &bodies, started)?;
         let published = self.read_confirmations(confirmations);
         debug!(
             target: LOG_TARGET,
@@ -84,19 +93,22 @@ impl Broker {
     }
 
     /// Sends the batch and waits for all of its confirms, by `started` plus
-    /// the confirm timeout. When that fails the batch's fate is unknown and
-    /// the connection is abandoned, unless the broker merely blocked it.
+    /// the confirm timeout and the batch's transfer allowance. When that
+    /// fails the batch's fate is unknown and the connection is abandoned,
+    /// unless the broker merely blocked it.
     fn send_and_await_confirms(
         &mut self,
         messages: &[Message],
+        bodies: &[Vec<u8>],
         started: Instant,
     ) -> Result<Vec<(Uuid, Confirmation)>, BrokerError> {
-        let deadline = started + self.confirm_timeout;
+        let bytes = bodies.iter().map(Vec::len).sum();
+        let deadline = started + self.confirm_timeout + transfer_allowance(bytes);
         let confirmed = Cell::new(0usize);
         let channel = &self.channel;
         let exchange = &self.exchange;
         let publishing = async {
-            let pending = send(channel, exchange, messages).await?;
+            let pending = send(channel, exchange, messages, bodies).await?;
             await_confirms(pending, exchange, &confirmed).await
         };
         match block_on_until(deadline, publishing) {
@@ -152,18 +164,26 @@ impl Broker {
     }
 }
 
-/// Sends every message (mandatory, persistent, all with one timestamp)
-/// without waiting for a confirm; returns each message's pending confirm.
+/// How much longer than the confirm timeout `bytes` may take on the
+/// slowest link expected.
+fn transfer_allowance(bytes: usize) -> Duration {
+    Duration::from_secs_f64(bytes as f64 / SLOWEST_LINK_BYTES_PER_SECOND as f64)
+}
+
+/// Sends every message (mandatory, persistent, all with one timestamp) with
+/// its body (`bodies`, in the same order) without waiting for a confirm;
+/// returns each message's pending confirm.
 async fn send(
     channel: &Channel,
     exchange: &str,
     messages: &[Message],
+    bodies: &[Vec<u8>],
 ) -> Result<Vec<(Uuid, PublisherConfirm)>, BrokerError> {
     let timestamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |since_epoch| since_epoch.as_secs());
     let mut pending = Vec::with_capacity(messages.len());
-    for message in messages {
+    for (message, body) in messages.iter().zip(bodies) {
         let routing_key = message.routing_key();
         let confirm = channel
             .basic_publish(
@@ -173,7 +193,7 @@ async fn send(
                     mandatory: true,
                     immediate: false,
                 },
-                &message.to_json(),
+                body,
                 properties(message, timestamp),
             )
             .await
@@ -254,6 +274,14 @@ fn properties(message: &Message, timestamp: u64) -> BasicProperties {
 mod tests {
     use super::*;
     use crate::message::{EventType, Origin};
+
+    #[test]
+    fn large_batches_get_time_for_their_bytes() {
+        assert_eq!(transfer_allowance(0), Duration::ZERO);
+        assert!(transfer_allowance(256 * 600) < Duration::from_millis(50));
+        let huge = transfer_allowance(128 * 1024 * 1024);
+        assert_eq!(huge, Duration::from_secs(32));
+    }
 
     #[test]
     fn properties_carry_the_contract() {

@@ -20,7 +20,6 @@ use log::info;
 
 use super::settings::{amqp_uri, BrokerSettings};
 use super::{block_on_until, lock, Broker, BrokerError, APP_ID, LOG_TARGET};
-use crate::redact::redact_url;
 
 /// One call of [`Broker::connect`]: what every step needs to stop at the
 /// deadline and to say where it stopped.
@@ -53,7 +52,7 @@ impl Broker {
         let started = Instant::now();
         let attempt = ConnectAttempt {
             settings,
-            url: redact_url(&settings.url),
+            url: settings.url.to_string(),
             started,
             deadline: started + settings.connect_timeout,
         };

@@ -144,6 +144,30 @@ pub enum BrokerError {
     Unusable { connection_name: String },
 }
 
+/// AMQP's PRECONDITION_FAILED.
+const PRECONDITION_FAILED: u16 = 406;
+
+impl BrokerError {
+    /// The broker's words when it closed the channel with 406
+    /// PRECONDITION_FAILED over what was published. On `basic.publish` that
+    /// is about a message, not the connection: RabbitMQ answers so to a
+    /// message larger than its `max_message_size` (and to a bad `expiration`
+    /// or `user_id`, which the daemon never sets). The same message would be
+    /// refused again; other messages would not.
+    pub fn refusal(&self) -> Option<String> {
+        let source = match self {
+            BrokerError::Publish { source, .. } | BrokerError::Confirm { source, .. } => source,
+            _ => return None,
+        };
+        match source.kind() {
+            lapin::ErrorKind::ProtocolError(error) if error.get_id() == PRECONDITION_FAILED => {
+                Some(error.to_string())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A connection to RabbitMQ with one channel in confirm mode, on which the
 /// exchanges have been declared. Not shared: one publisher thread owns it.
 pub struct Broker {
@@ -186,6 +210,12 @@ impl Broker {
             && !self.closed
             && self.connection.status().connected()
             && self.channel.status().connected()
+    }
+
+    /// True when the broker closed the channel (a channel-level error, over
+    /// something that was sent on it) while the connection stayed up.
+    pub fn channel_closed_by_broker(&self) -> bool {
+        !self.closed && self.connection.status().connected() && !self.channel.status().connected()
     }
 
     /// True while the broker has sent `connection.blocked` (memory or disk

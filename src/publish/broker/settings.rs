@@ -2,24 +2,23 @@
 //! URL, which holds a password, becomes the URI lapin gets.
 //!
 //! Everything that leaves this file names the URL redacted: the `Debug` of
-//! [`BrokerSettings`] and every [`BrokerError::InvalidUrl`].
+//! [`BrokerSettings`] (its URL is a [`SecretUrl`]) and every
+//! [`BrokerError::InvalidUrl`].
 
-use std::fmt;
 use std::time::Duration;
 
 use lapin::uri::{AMQPScheme, AMQPUri};
 
 use super::BrokerError;
-use crate::redact::redact_url;
+use crate::redact::SecretUrl;
 
 /// Everything [`Broker::connect`](super::Broker::connect) needs; built by
 /// the configuration.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct BrokerSettings {
     /// `amqp://user:pass@host:port/vhost`, optionally with `?heartbeat=N`
-    /// (which then wins over `heartbeat`). Holds a password: never log it,
-    /// log [`redact_url`] of it.
-    pub url: String,
+    /// (which then wins over `heartbeat`). Holds a password; prints redacted.
+    pub url: SecretUrl,
     /// Topic exchange every message is published to (`file_events`).
     pub exchange: String,
     /// Where the consumers' queues dead-letter to (`file_events.dlx`). The
@@ -33,43 +32,28 @@ pub struct BrokerSettings {
     /// [`Broker::close`](super::Broker::close).
     pub connect_timeout: Duration,
     /// Bounds one [`Broker::publish`](super::Broker::publish) call: sending
-    /// the batch and waiting for all of its publisher confirms.
+    /// the batch and waiting for all of its publisher confirms (plus the time
+    /// its bytes take on a slow link, which only matters for huge messages).
     pub confirm_timeout: Duration,
     /// Requested AMQP heartbeat. A broker that stops answering (frozen, or
     /// behind a dead network path) is noticed after two intervals.
     pub heartbeat: Duration,
 }
 
-impl fmt::Debug for BrokerSettings {
-    /// By hand, because a derived `Debug` would print the password.
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter
-            .debug_struct("BrokerSettings")
-            .field("url", &redact_url(&self.url))
-            .field("exchange", &self.exchange)
-            .field("dead_letter_exchange", &self.dead_letter_exchange)
-            .field("connection_name", &self.connection_name)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("confirm_timeout", &self.confirm_timeout)
-            .field("heartbeat", &self.heartbeat)
-            .finish()
-    }
-}
-
 /// The URI lapin connects to: `settings.url` with our heartbeat unless the URL
 /// asks for its own.
 pub(super) fn amqp_uri(settings: &BrokerSettings) -> Result<AMQPUri, BrokerError> {
-    let url = redact_url(&settings.url);
-    let mut uri: AMQPUri = settings
-        .url
+    let url = settings.url.to_string();
+    let exposed = settings.url.expose();
+    let mut uri: AMQPUri = exposed
         .parse()
         .map_err(|reason: String| BrokerError::InvalidUrl {
             url: url.clone(),
             // Some parse errors quote the whole input.
-            reason: if settings.url.is_empty() {
+            reason: if exposed.is_empty() {
                 reason
             } else {
-                reason.replace(&settings.url, &url)
+                reason.replace(exposed, &url)
             },
         })?;
     if uri.scheme == AMQPScheme::AMQPS {
@@ -92,7 +76,7 @@ mod tests {
 
     fn settings(url: &str) -> BrokerSettings {
         BrokerSettings {
-            url: url.to_owned(),
+            url: SecretUrl::new(url),
             exchange: "file_events".into(),
             dead_letter_exchange: "file_events.dlx".into(),
             connection_name: "file_watcher_test".into(),

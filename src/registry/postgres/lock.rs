@@ -12,7 +12,6 @@ use postgres::{Client, NoTls};
 
 use super::faults::{database_fault, describe, is_connection_loss, name_database};
 use super::PostgresSettings;
-use crate::redact::redact_url;
 use crate::registry::RegistryError;
 
 /// `application_name` of the dedicated connection that holds an instance lock.
@@ -92,7 +91,7 @@ impl InstanceLock {
             Ok((format!("file-watcher instance {schema} {instance_id}"), config))
         };
         let (key, config) = prepare().map_err(|error| LockError::from_registry(instance_id, error))?;
-        let database = redact_url(&settings.url);
+        let database = settings.url.to_string();
         let client = take_lock(&config, &key, instance_id, &database)?;
         log::info!("holding the lock for instance id {instance_id} on {database}");
         Ok(InstanceLock {

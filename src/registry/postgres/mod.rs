@@ -28,7 +28,11 @@
 //!   (`DELETE FROM files WHERE state = 'deleted' AND published_at < now() - interval '30 days'`).
 //! - `outbox`: messages recorded but not yet confirmed, in the order they were
 //!   recorded (`id`). `body` is exactly `Message::to_json()`, so every
-//!   redelivery sends the same bytes.
+//!   redelivery sends the same bytes. A row that can never be published (a
+//!   body this build cannot read, or one the broker refuses) is *set aside*
+//!   rather than left to block the rows behind it: `set_aside_at` and
+//!   `set_aside_reason` are set (both or neither, migration 4), the row stays,
+//!   `outgoing` skips it, and its file row keeps `published_at` NULL.
 //! - `schema_migrations`: the migration versions already applied.
 //!
 //! # Queries worth knowing
@@ -46,6 +50,14 @@
 //! SELECT file_path, last_event, message_id, updated_at FROM files WHERE published_at IS NULL;
 //! ```
 //!
+//! Rows set aside, and how to requeue one once its cause is fixed:
+//!
+//! ```sql
+//! SELECT id, message_id, file_path, set_aside_at, set_aside_reason FROM outbox
+//!  WHERE set_aside_at IS NOT NULL ORDER BY id;
+//! UPDATE outbox SET set_aside_at = NULL, set_aside_reason = NULL WHERE id = $1;
+//! ```
+//!
 //! Rows under a directory use an exact byte-range test on the `"C"` key,
 //! never `LIKE` (whose `_` and `%` would match too much):
 //! `file_path > '/dir/' AND file_path < '/dir0'` (`'0'` is the byte after `'/'`).
@@ -61,8 +73,10 @@
 //!   is unreachable, and the retry loop (its module docs: Errors);
 //! - `lock`: [`InstanceLock`].
 //!
-//! No error text or log line holds the password: URLs are shown through
-//! [`redact_url`], and PostgreSQL's own messages never include it.
+//! No error text or log line holds the password: the URL is a
+//! [`SecretUrl`](crate::redact::SecretUrl), which prints through
+//! [`redact_url`](crate::redact::redact_url) and is exposed only to the
+//! client's configuration; PostgreSQL's own messages never include it.
 
 mod apply;
 mod faults;
@@ -82,13 +96,13 @@ use uuid::Uuid;
 pub use lock::{InstanceLock, LockError};
 pub use schema::{Migration, MIGRATIONS};
 
-use faults::{describe, fault, name_database, query_error, Fault};
+use faults::{describe, fault, name_database, query_error};
 use pool::Manager;
 use schema::migrate;
 
 use super::{Applied, Change, FileId, Registry, RegistryError, Row, Stat};
 use crate::message::{Message, Origin};
-use crate::redact::redact_url;
+use crate::redact::SecretUrl;
 
 /// Connections per process when the configuration does not say otherwise:
 /// enough for a few workers and the publisher without crowding a server
@@ -112,11 +126,11 @@ const APPLICATION_NAME: &str = "file-watcher";
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(30);
 
 /// How to reach the registry database.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct PostgresSettings {
     /// `postgres://user:password@host:port/database` or a `key=value`
-    /// connection string. May hold a password: show it only through [`redact_url`].
-    pub url: String,
+    /// connection string. May hold a password; prints redacted.
+    pub url: SecretUrl,
     /// Schema holding the registry tables; `None` means [`DEFAULT_SCHEMA`].
     /// Must be a plain lower-case identifier (`[a-z_][a-z0-9_]*`, at most 63
     /// bytes, PostgreSQL's limit). `Config` checks that for `DB_SCHEMA`, where
@@ -129,28 +143,17 @@ pub struct PostgresSettings {
     pub connect_timeout: Duration,
 }
 
-impl fmt::Debug for PostgresSettings {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter
-            .debug_struct("PostgresSettings")
-            .field("url", &redact_url(&self.url))
-            .field("schema", &self.schema)
-            .field("pool_size", &self.pool_size)
-            .field("connect_timeout", &self.connect_timeout)
-            .finish()
-    }
-}
-
 impl PostgresSettings {
     fn schema_name(&self) -> &str {
         self.schema.as_deref().unwrap_or(DEFAULT_SCHEMA)
     }
 
     fn client_config(&self, application_name: &str) -> Result<postgres::Config, RegistryError> {
-        let mut config = postgres::Config::from_str(&self.url).map_err(|error| RegistryError::Query {
-            what: "parse the database URL",
-            detail: format!("{}: {}", redact_url(&self.url), describe(&error)),
-        })?;
+        let mut config =
+            postgres::Config::from_str(self.url.expose()).map_err(|error| RegistryError::Query {
+                what: "parse the database URL",
+                detail: format!("{}: {}", self.url, describe(&error)),
+            })?;
         config.connect_timeout(self.connect_timeout);
         if config.get_application_name().is_none() {
             config.application_name(application_name);
@@ -216,7 +219,7 @@ impl PostgresRegistry {
                 detail: "connect_timeout must be longer than zero".into(),
             });
         }
-        let database = redact_url(&settings.url);
+        let database = settings.url.to_string();
         let config = settings.client_config(APPLICATION_NAME)?;
 
         // Start-up errors name the database even when they are not about
@@ -329,43 +332,46 @@ impl Registry for PostgresRegistry {
     /// Messages under this instance's tree: its own at once, and those of
     /// other instances (overlapping trees, or a crashed predecessor with
     /// another id) once they have waited `ORPHAN_GRACE`, so two instances on
-    /// one tree do not both deliver every message.
+    /// one tree do not both deliver every message. A row whose body cannot be
+    /// published as it stands (see [`read_body`]) is set aside on the way.
     fn outgoing(&self, limit: usize) -> Result<Vec<Message>, RegistryError> {
         let (lower, upper) = tree_bounds(&self.origin.watched_directory);
         let grace = ORPHAN_GRACE.as_secs_f64();
-        self.read(|client| {
-            let records = client
-                .query(
-                    "SELECT id, message_id::text, body FROM outbox \
-                     WHERE file_path > $1 AND file_path < $2 \
-                       AND (instance_id = $4 OR created_at < now() - make_interval(secs => $5)) \
-                     ORDER BY id LIMIT $3",
-                    &[
-                        &lower,
-                        &upper,
-                        &to_bigint(limit as u64),
-                        &self.origin.instance_id,
-                        &grace,
-                    ],
-                )
-                .map_err(fault("read the outbox"))?;
-            records
-                .iter()
-                .map(|record| {
-                    let body: &str = record.get(2);
-                    serde_json::from_str(body).map_err(|error| {
-                        Fault::Failed(RegistryError::Query {
-                            what: "parse an outbox message",
-                            detail: format!(
-                                "outbox id {}, message {}: {error}",
-                                record.get::<_, i64>(0),
-                                record.get::<_, &str>(1)
-                            ),
-                        })
-                    })
-                })
-                .collect()
-        })
+        loop {
+            let records = self.read(|client| {
+                client
+                    .query(
+                        "SELECT message_id::text, body FROM outbox \
+                         WHERE file_path > $1 AND file_path < $2 AND set_aside_at IS NULL \
+                           AND (instance_id = $4 OR created_at < now() - make_interval(secs => $5)) \
+                         ORDER BY id LIMIT $3",
+                        &[
+                            &lower,
+                            &upper,
+                            &to_bigint(limit as u64),
+                            &self.origin.instance_id,
+                            &grace,
+                        ],
+                    )
+                    .map_err(fault("read the outbox"))
+            })?;
+            let mut messages = Vec::with_capacity(records.len());
+            for record in &records {
+                let message_id: Uuid = record
+                    .get::<_, &str>(0)
+                    .parse()
+                    .expect("PostgreSQL prints a uuid as a UUID");
+                match read_body(message_id, record.get(1)) {
+                    Ok(message) => messages.push(message),
+                    Err(reason) => self.set_aside(message_id, &reason)?,
+                }
+            }
+            // A full batch that was all set aside says nothing about the rows
+            // behind it: read on, or the publisher would take the outbox for empty.
+            if !messages.is_empty() || records.len() < limit {
+                return Ok(messages);
+            }
+        }
     }
 
     fn mark_published(&self, message_ids: &[Uuid]) -> Result<(), RegistryError> {
@@ -394,6 +400,48 @@ impl Registry for PostgresRegistry {
             Ok(())
         })
     }
+
+    /// Marks the row, keeping it in the table; the file row keeps
+    /// `published_at` NULL, as the message was not published. Logged by the
+    /// one instance whose update set the mark, so once however many
+    /// instances come across the row.
+    fn set_aside(&self, message_id: Uuid, reason: &str) -> Result<(), RegistryError> {
+        let marked = self.read(|client| {
+            client
+                .query_opt(
+                    "UPDATE outbox SET set_aside_at = now(), set_aside_reason = $2 \
+                     WHERE message_id = $1::text::uuid AND set_aside_at IS NULL \
+                     RETURNING id, file_path",
+                    &[&message_id.to_string(), &reason],
+                )
+                .map_err(fault("set an outbox message aside"))
+        })?;
+        if let Some(record) = marked {
+            log::error!(
+                "outbox message {message_id} (outbox id {}, {}) set aside, not published: {reason}; \
+                 it stays in the outbox table until requeued (see OPERATIONS.md)",
+                record.get::<_, i64>(0),
+                record.get::<_, &str>(1),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The message an outbox row holds, or why it can never be published as it
+/// stands: its body does not read as a [`Message`] (a layout this build does
+/// not know, a damaged row), or it names another message than its row, so
+/// that confirming it would never clear the row.
+fn read_body(message_id: Uuid, body: &str) -> Result<Message, String> {
+    let message: Message =
+        serde_json::from_str(body).map_err(|error| format!("cannot read the body: {error}"))?;
+    if message.message_id != message_id {
+        return Err(format!(
+            "the body is message {}, not the row's message {message_id}",
+            message.message_id
+        ));
+    }
+    Ok(message)
 }
 
 fn row_from_record(record: &postgres::Row) -> Row {
@@ -448,12 +496,39 @@ mod tests {
     #[test]
     fn settings_debug_hides_the_password() {
         let settings = PostgresSettings {
-            url: "postgres://postgres:secret@h/db".into(),
+            url: SecretUrl::new("postgres://postgres:secret@h/db"),
             schema: None,
             pool_size: DEFAULT_POOL_SIZE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         };
         assert!(!format!("{settings:?}").contains("secret"));
+    }
+
+    #[test]
+    fn bodies_that_cannot_be_published_say_why() {
+        let origin = Origin {
+            instance_id: "test".into(),
+            watched_directory: "/m".into(),
+        };
+        let message = origin.message(
+            crate::message::EventType::Deleted,
+            "/m/a.flac",
+            None,
+            Uuid::new_v4(),
+            None,
+        );
+        let body = String::from_utf8(message.to_json()).unwrap();
+        assert_eq!(read_body(message.message_id, &body), Ok(message.clone()));
+
+        let other = Uuid::new_v4();
+        let reason = read_body(other, &body).unwrap_err();
+        assert!(reason.contains(&other.to_string()), "{reason}");
+        assert!(reason.contains(&message.message_id.to_string()), "{reason}");
+
+        for unreadable in ["", "{", r#"{"event":"created","path":"/m/a.flac"}"#, "[1]"] {
+            let reason = read_body(message.message_id, unreadable).unwrap_err();
+            assert!(reason.starts_with("cannot read the body: "), "{reason}");
+        }
     }
 
     #[test]

@@ -10,6 +10,12 @@ use super::faults::query_error;
 use crate::registry::RegistryError;
 
 /// One schema change. Versions only grow; an applied migration is never edited.
+///
+/// Versions need not be contiguous, and a schema may have a version without
+/// one below it: branches that each add a migration are merged later, and a
+/// build with both then applies whichever the schema lacks, in version order
+/// (see [`pending`]). So a migration must not depend on one with a higher
+/// version, and no two may touch the same object.
 pub struct Migration {
     pub version: i32,
     pub description: &'static str,
@@ -67,6 +73,17 @@ ALTER TABLE outbox ALTER COLUMN instance_id SET NOT NULL;
 ALTER TABLE files ADD COLUMN device bigint, ADD COLUMN inode bigint;
 "#,
     },
+    Migration {
+        version: 4,
+        description: "outbox rows that can never be published are set aside",
+        sql: r#"
+ALTER TABLE outbox
+    ADD COLUMN set_aside_at timestamptz,
+    ADD COLUMN set_aside_reason text,
+    ADD CONSTRAINT outbox_set_aside_has_a_reason
+        CHECK ((set_aside_at IS NULL) = (set_aside_reason IS NULL));
+"#,
+    },
 ];
 
 /// Creates the schema if needed and applies the migrations it lacks.
@@ -111,10 +128,7 @@ pub(super) fn migrate(client: &mut Client, schema: &str) -> Result<(), RegistryE
         .iter()
         .map(|record| record.get(0))
         .collect();
-    for migration in MIGRATIONS {
-        if applied.contains(&migration.version) {
-            continue;
-        }
+    for migration in pending(MIGRATIONS, &applied) {
         log::info!(
             "applying registry migration {} ({}) to schema {schema}",
             migration.version,
@@ -130,14 +144,36 @@ pub(super) fn migrate(client: &mut Client, schema: &str) -> Result<(), RegistryE
             )
             .map_err(query_error("record a migration"))?;
     }
-    let known = MIGRATIONS.last().map_or(0, |migration| migration.version);
-    if let Some(newest) = applied.iter().copied().filter(|version| *version > known).max() {
+    let unknown = unknown(MIGRATIONS, &applied);
+    if !unknown.is_empty() {
         log::warn!(
-            "schema {schema} has registry migration {newest}, newer than this build knows ({known}); \
-             carrying on, as migrations only add"
+            "schema {schema} has registry migrations {unknown:?} that this build does not know \
+             (a newer build ran here); carrying on, as migrations only add"
         );
     }
     transaction.commit().map_err(query_error("commit the migrations"))
+}
+
+/// The migrations a schema with `applied` lacks, in version order: every
+/// one of them, also below a version the schema already has.
+fn pending<'a>(
+    migrations: &'a [Migration],
+    applied: &'a HashSet<i32>,
+) -> impl Iterator<Item = &'a Migration> {
+    migrations
+        .iter()
+        .filter(|migration| !applied.contains(&migration.version))
+}
+
+/// Versions the schema has that `migrations` does not know, in order.
+fn unknown(migrations: &[Migration], applied: &HashSet<i32>) -> Vec<i32> {
+    let mut unknown: Vec<i32> = applied
+        .iter()
+        .copied()
+        .filter(|version| !migrations.iter().any(|migration| migration.version == *version))
+        .collect();
+    unknown.sort_unstable();
+    unknown
 }
 
 /// Quoted although `Config` checks that the schema name is plain: quoting
@@ -155,6 +191,40 @@ mod tests {
     fn identifiers_are_quoted_whole() {
         assert_eq!(quote_identifier("file_watcher"), "\"file_watcher\"");
         assert_eq!(quote_identifier("a\"b; drop"), "\"a\"\"b; drop\"");
+    }
+
+    fn migration(version: i32) -> Migration {
+        Migration {
+            version,
+            description: "test",
+            sql: "",
+        }
+    }
+
+    /// A schema migrated by builds of two branches, each with a migration of
+    /// its own, gets the one it lacks, whichever number it has.
+    #[test]
+    fn every_missing_version_is_pending_in_order() {
+        let known = [migration(1), migration(2), migration(3), migration(4)];
+        let versions = |applied: &[i32]| -> Vec<i32> {
+            let applied = applied.iter().copied().collect();
+            pending(&known, &applied)
+                .map(|migration| migration.version)
+                .collect()
+        };
+        assert_eq!(versions(&[]), [1, 2, 3, 4]);
+        assert_eq!(versions(&[1, 2]), [3, 4]);
+        assert_eq!(versions(&[1, 2, 4]), [3]);
+        assert_eq!(versions(&[1, 2, 3]), [4]);
+        assert!(versions(&[1, 2, 3, 4, 5]).is_empty());
+    }
+
+    #[test]
+    fn versions_this_build_lacks_are_named() {
+        let known = [migration(1), migration(2), migration(4)];
+        let applied = [1, 2, 3, 4, 5].into_iter().collect();
+        assert_eq!(unknown(&known, &applied), [3, 5]);
+        assert!(unknown(&known, &[1, 2].into_iter().collect()).is_empty());
     }
 
     #[test]
