@@ -13,7 +13,8 @@
 //!   broker that blocks publishers;
 //! - [`sinks`]: the daemon publishing to RabbitMQ and recording in PostgreSQL;
 //! - [`faults`]: outages, kills, overflows and vanishing shares, and that
-//!   nothing is lost through them.
+//!   nothing is lost through them;
+//! - [`bench`]: `scripts/bench.sh --short` still runs and reports every figure.
 //!
 //! Tests named `serial_…` stop or restart the shared servers; `scripts/test.sh`
 //! runs them one at a time after all the others.
@@ -30,3 +31,4 @@ mod registry;
 mod broker;
 mod sinks;
 mod faults;
+mod bench;
