@@ -173,6 +173,9 @@ pub struct Common {
     rabbitmq_url: String,
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
     database_url: String,
+    /// Keep the scenario's directory (the daemons' logs) instead of removing it.
+    #[arg(long)]
+    keep: bool,
     /// `NAME=VALUE` for every daemon this scenario starts (`WORKERS=4`, a batching switch, ...).
     #[arg(long = "env")]
     env: Vec<String>,
@@ -206,6 +209,14 @@ impl Common {
         directory
             .canonicalize()
             .map_err(|error| format!("canonicalize {}: {error}", directory.display()))
+    }
+
+    /// Removes a scenario's directory once it is done, unless `--keep`. Best
+    /// effort: the script removes the whole work directory at the end anyway.
+    fn finish(&self, directory: &std::path::Path) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(directory);
+        }
     }
 
     /// Appends this run's figures as one JSON line.
@@ -319,10 +330,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Removes a scenario's directory; best effort, as the script removes the
-/// whole work directory at the end anyway.
-pub fn remove_directory(directory: &std::path::Path) {
-    let _ = std::fs::remove_dir_all(directory);
 }

@@ -30,7 +30,7 @@ use crate::arrivals::{wait_for, Arrivals, Watched};
 use crate::daemon::{Daemon, Setup};
 use crate::files;
 use crate::schema::Schema;
-use crate::{progress, remove_directory, run_tag, Common, Deadline, Figures};
+use crate::{progress, run_tag, Common, Deadline, Figures};
 
 pub fn broker(common: &Common, messages: usize, window: usize) -> Result<Figures, String> {
     let tag = run_tag();
@@ -260,7 +260,7 @@ pub fn hashing(common: &Common, mib: usize) -> Result<Figures, String> {
     let daemon_time = announced.saturating_duration_since(moved);
     let peak = daemon.memory()?.peak;
     daemon.stop()?;
-    remove_directory(&directory);
+    common.finish(&directory);
 
     let mut figures = Figures::new();
     figures.insert(

@@ -23,7 +23,7 @@ use crate::daemon::{Daemon, Setup, Sinks};
 use crate::files::{self, Layout, Written};
 use crate::schema::Schema;
 use crate::stats::percentile;
-use crate::{progress, remove_directory, run_tag, Common, Deadline, Figures};
+use crate::{progress, run_tag, Common, Deadline, Figures};
 
 pub struct Load {
     pub label: String,
@@ -138,7 +138,7 @@ pub fn run(common: &Common, load: &Load) -> Result<Figures, String> {
     reader.stop()?;
     broker.remove()?;
     schema.drop_now()?;
-    remove_directory(&directory);
+    common.finish(&directory);
 
     let label = &load.label;
     let seconds = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64().max(1e-9);

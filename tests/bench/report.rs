@@ -314,8 +314,10 @@ fn table(figures: &Figures, meta: &BTreeMap<String, String>) -> String {
     push(
         "rescans (event queue overflows)".into(),
         (!rescans.is_empty()).then(|| whole(rescans.iter().map(|(_, count)| count).sum())),
+        // Only where there were any: a row of zeros would only widen the table.
         rescans
             .iter()
+            .filter(|(_, count)| *count > 0.0)
             .map(|(label, count)| format!("{label} {}", whole(*count)))
             .collect::<Vec<_>>()
             .join(", "),

@@ -25,7 +25,7 @@ use std::time::Duration;
 use crate::arrivals::{wait_for, Arrivals, Watched};
 use crate::daemon::{Daemon, Setup};
 use crate::files::{self, Layout};
-use crate::{progress, remove_directory, run_tag, Common, Deadline, Figures};
+use crate::{progress, run_tag, Common, Deadline, Figures};
 
 /// The settle time of `memory`: long enough that nothing settles while it measures.
 const SETTLE_FOREVER_MS: u64 = 3_600_000;
@@ -76,7 +76,7 @@ pub fn burst(common: &Common, count: usize, size: usize) -> Result<Figures, Stri
     figures.insert("burst_peak_rss_kib".into(), daemon.memory()?.peak as f64);
     figures.insert("burst_rescans".into(), daemon.rescans() as f64);
     daemon.stop()?;
-    remove_directory(&directory);
+    common.finish(&directory);
     Ok(figures)
 }
 
@@ -115,7 +115,7 @@ pub fn memory(common: &Common, directories: usize, count: usize) -> Result<Figur
     files::write(&root, Layout::Flat, count, 4096, None, &tag, deadline)?;
     let with_pending = quiet_resident(&daemon, deadline)?;
     daemon.stop()?;
-    remove_directory(&directory);
+    common.finish(&directory);
 
     let per = |after: u64, before: u64, items: usize| {
         after.saturating_sub(before) as f64 * 1024.0 / items.max(1) as f64
