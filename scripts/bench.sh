@@ -34,7 +34,7 @@
 #   --paced-rate N [200] files/s per instance   --paced-seconds S [10]
 #   --import-small N [10000]   --import-large N [100000]   --burst N [100000]
 #   --pending N [100000]   --directories N [1000]   --big MiB [1024]
-#   --ceiling-messages N [30000]   --window N [1000]   --postgres-files N [30000]
+#   --ceiling-messages N [30000]   --window N [4000]   --postgres-files N [30000]
 #
 # The watched trees are on /dev/shm. Talks to the PostgreSQL (user postgres,
 # database test) and RabbitMQ (guest/guest) on 127.0.0.1 only, starting them
@@ -93,7 +93,7 @@ fi
 : "${runs:=3}" "${instances:=3}" "${files:=10000}" "${size_kib:=4}" "${settle_ms:=100}"
 : "${paced_rate:=200}" "${paced_seconds:=10}" "${import_small:=10000}" "${import_large:=100000}"
 : "${burst:=100000}" "${pending:=100000}" "${directories:=1000}" "${big_mib:=1024}"
-: "${ceiling_messages:=30000}" "${window:=1000}" "${postgres_files:=30000}"
+: "${ceiling_messages:=30000}" "${window:=4000}" "${postgres_files:=30000}"
 for setting in runs instances files size_kib settle_ms paced_rate paced_seconds import_small \
     import_large burst pending directories big_mib ceiling_messages window postgres_files; do
     value=${!setting}

@@ -226,15 +226,15 @@ impl Drop for QueueReader {
 
 /// Publishes `bodies` to `exchange` as the daemon does (persistent,
 /// mandatory, routing key `file.created`, the daemon's properties and
-/// headers), keeping at most `window` unconfirmed; returns the time from
-/// the first publish to the last confirm. Fails on a nack or a return.
+/// headers), keeping at most `window` unconfirmed; returns when the first
+/// publish started and when the last confirm came. Fails on a nack or a return.
 pub fn publish_windowed(
     url: &str,
     exchange: &str,
     bodies: &[Vec<u8>],
     window: usize,
     deadline: Deadline,
-) -> Result<Duration, String> {
+) -> Result<(Instant, Instant), String> {
     let (connection, channel) = connect(url)?;
     step(
         "select confirms",
@@ -267,11 +267,11 @@ pub fn publish_windowed(
         while let Some(confirm) = unconfirmed.pop_front() {
             acked(confirm.await)?;
         }
-        Ok::<Duration, String>(started.elapsed())
+        Ok::<_, String>((started, Instant::now()))
     };
-    let elapsed = until("publish and confirm", deadline.instant(), publishing)?;
+    let times = until("publish and confirm", deadline.instant(), publishing)?;
     let _ = step("close", connection.close(200, "published".into()));
-    elapsed
+    times
 }
 
 fn acked(confirmation: lapin::Result<Confirmation>) -> Result<(), String> {

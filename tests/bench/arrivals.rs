@@ -109,6 +109,11 @@ impl Arrivals {
         self.per_event.get(event_type).copied().unwrap_or(0)
     }
 
+    /// When the latest first arrival was.
+    pub fn last_arrival(&self) -> Option<Instant> {
+        self.first.values().max().copied()
+    }
+
     /// When the first `event_type` message for `path` arrived.
     pub fn first(&self, event_type: &str, path: &str) -> Option<Instant> {
         // The map is keyed by owned pairs; building one per lookup is fine

@@ -247,6 +247,28 @@ impl Drop for Daemon {
     }
 }
 
+/// Clock ticks per second, the unit of [`Daemon::cpu_ticks`] (`getconf
+/// CLK_TCK`; 100 on Linux when that cannot be asked).
+pub fn ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .and_then(|text| text.trim().parse::<f64>().ok())
+        .filter(|ticks| *ticks > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// CPU time the daemons have used so far, in seconds.
+pub fn cpu_seconds(daemons: &[Daemon]) -> Result<f64, String> {
+    let mut ticks = 0;
+    for daemon in daemons {
+        ticks += daemon.cpu_ticks()?;
+    }
+    Ok(ticks as f64 / ticks_per_second())
+}
+
 /// VmRSS and VmHWM of a process.
 pub fn memory_of(pid: u32) -> Result<Memory, String> {
     let path = format!("/proc/{pid}/status");

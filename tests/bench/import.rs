@@ -5,6 +5,7 @@
 //! Figures (`<label>_…`):
 //! - `files_per_s`: files ÷ (the rename → the last `created` on the queue);
 //! - `us_per_file`: the same time per file, in µs (the issue compares it at 10k and 100k);
+//! - `cpu_us_per_event`: the instance's CPU time during the import ÷ files;
 //! - `peak_rss_kib`: VmHWM of the instance after the import;
 //! - `rescans`: rescans it logged.
 //!
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::amqp::RunBroker;
 use crate::arrivals::{wait_for, Arrivals, Watched};
-use crate::daemon::{Daemon, Setup, Sinks};
+use crate::daemon::{cpu_seconds, Daemon, Setup, Sinks};
 use crate::files::{self, Layout};
 use crate::load::warm_up;
 use crate::schema::Schema;
@@ -84,6 +85,7 @@ pub fn run(
     progress(&format!("{label}: moving {count} files into the tree"));
     let imported = tree.join("import");
     let before = arrivals.read(|arrivals| arrivals.count("created"));
+    let cpu_before = cpu_seconds(std::slice::from_ref(&daemon))?;
     let moved = Instant::now();
     std::fs::rename(staging.join("import"), &imported)
         .map_err(|error| format!("move the import in: {error}"))?;
@@ -92,10 +94,12 @@ pub fn run(
         .collect::<Result<_, _>>()?;
     let last = wait_for(&arrivals, "created", before, &paths, deadline)
         .map_err(|error| format!("{label}: {error}; the instance's last lines:\n{}", daemon.tail()))?;
+    let cpu = cpu_seconds(std::slice::from_ref(&daemon))? - cpu_before;
     let elapsed = last.saturating_duration_since(moved).as_secs_f64().max(1e-9);
     let mut figures = Figures::new();
     figures.insert(format!("{label}_files_per_s"), count as f64 / elapsed);
     figures.insert(format!("{label}_us_per_file"), elapsed * 1e6 / count as f64);
+    figures.insert(format!("{label}_cpu_us_per_event"), cpu * 1e6 / count as f64);
     figures.insert(format!("{label}_peak_rss_kib"), daemon.memory()?.peak as f64);
     figures.insert(format!("{label}_rescans"), daemon.rescans() as f64);
     daemon.stop()?;

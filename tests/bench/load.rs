@@ -9,6 +9,8 @@
 //! - `latency_p50_ms`, `latency_p99_ms`, `latency_max_ms`: per file, its last
 //!   write's close → its `created` arriving on the run's queue;
 //! - `writer_files_per_s`: how fast the writers went (must exceed the daemons');
+//! - `cpu_us_per_event`: CPU time (user + system) of all instances during the
+//!   load ÷ files: with `events_per_s`, how much of the machine they used;
 //! - `idle_rss_kib`: VmRSS of the largest instance, started and warmed up, before the load;
 //! - `peak_rss_kib`: VmHWM of the largest instance after the load;
 //! - `rescans`: rescans the instances logged (event queue overflows).
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::amqp::RunBroker;
 use crate::arrivals::{wait_for, Arrivals, Watched};
-use crate::daemon::{Daemon, Setup, Sinks};
+use crate::daemon::{cpu_seconds, Daemon, Setup, Sinks};
 use crate::files::{self, Layout, Written};
 use crate::schema::Schema;
 use crate::stats::percentile;
@@ -91,6 +93,7 @@ pub fn run(common: &Common, load: &Load) -> Result<Figures, String> {
             .map_or(String::new(), |rate| format!(" at {rate} files/s each"))
     ));
     let deadline = Deadline::for_files(total);
+    let cpu_before = cpu_seconds(&daemons)?;
     let written = write_all(&trees, load, &tag, deadline)?;
     let paths: Vec<String> = written
         .iter()
@@ -106,6 +109,7 @@ pub fn run(common: &Common, load: &Load) -> Result<Figures, String> {
         )
     })?;
 
+    let cpu = cpu_seconds(&daemons)? - cpu_before;
     let mut peak_rss = 0;
     let mut rescans = 0;
     for daemon in &daemons {
@@ -152,6 +156,7 @@ pub fn run(common: &Common, load: &Load) -> Result<Figures, String> {
         "writer_files_per_s",
         total as f64 / seconds(started, writing_ended),
     );
+    put("cpu_us_per_event", cpu * 1e6 / total.max(1) as f64);
     put("idle_rss_kib", idle_rss as f64);
     put("peak_rss_kib", peak_rss as f64);
     put("rescans", rescans as f64);

@@ -108,9 +108,15 @@ fn table(figures: &Figures, meta: &BTreeMap<String, String>) -> String {
             meta_text("window", "?")
         ),
         broker.map(|value| format!("{} msg/s", whole(value))),
-        get("ceiling_broker_body_bytes")
-            .map(|bytes| format!("bodies of {} B", whole(bytes)))
-            .unwrap_or_default(),
+        match (
+            get("ceiling_broker_body_bytes"),
+            get("ceiling_broker_consumed_msgs_per_s"),
+        ) {
+            (Some(bytes), Some(consumed)) => {
+                format!("bodies of {} B; read at {} msg/s", whole(bytes), whole(consumed))
+            }
+            _ => String::new(),
+        },
         "",
     );
     push(
@@ -150,6 +156,19 @@ fn table(figures: &Figures, meta: &BTreeMap<String, String>) -> String {
             "the daemons' rate",
         ),
         "> 1× (writers not the bottleneck)",
+    );
+    push(
+        "  daemons' CPU per event: throughput / import large".into(),
+        pair(
+            get("throughput_cpu_us_per_event"),
+            get("import_large_cpu_us_per_event"),
+            "µs",
+        ),
+        match (get("throughput_cpu_us_per_event"), throughput) {
+            (Some(cost), Some(rate)) => format!("{:.2} cores busy during throughput", cost * rate / 1e6),
+            _ => String::new(),
+        },
+        "",
     );
     let variant = get("variant_events_per_s");
     push(

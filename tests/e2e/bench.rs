@@ -9,9 +9,10 @@ use serde_json::Value;
 
 /// Every figure a full run reports (`--variant` adds `variant_…`, and
 /// `ceiling_openssl_sha256_mb_per_s` needs openssl: neither is listed).
-const FIGURES: [&str; 39] = [
+const FIGURES: [&str; 44] = [
     "ceiling_broker_msgs_per_s",
     "ceiling_broker_body_bytes",
+    "ceiling_broker_consumed_msgs_per_s",
     "ceiling_postgres_files_per_s",
     "ceiling_sha256sum_mb_per_s",
     "hash_daemon_mb_per_s",
@@ -21,6 +22,7 @@ const FIGURES: [&str; 39] = [
     "throughput_latency_p99_ms",
     "throughput_latency_max_ms",
     "throughput_writer_files_per_s",
+    "throughput_cpu_us_per_event",
     "throughput_idle_rss_kib",
     "throughput_peak_rss_kib",
     "throughput_rescans",
@@ -29,15 +31,18 @@ const FIGURES: [&str; 39] = [
     "paced_latency_p99_ms",
     "paced_latency_max_ms",
     "paced_writer_files_per_s",
+    "paced_cpu_us_per_event",
     "paced_idle_rss_kib",
     "paced_peak_rss_kib",
     "paced_rescans",
     "import_small_files_per_s",
     "import_small_us_per_file",
+    "import_small_cpu_us_per_event",
     "import_small_peak_rss_kib",
     "import_small_rescans",
     "import_large_files_per_s",
     "import_large_us_per_file",
+    "import_large_cpu_us_per_event",
     "import_large_peak_rss_kib",
     "import_large_rescans",
     "catchup_unchanged_s",
