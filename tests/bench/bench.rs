@@ -20,9 +20,10 @@
 //! - [`stdout`]: stdout mode, a burst of files into a new directory, and
 //!   what pending paths and watched directories cost in memory.
 //!
-//! Underneath: [`daemon`] runs the real binary, [`amqp`] owns the run's
-//! exchange and queue and reads it, [`files`] writes, [`arrivals`] records
-//! what came out and when, [`stats`] takes percentiles and medians.
+//! Underneath: [`files`] writes, [`daemon`] runs the real binary,
+//! [`schema`] names and drops a scenario's registry schema, [`amqp`] owns the
+//! run's exchange and queue and reads it, [`arrivals`] records what came out
+//! and when, [`stats`] takes percentiles and medians.
 //!
 //! Every scenario isolates itself (own directory, exchange, queue, schema and
 //! instance ids, removed afterwards), talks to the servers named on the
@@ -35,17 +36,20 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 
+// What the scenarios stand on, in the order a file travels through a run:
+// written, watched by the daemon, published, read, counted.
+mod files;
+mod daemon;
+mod schema;
 mod amqp;
 mod arrivals;
-mod ceilings;
-mod daemon;
-mod files;
-mod import;
-mod load;
-mod report;
-mod schema;
 mod stats;
+// The scenarios, in the order the script runs them, then the report.
+mod ceilings;
+mod load;
+mod import;
 mod stdout;
+mod report;
 
 /// One run's figures: name → value, the names BENCHMARKS.md lists.
 pub type Figures = BTreeMap<String, f64>;
