@@ -18,6 +18,7 @@
 //!   and paths near and over `PATH_MAX`.
 //! - [`hostile_outbox`]: outbox rows that can never go out are set aside,
 //!   honest publisher logs, no password printed.
+//! - [`bench`]: `scripts/bench.sh --short` still runs and reports every figure.
 //!
 //! Tests named `serial_…` stop or restart the shared servers; `scripts/test.sh`
 //! runs them one at a time after all the others.
@@ -37,3 +38,4 @@ mod faults;
 mod hostile_names;
 mod hostile_renames;
 mod hostile_outbox;
+mod bench;
