@@ -119,6 +119,10 @@ pub struct Config {
     /// operators): while this file exists notify's thread stalls before each
     /// event, so tests and `scripts/chaos.sh` can overflow the kernel queue.
     pub test_stall_file: Option<PathBuf>,
+    /// Test hook, from `FILE_WATCHER_TEST_OPEN_GATE` (no flag, not for
+    /// operators): while this file exists a worker that has looked at a file
+    /// waits before opening it, so tests can swap the file in between.
+    pub test_open_gate: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,8 +195,9 @@ impl Config {
         let database = parse_database(&args)?;
         let scan_existing = parse_scan_existing(args.scan_existing.as_deref())?;
         let sentinel = parse_sentinel(args.sentinel_file.as_deref(), &data_dir)?;
-        // The one setting read outside clap: a test hook with no flag.
+        // The settings read outside clap: test hooks with no flag.
         let test_stall_file = std::env::var_os("FILE_WATCHER_TEST_STALL_FILE").map(PathBuf::from);
+        let test_open_gate = std::env::var_os("FILE_WATCHER_TEST_OPEN_GATE").map(PathBuf::from);
         Ok(Config {
             data_dir,
             instance_id,
@@ -207,6 +212,7 @@ impl Config {
             database,
             sentinel,
             test_stall_file,
+            test_open_gate,
         })
     }
 

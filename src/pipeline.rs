@@ -246,6 +246,7 @@ impl Running {
             stopping: Arc::new(AtomicBool::new(false)),
             health: store.health.clone(),
             guard: guard.clone(),
+            test_open_gate: config.test_open_gate.clone(),
         };
         let workers = spawn_workers(config.workers, &template, &job_receiver, &done_sender)?;
         drop((job_receiver, done_sender));
@@ -345,6 +346,7 @@ fn spawn_workers(
             stopping: template.stopping.clone(),
             health: template.health.clone(),
             guard: template.guard.clone(),
+            test_open_gate: template.test_open_gate.clone(),
         };
         let (jobs, done) = (jobs.clone(), done.clone());
         workers.spawn(&format!("worker-{index}"), move || worker.run(jobs, done))?;

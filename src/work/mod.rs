@@ -7,7 +7,7 @@
 
 pub mod hash;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +56,9 @@ pub struct Worker {
     pub health: Arc<Health>,
     /// Asked before every deletion: an unmounted tree deletes nothing.
     pub guard: RootGuard,
+    /// Test hook ([`Config::test_open_gate`](crate::config::Config::test_open_gate)):
+    /// while this file exists, wait between looking at a file and opening it.
+    pub test_open_gate: Option<PathBuf>,
 }
 
 /// How long deletions wait while the tree looks unmounted.
@@ -170,6 +173,9 @@ impl Worker {
         let (sha256, xxh128) = match reusable {
             Some(row) => (row.sha256, row.xxh128),
             None => {
+                if let Some(gate) = &self.test_open_gate {
+                    hold_at_gate(gate, path);
+                }
                 let digests = match hash::hash_file_until(Path::new(path), &self.stopping) {
                     Ok(digests) => digests,
                     // Shutting down: hand the job back; the next start picks the file up.
@@ -296,5 +302,15 @@ impl Worker {
     fn file_error(&self, path: &str, error: &std::io::Error) {
         self.counters.file_errors.fetch_add(1, Ordering::Relaxed);
         log::warn!(target: LOG_TARGET, "cannot read {path}: {error}");
+    }
+}
+
+/// Test hook: waits while `gate` exists, after saying which file is held.
+fn hold_at_gate(gate: &Path, path: &str) {
+    if gate.exists() {
+        log::info!(target: LOG_TARGET, "test hook: holding {path} before opening it");
+        while gate.exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

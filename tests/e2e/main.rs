@@ -13,7 +13,9 @@
 //!   broker that blocks publishers;
 //! - [`sinks`]: the daemon publishing to RabbitMQ and recording in PostgreSQL;
 //! - [`faults`]: outages, kills, overflows and vanishing shares, and that
-//!   nothing is lost through them.
+//!   nothing is lost through them;
+//! - [`hostile_files`]: permissions that change, special files swapped in,
+//!   files rewritten while hashed, huge files, huge and deep directories.
 //!
 //! Tests named `serial_…` stop or restart the shared servers; `scripts/test.sh`
 //! runs them one at a time after all the others.
@@ -30,3 +32,4 @@ mod registry;
 mod broker;
 mod sinks;
 mod faults;
+mod hostile_files;
