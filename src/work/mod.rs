@@ -14,9 +14,12 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use self::hash::FileId;
 use crate::backoff::RETRY;
 use crate::job::{Dispatch, Done, Job, Outcome};
-use crate::registry::{Applied, Change, Health, Observed, Registry, RegistryError, Stat};
+use crate::registry::{
+    regular_file_metadata, Applied, Change, Health, Observed, Registry, RegistryError, Stat,
+};
 use crate::watch::guard::RootGuard;
 
 /// Hard (non-connection) registry errors a job survives before it is dropped;
@@ -153,8 +156,8 @@ impl Worker {
         renamed_from: Option<&str>,
         correlation: uuid::Uuid,
     ) -> Result<Outcome, RegistryError> {
-        let before = match Stat::of(Path::new(path)) {
-            Ok(Some(stat)) => stat,
+        let (before, id) = match look(path) {
+            Ok(Some(found)) => found,
             Ok(None) => return self.vanished(path),
             Err(error) => {
                 self.file_error(path, &error);
@@ -172,36 +175,19 @@ impl Worker {
         });
         let (sha256, xxh128) = match reusable {
             Some(row) => (row.sha256, row.xxh128),
-            None => {
-                if let Some(gate) = &self.test_open_gate {
-                    hold_at_gate(gate, path);
+            None => match self.hash(path, before, id) {
+                Ok(Some(digests)) => (digests.sha256, digests.xxh128),
+                Ok(None) => return Ok(Outcome::Changing),
+                // Shutting down: hand the job back; the next start picks the file up.
+                Err(error) if hash::is_stopped(&error) => return Ok(Outcome::Retry(Duration::ZERO)),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    return self.vanished(path);
                 }
-                let digests = match hash::hash_file_until(Path::new(path), &self.stopping) {
-                    Ok(digests) => digests,
-                    // Shutting down: hand the job back; the next start picks the file up.
-                    Err(error) if hash::is_stopped(&error) => return Ok(Outcome::Retry(Duration::ZERO)),
-                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                        return self.vanished(path);
-                    }
-                    Err(error) => {
-                        self.file_error(path, &error);
-                        return Ok(Outcome::Finished);
-                    }
-                };
-                self.counters.files_hashed.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .bytes_hashed
-                    .fetch_add(digests.bytes, Ordering::Relaxed);
-                let after = Stat::of(Path::new(path)).ok().flatten();
-                if after != Some(before) || digests.bytes != before.size {
-                    log::debug!(
-                        target: LOG_TARGET,
-                        "{path} changed while it was read; waiting for it to settle"
-                    );
-                    return Ok(Outcome::Changing);
+                Err(error) => {
+                    self.file_error(path, &error);
+                    return Ok(Outcome::Finished);
                 }
-                (digests.sha256, digests.xxh128)
-            }
+            },
         };
         let observed = Observed {
             path: path.to_owned(),
@@ -216,6 +202,40 @@ impl Worker {
             },
             correlation,
         )
+    }
+
+    /// Hashes the regular file `id` at `path`, seen as `before`. `None` when
+    /// what was read is not one complete version of it: something else took
+    /// its place (a rename over it, a FIFO, a symlink), or it changed while
+    /// it was read. Then it settles and is hashed again.
+    fn hash(&self, path: &str, before: Stat, id: FileId) -> std::io::Result<Option<hash::Digests>> {
+        if let Some(gate) = &self.test_open_gate {
+            hold_at_gate(gate, path);
+        }
+        let file = match hash::open_regular(Path::new(path), id) {
+            Ok(file) => file,
+            Err(error) if hash::is_replaced(&error) => {
+                log::debug!(target: LOG_TARGET, "{path} was {error}; looking again once it settles");
+                return Ok(None);
+            }
+            Err(error) => return Err(error),
+        };
+        let digests = hash::hash_file_until(&file, path, before.size, &self.stopping)?;
+        self.counters.files_hashed.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_hashed
+            .fetch_add(digests.bytes, Ordering::Relaxed);
+        // The path still names the file that was read, unchanged since the
+        // first look: what was read is that version, whole.
+        let after = look(path).ok().flatten();
+        if after != Some((before, id)) || digests.bytes != before.size {
+            log::debug!(
+                target: LOG_TARGET,
+                "{path} changed or was replaced while it was read; waiting for it to settle"
+            );
+            return Ok(None);
+        }
+        Ok(Some(digests))
     }
 
     /// The file disappeared before we could read it. Most likely it was just
@@ -303,6 +323,13 @@ impl Worker {
         self.counters.file_errors.fetch_add(1, Ordering::Relaxed);
         log::warn!(target: LOG_TARGET, "cannot read {path}: {error}");
     }
+}
+
+/// The regular file at `path` (symlinks not followed) and which file it is;
+/// `None` when nothing, or something else, is there.
+fn look(path: &str) -> std::io::Result<Option<(Stat, FileId)>> {
+    Ok(regular_file_metadata(Path::new(path))?
+        .map(|metadata| (Stat::from_metadata(&metadata), FileId::of(&metadata))))
 }
 
 /// Test hook: waits while `gate` exists, after saying which file is held.
