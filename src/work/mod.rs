@@ -59,6 +59,11 @@ pub struct Worker {
     pub health: Arc<Health>,
     /// Asked before every deletion: an unmounted tree deletes nothing.
     pub guard: RootGuard,
+    /// Files over this many bytes are hashed in the huge-file lane.
+    pub huge_file_bytes: u64,
+    /// The huge-file lane, for the ordinary workers; `None` for the lane's
+    /// own worker, which hashes whatever it is given.
+    pub huge_lane: Option<Sender<Dispatch>>,
     /// Test hook ([`Config::test_open_gate`](crate::config::Config::test_open_gate)):
     /// while this file exists, wait between looking at a file and opening it.
     pub test_open_gate: Option<PathBuf>,
@@ -67,13 +72,29 @@ pub struct Worker {
 /// How long deletions wait while the tree looks unmounted.
 const ROOT_RETRY: Duration = Duration::from_secs(5);
 
+/// What became of a job in a worker.
+enum Handled {
+    /// The answer for the settle stage.
+    Answered(Outcome),
+    /// A file over `HUGE_FILE_BYTES` needs hashing: the huge-file lane takes
+    /// the job over, and answers it.
+    ToHugeLane,
+}
+
 impl Worker {
     pub fn run(&self, jobs: Receiver<Dispatch>, done: Sender<Done>) {
         for dispatch in jobs {
-            let outcome = if self.stopping.load(Ordering::Acquire) {
-                Outcome::Retry(Duration::ZERO)
+            let (dispatch, outcome) = if self.stopping.load(Ordering::Acquire) {
+                (dispatch, Outcome::Retry(Duration::ZERO))
             } else {
-                self.perform(&dispatch)
+                match self.perform(&dispatch) {
+                    Handled::Answered(outcome) => (dispatch, outcome),
+                    Handled::ToHugeLane => match self.hand_to_huge_lane(dispatch) {
+                        None => continue,
+                        // The lane has stopped (shutdown): hand the job back.
+                        Some(returned) => (returned, Outcome::Retry(Duration::ZERO)),
+                    },
+                }
             };
             if done.send(Done { dispatch, outcome }).is_err() {
                 return;
@@ -81,23 +102,38 @@ impl Worker {
         }
     }
 
-    fn perform(&self, dispatch: &Dispatch) -> Outcome {
+    /// Queues `dispatch` for the huge-file lane; its keys stay in flight
+    /// until the lane answers. Returns it if the lane is gone.
+    fn hand_to_huge_lane(&self, dispatch: Dispatch) -> Option<Dispatch> {
+        let lane = self
+            .huge_lane
+            .as_ref()
+            .expect("only workers with a lane hand jobs to it");
+        lane.send(dispatch).err().map(|returned| returned.into_inner())
+    }
+
+    fn perform(&self, dispatch: &Dispatch) -> Handled {
         let correlation = dispatch.correlation_id;
         let result = match &dispatch.job {
             Job::Check { path, renamed_from } => self.check(path, renamed_from.as_deref(), correlation),
-            Job::Gone { path } => self.gone(path, correlation),
-            Job::GoneTree { path } => self.gone_tree(path, correlation),
-            Job::RenameDirectory { from, to } => self.record(
-                &Change::DirectoryRenamed {
-                    from: from.clone(),
-                    to: to.clone(),
-                },
-                correlation,
-            ),
-            Job::Sweep { dir, files_found } => self.sweep(dir, *files_found, correlation),
+            Job::Gone { path } => self.gone(path, correlation).map(Handled::Answered),
+            Job::GoneTree { path } => self.gone_tree(path, correlation).map(Handled::Answered),
+            Job::RenameDirectory { from, to } => self
+                .record(
+                    &Change::DirectoryRenamed {
+                        from: from.clone(),
+                        to: to.clone(),
+                    },
+                    correlation,
+                )
+                .map(Handled::Answered),
+            Job::Sweep { dir, files_found } => {
+                self.sweep(dir, *files_found, correlation).map(Handled::Answered)
+            }
         };
-        match result {
-            Ok(outcome) => {
+        Handled::Answered(match result {
+            Ok(Handled::ToHugeLane) => return Handled::ToHugeLane,
+            Ok(Handled::Answered(outcome)) => {
                 self.health.up();
                 outcome
             }
@@ -124,7 +160,7 @@ impl Worker {
                     Outcome::Retry(RETRY.delay(dispatch.attempt))
                 }
             }
-        }
+        })
     }
 
     fn record(&self, change: &Change, correlation: uuid::Uuid) -> Result<Outcome, RegistryError> {
@@ -155,37 +191,42 @@ impl Worker {
         path: &str,
         renamed_from: Option<&str>,
         correlation: uuid::Uuid,
-    ) -> Result<Outcome, RegistryError> {
+    ) -> Result<Handled, RegistryError> {
+        let answer = |outcome| Ok(Handled::Answered(outcome));
         let (before, id) = match look(path) {
             Ok(Some(found)) => found,
-            Ok(None) => return self.vanished(path),
+            Ok(None) => return self.vanished(path).map(Handled::Answered),
             Err(error) => {
                 self.file_error(path, &error);
-                return Ok(Outcome::Finished);
+                return answer(Outcome::Finished);
             }
         };
         // Unchanged size and mtime: the recorded hashes still hold (renames keep both).
         let known = self.registry.lookup(renamed_from.unwrap_or(path))?;
         if renamed_from.is_none() && known.as_ref().is_some_and(|row| row.stat == before) {
             // The very observation already recorded (a rescan of an unchanged file).
-            return Ok(Outcome::Finished);
+            return answer(Outcome::Finished);
         }
         let reusable = known.filter(|row| {
             !row.sha256.is_empty() && row.stat.size == before.size && row.stat.mtime_ns == before.mtime_ns
         });
         let (sha256, xxh128) = match reusable {
             Some(row) => (row.sha256, row.xxh128),
+            // One huge file at a time, in its own lane: the others keep flowing.
+            None if before.size > self.huge_file_bytes && self.huge_lane.is_some() => {
+                return Ok(Handled::ToHugeLane);
+            }
             None => match self.hash(path, before, id) {
                 Ok(Some(digests)) => (digests.sha256, digests.xxh128),
-                Ok(None) => return Ok(Outcome::Changing),
+                Ok(None) => return answer(Outcome::Changing),
                 // Shutting down: hand the job back; the next start picks the file up.
-                Err(error) if hash::is_stopped(&error) => return Ok(Outcome::Retry(Duration::ZERO)),
+                Err(error) if hash::is_stopped(&error) => return answer(Outcome::Retry(Duration::ZERO)),
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                    return self.vanished(path);
+                    return self.vanished(path).map(Handled::Answered);
                 }
                 Err(error) => {
                     self.file_error(path, &error);
-                    return Ok(Outcome::Finished);
+                    return answer(Outcome::Finished);
                 }
             },
         };
@@ -202,6 +243,7 @@ impl Worker {
             },
             correlation,
         )
+        .map(Handled::Answered)
     }
 
     /// Hashes the regular file `id` at `path`, seen as `before`. `None` when
@@ -211,6 +253,13 @@ impl Worker {
     fn hash(&self, path: &str, before: Stat, id: FileId) -> std::io::Result<Option<hash::Digests>> {
         if let Some(gate) = &self.test_open_gate {
             hold_at_gate(gate, path);
+        }
+        if before.size > self.huge_file_bytes {
+            log::info!(
+                target: LOG_TARGET,
+                "hashing {path} ({} bytes) in the huge-file lane; other files keep flowing",
+                before.size
+            );
         }
         let file = match hash::open_regular(Path::new(path), id) {
             Ok(file) => file,
