@@ -75,6 +75,11 @@ impl Settle {
                     self.schedule_scan(PathBuf::from(path), now);
                 }
             }
+            EventKind::Modify(ModifyKind::Metadata(_)) if !poll => {
+                for path in paths {
+                    self.on_attributes_changed(path, now);
+                }
+            }
             EventKind::Create(_) | EventKind::Modify(_) => {
                 for path in paths {
                     if poll && Path::new(&path).is_dir() {

@@ -37,6 +37,9 @@ pub struct ScanRequest {
 pub enum Discovery {
     /// An announced-kind file exists at this absolute path.
     File(String),
+    /// This directory (or entry) could not be read, for a reason other than
+    /// having vanished. The settle stage sets it aside and warns, once.
+    Unreadable { path: PathBuf, reason: String },
     Finished {
         request: ScanRequest,
         /// Files found; a full scan that finds none in a tree the registry
@@ -100,13 +103,17 @@ fn walk(
                 if error.depth() == 0 {
                     outcome.failed = true;
                 }
-                // Vanished while walking is normal; unreadable is worth a warning.
+                // Vanished while walking is normal; unreadable is worth a
+                // warning, which the settle stage gives once per directory
+                // (not once per walk).
                 if error.io_error().map(|e| e.kind()) != Some(std::io::ErrorKind::NotFound) {
-                    log::warn!(
-                        target: LOG_TARGET,
-                        "cannot read {}: {error}",
-                        error.path().unwrap_or(dir).display()
-                    );
+                    let unreadable = Discovery::Unreadable {
+                        path: error.path().unwrap_or(dir).to_owned(),
+                        reason: error
+                            .io_error()
+                            .map_or_else(|| error.to_string(), ToString::to_string),
+                    };
+                    found.send(unreadable).map_err(|_| Disconnected)?;
                 }
                 continue;
             }

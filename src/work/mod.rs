@@ -2,8 +2,10 @@
 //!
 //! Each worker takes jobs from the shared queue, which the settle stage fills
 //! so that no two jobs for one path are ever in flight together. Problems with
-//! one file (vanished, unreadable) are logged with the path, counted, and the
-//! worker goes on; an unreachable registry hands the job back for a retry.
+//! one file (vanished, unreadable) are counted and handed back to the settle
+//! stage, which follows a vanished file up and sets an unreadable one aside
+//! (warning once); the worker goes on. An unreachable registry hands the job
+//! back for a retry.
 
 pub mod hash;
 
@@ -21,6 +23,7 @@ use crate::registry::{
     regular_file_metadata, Applied, Change, Health, Observed, Registry, RegistryError, Stat,
 };
 use crate::watch::guard::RootGuard;
+use crate::watch::WatchCounters;
 
 /// Hard (non-connection) registry errors a job survives before it is dropped;
 /// the next full scan picks the file up again.
@@ -59,6 +62,9 @@ pub struct Worker {
     pub health: Arc<Health>,
     /// Asked before every deletion: an unmounted tree deletes nothing.
     pub guard: RootGuard,
+    /// Shared with the notify callback: an unreadable file is counted in
+    /// `set_aside` before it is reported, so attribute changes get through.
+    pub watch_counters: Arc<WatchCounters>,
     /// Files over this many bytes are hashed in the huge-file lane.
     pub huge_file_bytes: u64,
     /// The huge-file lane, for the ordinary workers; `None` for the lane's
@@ -196,10 +202,7 @@ impl Worker {
         let (before, id) = match look(path) {
             Ok(Some(found)) => found,
             Ok(None) => return self.vanished(path).map(Handled::Answered),
-            Err(error) => {
-                self.file_error(path, &error);
-                return answer(Outcome::Finished);
-            }
+            Err(error) => return answer(self.unreadable(path, None, &error)),
         };
         // Unchanged size and mtime: the recorded hashes still hold (renames keep both).
         let known = self.registry.lookup(renamed_from.unwrap_or(path))?;
@@ -224,10 +227,7 @@ impl Worker {
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                     return self.vanished(path).map(Handled::Answered);
                 }
-                Err(error) => {
-                    self.file_error(path, &error);
-                    return answer(Outcome::Finished);
-                }
+                Err(error) => return answer(self.unreadable(path, Some(before), &error)),
             },
         };
         let observed = Observed {
@@ -368,9 +368,20 @@ impl Worker {
         }
     }
 
-    fn file_error(&self, path: &str, error: &std::io::Error) {
+    /// `path` cannot be read (seen as `before`, if a `stat` worked). It is
+    /// counted as set aside first, so that from now on attribute changes get
+    /// through; then, if it changed since `before` after all (a `chmod` just
+    /// now), it is looked at again instead. The settle stage warns, once.
+    fn unreadable(&self, path: &str, before: Option<Stat>, error: &std::io::Error) -> Outcome {
         self.counters.file_errors.fetch_add(1, Ordering::Relaxed);
-        log::warn!(target: LOG_TARGET, "cannot read {path}: {error}");
+        self.watch_counters.set_aside.fetch_add(1, Ordering::SeqCst);
+        if before.is_some() && Stat::of(Path::new(path)).ok().flatten() != before {
+            self.watch_counters.set_aside.fetch_sub(1, Ordering::SeqCst);
+            log::debug!(target: LOG_TARGET, "cannot read {path} ({error}), but it changed meanwhile");
+            return Outcome::Changing;
+        }
+        log::debug!(target: LOG_TARGET, "cannot read {path}: {error}");
+        Outcome::Unreadable(error.to_string())
     }
 }
 
