@@ -200,6 +200,13 @@ impl Settle {
                 },
                 recv(self.channels.done) -> done => if let Ok(done) = done {
                     self.on_done(done);
+                    // Every answer already in before the next dispatch pass:
+                    // taken one per pass, answers fell behind the jobs sent
+                    // out under a flood, and each pass looks at every job in
+                    // flight (100 000 new files took minutes).
+                    while let Ok(done) = self.channels.done.try_recv() {
+                        self.on_done(done);
+                    }
                 },
                 recv(self.channels.stop) -> _ => break,
                 default(wait) => {}
