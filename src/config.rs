@@ -49,6 +49,10 @@ pub struct Args {
     /// Hashing and recording threads [default: CPU count, at least 2].
     #[arg(long, env = "WORKERS")]
     pub workers: Option<String>,
+    /// Files larger than this many bytes are hashed in a lane of their own,
+    /// one at a time, so they never hold up the others [default: 1 GiB].
+    #[arg(long, env = "HUGE_FILE_BYTES", default_value = "1073741824")]
+    pub huge_file_bytes: String,
     /// Poll the tree every N ms instead of using inotify (NFS, SMB, FUSE mounts).
     #[arg(long, env = "POLL_INTERVAL_MS")]
     pub poll_interval_ms: Option<String>,
@@ -109,6 +113,8 @@ pub struct Config {
     pub filter: Filter,
     pub settle: Duration,
     pub workers: usize,
+    /// Files over this size are hashed one at a time in the huge-file lane.
+    pub huge_file_bytes: u64,
     pub watch_mode: WatchMode,
     pub log_level: log::LevelFilter,
     pub log_format: LogFormat,
@@ -121,6 +127,10 @@ pub struct Config {
     /// operators): while this file exists notify's thread stalls before each
     /// event, so tests and `scripts/chaos.sh` can overflow the kernel queue.
     pub test_stall_file: Option<PathBuf>,
+    /// Test hook, from `FILE_WATCHER_TEST_OPEN_GATE` (no flag, not for
+    /// operators): while this file exists a worker that has looked at a file
+    /// waits before opening it, so tests can swap the file in between.
+    pub test_open_gate: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +196,7 @@ impl Config {
         let filter = parse_filter(&args.extensions, &args.exclude)?;
         let settle = parse_millis("SETTLE_MS", "settle-ms", &args.settle_ms, 0)?;
         let workers = parse_workers(args.workers.as_deref())?;
+        let huge_file_bytes = parse_huge_file_bytes(&args.huge_file_bytes)?;
         let watch_mode = parse_watch_mode(args.poll_interval_ms.as_deref())?;
         let log_level = parse_log_level(&args.log_level)?;
         let log_format = parse_log_format(&args.log_format)?;
@@ -193,14 +204,16 @@ impl Config {
         let database = parse_database(&args)?;
         let scan_existing = parse_scan_existing(args.scan_existing.as_deref())?;
         let sentinel = parse_sentinel(args.sentinel_file.as_deref(), &data_dir)?;
-        // The one setting read outside clap: a test hook with no flag.
+        // The settings read outside clap: test hooks with no flag.
         let test_stall_file = std::env::var_os("FILE_WATCHER_TEST_STALL_FILE").map(PathBuf::from);
+        let test_open_gate = std::env::var_os("FILE_WATCHER_TEST_OPEN_GATE").map(PathBuf::from);
         Ok(Config {
             data_dir,
             instance_id,
             filter,
             settle,
             workers,
+            huge_file_bytes,
             watch_mode,
             log_level,
             log_format,
@@ -209,6 +222,7 @@ impl Config {
             database,
             sentinel,
             test_stall_file,
+            test_open_gate,
         })
     }
 
@@ -274,6 +288,19 @@ fn parse_workers(value: Option<&str>) -> Result<usize, ConfigError> {
             "workers",
             value,
             "expected a whole number from 1 to 256",
+        )),
+    }
+}
+
+/// HUGE_FILE_BYTES: a whole number of bytes, at least 1.
+fn parse_huge_file_bytes(value: &str) -> Result<u64, ConfigError> {
+    match value.trim().parse::<u64>() {
+        Ok(bytes) if bytes >= 1 => Ok(bytes),
+        _ => Err(invalid(
+            "HUGE_FILE_BYTES",
+            "huge-file-bytes",
+            value,
+            "expected a whole number of bytes, at least 1",
         )),
     }
 }
@@ -556,6 +583,7 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("/tmp/music"));
         assert_eq!(config.settle, Duration::from_millis(500));
         assert!(config.workers >= 2);
+        assert_eq!(config.huge_file_bytes, 1 << 30);
         assert_eq!(config.watch_mode, WatchMode::Inotify);
         assert_eq!(config.instance_id.len(), 8);
         assert!(config.broker.is_none() && config.database.is_none());
@@ -614,6 +642,10 @@ mod tests {
             (
                 &["/tmp", "--workers", "257"],
                 r#"invalid value "257" for WORKERS (--workers): expected a whole number from 1 to 256"#,
+            ),
+            (
+                &["/tmp", "--huge-file-bytes", "1GiB"],
+                r#"invalid value "1GiB" for HUGE_FILE_BYTES (--huge-file-bytes): expected a whole number of bytes, at least 1"#,
             ),
             (
                 &["/tmp", "--poll-interval-ms", "9"],

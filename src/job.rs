@@ -87,6 +87,10 @@ pub struct Done {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Finished,
+    /// A `Check` could not read the file (permission denied, an I/O error:
+    /// the reason): set it aside until its permissions change. The worker
+    /// counted it in `WatchCounters::set_aside`.
+    Unreadable(String),
     /// The file changed while it was being read: settle it again.
     Changing,
     /// The registry could not be reached (or the job was cut short by

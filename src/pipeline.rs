@@ -239,6 +239,8 @@ impl Running {
         let (done_sender, done_receiver) = unbounded();
         let (wake_sender, wake_receiver) = bounded(1);
         let guard = RootGuard::new(config.data_dir.clone(), config.sentinel.clone());
+        // Unbounded: it holds at most the huge files in flight, a few.
+        let (huge_lane, huge_jobs) = unbounded();
         let template = Worker {
             registry: store.registry.clone(),
             counters: Arc::new(WorkerCounters::default()),
@@ -246,9 +248,13 @@ impl Running {
             stopping: Arc::new(AtomicBool::new(false)),
             health: store.health.clone(),
             guard: guard.clone(),
+            watch_counters: watch_counters.clone(),
+            huge_file_bytes: config.huge_file_bytes,
+            huge_lane: Some(huge_lane),
+            test_open_gate: config.test_open_gate.clone(),
         };
-        let workers = spawn_workers(config.workers, &template, &job_receiver, &done_sender)?;
-        drop((job_receiver, done_sender));
+        let workers = spawn_workers(config.workers, &template, &job_receiver, &huge_jobs, &done_sender)?;
+        drop((job_receiver, huge_jobs, done_sender));
 
         let (settle_stop, settle_stop_receiver) = bounded::<()>(0);
         let options = SettleOptions {
@@ -330,25 +336,37 @@ impl Running {
     }
 }
 
+/// `count` ordinary workers, then the huge-file lane's own worker, which
+/// hashes the files the others hand it, one at a time. It is started last
+/// and so joined last: it ends once every ordinary worker (its senders) has.
 fn spawn_workers(
     count: usize,
     template: &Worker,
     jobs: &Receiver<Dispatch>,
+    huge_jobs: &Receiver<Dispatch>,
     done: &Sender<Done>,
 ) -> Result<Threads, RunError> {
     let mut workers = Threads::default();
+    let worker = |huge_lane: Option<Sender<Dispatch>>| Worker {
+        registry: template.registry.clone(),
+        counters: template.counters.clone(),
+        wake_publisher: template.wake_publisher.clone(),
+        stopping: template.stopping.clone(),
+        health: template.health.clone(),
+        guard: template.guard.clone(),
+        watch_counters: template.watch_counters.clone(),
+        huge_file_bytes: template.huge_file_bytes,
+        huge_lane,
+        test_open_gate: template.test_open_gate.clone(),
+    };
     for index in 0..count {
-        let worker = Worker {
-            registry: template.registry.clone(),
-            counters: template.counters.clone(),
-            wake_publisher: template.wake_publisher.clone(),
-            stopping: template.stopping.clone(),
-            health: template.health.clone(),
-            guard: template.guard.clone(),
-        };
+        let worker = worker(template.huge_lane.clone());
         let (jobs, done) = (jobs.clone(), done.clone());
         workers.spawn(&format!("worker-{index}"), move || worker.run(jobs, done))?;
     }
+    let lane = worker(None);
+    let (jobs, done) = (huge_jobs.clone(), done.clone());
+    workers.spawn("worker-huge", move || lane.run(jobs, done))?;
     Ok(workers)
 }
 

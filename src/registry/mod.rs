@@ -59,13 +59,7 @@ impl Stat {
     /// `Ok(None)` when nothing, or something other than a regular file, is at `path`.
     /// Symlinks are not followed.
     pub fn of(path: &Path) -> io::Result<Option<Stat>> {
-        match fs::symlink_metadata(path) {
-            Ok(metadata) if metadata.is_file() => Ok(Some(Stat::from_metadata(&metadata))),
-            Ok(_) => Ok(None),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(error) if error.raw_os_error() == Some(20) => Ok(None), // ENOTDIR: a parent became a file
-            Err(error) => Err(error),
-        }
+        Ok(regular_file_metadata(path)?.map(|metadata| Stat::from_metadata(&metadata)))
     }
 
     pub fn from_metadata(metadata: &fs::Metadata) -> Stat {
@@ -83,6 +77,18 @@ impl Stat {
     /// Total order used to reject stale observations.
     pub fn freshness(&self) -> (i64, u64, i64) {
         (self.ctime_ns, self.size, self.mtime_ns)
+    }
+}
+
+/// The `lstat` of the regular file at `path`; `Ok(None)` when nothing, or
+/// something other than a regular file, is there. Symlinks are not followed.
+pub fn regular_file_metadata(path: &Path) -> io::Result<Option<fs::Metadata>> {
+    match fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.is_file() => Ok(Some(metadata)),
+        Ok(_) => Ok(None),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) if error.raw_os_error() == Some(20) => Ok(None), // ENOTDIR: a parent became a file
+        Err(error) => Err(error),
     }
 }
 

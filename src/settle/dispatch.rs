@@ -145,6 +145,7 @@ impl Settle {
     pub(super) fn on_done(&mut self, done: Done) {
         let now = Instant::now();
         self.in_flight.remove(&done.dispatch.id);
+        self.note_done(&done.dispatch.job, &done.outcome);
         let Dispatch {
             job,
             correlation_id,
@@ -175,6 +176,8 @@ impl Settle {
                 }
                 return;
             }
+            // Set aside (`note_done`) until its permissions change.
+            Outcome::Unreadable(_) => return,
             Outcome::Changing => (None, true),
             Outcome::Vanished => {
                 if let Job::Check { path, renamed_from } = job {

@@ -81,6 +81,11 @@ impl Settle {
                     self.schedule_scan(path_text::decode(&path).into_owned(), now);
                 }
             }
+            EventKind::Modify(ModifyKind::Metadata(_)) if !poll => {
+                for path in paths {
+                    self.on_attributes_changed(path, now);
+                }
+            }
             EventKind::Create(_) | EventKind::Modify(_) => {
                 for path in paths {
                     if poll && path_text::decode(&path).is_dir() {

@@ -27,7 +27,9 @@
 //! - `dispatch`: the ready queue, keys in flight, the outage hold, and what
 //!   the workers answer;
 //! - `root`: the watchdog, watcher restarts, falling back to polling, and the
-//!   scans that catch up (with what they discover).
+//!   scans that catch up (with what they discover);
+//! - `aside`: files and directories set aside as unreadable, until their
+//!   permissions change.
 
 mod events;
 mod renames;
@@ -35,6 +37,7 @@ mod unpaired;
 mod pending;
 mod dispatch;
 mod root;
+mod aside;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -45,6 +48,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{never, select, Receiver, Sender};
 
+use self::aside::Aside;
 use self::dispatch::ReadyItem;
 use self::pending::Entry;
 use self::renames::Pairing;
@@ -131,6 +135,9 @@ pub struct Settle {
     /// deletions wait.
     root_unavailable: bool,
     next_watchdog: Instant,
+    /// Files and directories that could not be read, until their permissions
+    /// change (see `aside`); counted in `counters.set_aside`.
+    set_aside: HashMap<String, Aside>,
 }
 
 impl Settle {
@@ -166,11 +173,14 @@ impl Settle {
             touched: Vec::new(),
             hold_until: None,
             outage_attempts: 0,
+            set_aside: HashMap::new(),
         }
     }
 
     /// Runs until `stop` closes.
     pub fn run(mut self) {
+        let root = self.options.root.clone();
+        self.note_watch_failures(&root, Instant::now());
         if self.options.initial_scan {
             self.request_full_scan("start-up reconciliation");
         }
@@ -198,6 +208,13 @@ impl Settle {
                 },
                 recv(self.channels.done) -> done => if let Ok(done) = done {
                     self.on_done(done);
+                    // Every answer already in before the next dispatch pass:
+                    // taken one per pass, answers fell behind the jobs sent
+                    // out under a flood, and each pass looks at every job in
+                    // flight (100 000 new files took minutes).
+                    while let Ok(done) = self.channels.done.try_recv() {
+                        self.on_done(done);
+                    }
                 },
                 recv(self.channels.stop) -> _ => break,
                 default(wait) => {}
@@ -525,5 +542,66 @@ mod tests {
         // After the hold, the held job and the new one go out.
         harness.settle.dispatch(now + Duration::from_secs(5));
         assert_eq!(harness.jobs.try_iter().count(), 2);
+    }
+
+    #[test]
+    fn an_unreadable_file_is_set_aside_until_its_attributes_change() {
+        let mut harness = Harness::new();
+        let path = harness.path("a.flac");
+        let set_aside = |harness: &Harness| harness.settle.counters.set_aside.load(Ordering::SeqCst);
+        // What a worker does: count the report, then hand it over.
+        let report_unreadable = |harness: &mut Harness, dispatch: Dispatch| {
+            harness.settle.counters.set_aside.fetch_add(1, Ordering::SeqCst);
+            harness.settle.on_done(Done {
+                dispatch,
+                outcome: Outcome::Unreadable("Permission denied (os error 13)".into()),
+            });
+        };
+        for _ in 0..2 {
+            harness.settle.on_closed(path.clone(), Instant::now());
+            let check = harness.pass().into_iter().next().unwrap();
+            report_unreadable(&mut harness, check);
+            assert!(harness.pass().is_empty(), "nothing to do until it changes");
+            assert_eq!(set_aside(&harness), 1, "set aside once, however often reported");
+        }
+        // Attribute changes of other files are no news.
+        let other = harness.path("b.flac");
+        harness.settle.on_attributes_changed(other, Instant::now());
+        assert!(harness.pass().is_empty());
+        // Its own: looked at again, and forgotten once it could be read.
+        harness.settle.on_attributes_changed(path.clone(), Instant::now());
+        let check = harness.pass().into_iter().next().unwrap();
+        assert_eq!(
+            check.job,
+            Job::Check {
+                path: path.clone(),
+                renamed_from: None
+            }
+        );
+        harness.finish(check);
+        assert_eq!(set_aside(&harness), 0);
+        harness.settle.on_attributes_changed(path, Instant::now());
+        assert!(harness.pass().is_empty(), "no longer set aside");
+    }
+
+    #[test]
+    fn an_attribute_change_during_a_check_looks_again_after_it() {
+        let mut harness = Harness::new();
+        let path = harness.path("a.flac");
+        harness.settle.on_closed(path.clone(), Instant::now());
+        let check = harness.pass().into_iter().next().unwrap();
+        // A chmod lands while the worker looks (it may have just failed).
+        harness.settle.on_attributes_changed(path.clone(), Instant::now());
+        assert!(harness.pass().is_empty(), "one job per path in flight");
+        harness.finish(check);
+        let again = harness.pass();
+        assert_eq!(again.len(), 1);
+        assert_eq!(
+            again[0].job,
+            Job::Check {
+                path,
+                renamed_from: None
+            }
+        );
     }
 }

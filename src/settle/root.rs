@@ -84,8 +84,9 @@ impl Settle {
             return;
         };
         if let Err(error) = watcher.watch_tree(dir) {
-            self.fall_back_to_polling(&error);
+            return self.fall_back_to_polling(&error);
         }
+        self.note_watch_failures(dir, Instant::now());
     }
 
     /// inotify ran out of watches: poll the whole tree rather than leave
@@ -115,6 +116,8 @@ impl Settle {
             Ok((watcher, mode)) => {
                 self.watcher = Some(watcher);
                 self.options.mode = mode;
+                let root = self.options.root.clone();
+                self.note_watch_failures(&root, Instant::now());
                 self.request_full_scan(reason);
             }
             Err(error) => {
@@ -176,15 +179,18 @@ impl Settle {
                     entry.closed = true;
                 }
             }
+            Discovery::Unreadable { path, reason } => self.on_unreadable_directory(&path, &reason, now),
             Discovery::Finished {
                 request,
                 files,
                 failed,
             } => {
                 if request.kind != ScanKind::Full {
+                    self.note_walked(&request.dir, failed);
                     return;
                 }
                 self.full_scan_running = false;
+                self.retry_set_aside(now);
                 log::info!(target: LOG_TARGET, "full scan of {} found {files} files", self.root_text);
                 if failed {
                     log::error!(

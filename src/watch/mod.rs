@@ -9,8 +9,11 @@
 //! drop is counted; the settle stage sees the flag and rescans the whole tree,
 //! which recovers every change the dropped events described (the same path
 //! the kernel's own queue overflow takes). Access events (open, close without
-//! write, reads caused by our own hashing) and attribute changes are filtered
-//! here, before they can take a slot.
+//! write, reads caused by our own hashing) are filtered here, before they can
+//! take a slot, and so are attribute changes (touch, chmod, chown) while
+//! nothing is set aside as unreadable: only then can a permission change be
+//! news (see [`WatchCounters::set_aside`]), and a `chmod -R` of a healthy
+//! tree costs nothing.
 //!
 //! The rest of the watch stage lives beside it: [`guard`] tells whether the
 //! tree is still the one being watched (an unmounted share must not read as
@@ -20,7 +23,7 @@ pub mod guard;
 pub mod scan;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +57,13 @@ pub struct WatchCounters {
     /// clears it and rescans.
     pub overflowed: AtomicBool,
     pub dropped_events: AtomicU64,
+    /// Files and directories set aside as unreadable, plus workers' reports
+    /// of them on their way to the settle stage (a worker counts its report
+    /// before it looks at the file a last time, so a `chmod` right after that
+    /// look is let through). While non-zero, attribute changes reach the
+    /// settle stage, which rechecks what was set aside when its permissions
+    /// change; at zero they are dropped in the callback.
+    pub set_aside: AtomicUsize,
     /// Test hook, `None` unless the pipeline was given one (see
     /// [`WatchCounters::with_test_stall_file`]). It rides here, not on
     /// [`Callback::new`], because this is what every callback of one
@@ -113,12 +123,15 @@ impl Callback {
 
     /// Only real activity counts: create, data modification, close after
     /// write, rename, remove and rescan requests. In poll mode a changed mtime
-    /// arrives as a metadata change, so it counts there.
+    /// arrives as a metadata change, so it counts there; with inotify,
+    /// attribute changes count while something is set aside as unreadable.
     fn is_activity(&self, event: &Event) -> bool {
         match event.kind {
             EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
             EventKind::Access(_) => false,
-            EventKind::Modify(ModifyKind::Metadata(_)) => self.poll_mode,
+            EventKind::Modify(ModifyKind::Metadata(_)) => {
+                self.poll_mode || self.counters.set_aside.load(Ordering::SeqCst) > 0
+            }
             _ => true,
         }
     }
@@ -148,6 +161,9 @@ pub struct Watcher {
     mode: WatchMode,
     root: PathBuf,
     filter: Filter,
+    /// Directories that could not be watched (permission denied, an I/O
+    /// error) since the settle stage last took them, with the reason.
+    unwatchable: Vec<(PathBuf, String)>,
 }
 
 /// The command that raises the inotify watch limit: the one advice every
@@ -210,6 +226,7 @@ impl Watcher {
             mode,
             root: root.to_owned(),
             filter: filter.clone(),
+            unwatchable: Vec::new(),
         };
         match mode {
             WatchMode::Inotify => watcher.watch_tree(root)?,
@@ -236,14 +253,23 @@ impl Watcher {
                 Ok(()) => {}
                 Err(error) => match WatchError::from_notify(entry.path(), error) {
                     limit @ WatchError::WatchLimit { .. } => return Err(limit),
-                    WatchError::Notify { path, source } => {
+                    WatchError::Notify { path, source } => match source.kind {
+                        notify::ErrorKind::Io(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                            self.unwatchable.push((path, error.to_string()));
+                        }
                         // Gone between the walk and the watch: its removal raised events.
-                        log::debug!(target: LOG_TARGET, "not watching {}: {source}", path.display());
-                    }
+                        _ => log::debug!(target: LOG_TARGET, "not watching {}: {source}", path.display()),
+                    },
                 },
             }
         }
         Ok(())
+    }
+
+    /// The directories that could not be watched since the last call (see
+    /// `watch_tree`), for the settle stage to set aside.
+    pub fn take_unwatchable(&mut self) -> Vec<(PathBuf, String)> {
+        std::mem::take(&mut self.unwatchable)
     }
 }
 
@@ -345,6 +371,24 @@ mod tests {
             operations.contains(&format!("`{WATCH_LIMIT_SYSCTL}`")),
             "OPERATIONS.md gives other advice than {WATCH_LIMIT_SYSCTL:?}"
         );
+    }
+
+    #[test]
+    fn attribute_events_take_a_slot_while_something_is_set_aside() {
+        let (sender, receiver) = bounded(16);
+        let counters = Arc::new(WatchCounters::default());
+        let callback = Callback::new(sender, counters.clone(), false);
+        let chmod = || {
+            Ok(Event::new(EventKind::Modify(ModifyKind::Metadata(
+                notify::event::MetadataKind::Any,
+            )))
+            .add_path("/m/a.flac".into()))
+        };
+        callback.handle(chmod());
+        assert_eq!(receiver.len(), 0);
+        counters.set_aside.fetch_add(1, Ordering::SeqCst);
+        callback.handle(chmod());
+        assert_eq!(receiver.len(), 1);
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct ScanRequest {
 pub enum Discovery {
     /// An announced-kind file exists at this absolute path.
     File(String),
+    /// This directory (or entry) could not be read, for a reason other than
+    /// having vanished. The settle stage sets it aside and warns, once.
+    Unreadable { path: PathBuf, reason: String },
     Finished {
         request: ScanRequest,
         /// Files found; a full scan that finds none in a tree the registry
@@ -102,14 +105,17 @@ fn walk(
                     outcome.failed = true;
                 }
                 // Vanished while walking is normal; too long is warned about once
-                // (`admit`); unreadable is worth a warning.
+                // (`admit`); unreadable is worth a warning, which the settle
+                // stage gives once per directory (not once per walk).
                 let too_long = error.path().is_some_and(|path| path_text::admit(path).is_none());
                 if !too_long && error.io_error().map(|e| e.kind()) != Some(std::io::ErrorKind::NotFound) {
-                    log::warn!(
-                        target: LOG_TARGET,
-                        "cannot read {}: {error}",
-                        error.path().unwrap_or(dir).display()
-                    );
+                    let unreadable = Discovery::Unreadable {
+                        path: error.path().unwrap_or(dir).to_owned(),
+                        reason: error
+                            .io_error()
+                            .map_or_else(|| error.to_string(), ToString::to_string),
+                    };
+                    found.send(unreadable).map_err(|_| Disconnected)?;
                 }
                 continue;
             }

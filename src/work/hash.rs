@@ -1,17 +1,36 @@
-//! Content hashes: SHA-256 and XXH3-128 in one streaming pass.
+//! Content hashes: SHA-256 and XXH3-128 in one streaming pass, over a file
+//! opened so that nothing but the regular file that was looked at is read.
 //!
 //! A fixed 256 KiB buffer is reused for the whole file, so memory does not grow
-//! with file size; both digests see the same bytes in the same read.
+//! with file size; both digests see the same bytes in the same read. Long
+//! hashes (a 1 TiB file takes minutes) log their progress every
+//! [`PROGRESS_INTERVAL`].
+//!
+//! Between a worker's `stat` and its `open`, anything may take the file's
+//! place. [`open_regular`] never follows a symlink (`O_NOFOLLOW`: a symlink to
+//! `/dev/zero` or a symlink loop fails at once), never waits for a FIFO's
+//! writer (`O_NONBLOCK`; it has no effect on reading a regular file), and
+//! checks with `fstat` that what it opened is a regular file with the device
+//! and inode the `stat` saw. Anything else is [`Replaced`]: the worker looks
+//! again later, as for a file that changed while it was read.
 
-use std::fs::File;
+use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::Xxh3;
 
 const BUFFER_SIZE: usize = 256 * 1024;
+
+/// How often a long hash says how far it got.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The target of this module's log lines: the worker's.
+const LOG_TARGET: &str = "file_watcher::worker";
 
 /// Lower-case hex digests of one file's content.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,28 +41,136 @@ pub struct Digests {
     pub bytes: u64,
 }
 
-/// Hashes the file at `path`, but gives up (with the [`Stopped`] error, see
-/// [`is_stopped`]) as soon as `stop` is raised, so shutdown never waits for a
-/// multi-gigabyte read.
-pub fn hash_file_until(path: &Path, stop: &AtomicBool) -> io::Result<Digests> {
-    hash_reader(Stoppable {
-        inner: File::open(path)?,
+/// Which file a `stat` saw: its device and inode. The same path naming
+/// another inode is another file, whatever its size and times say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub device: u64,
+    pub inode: u64,
+}
+
+impl FileId {
+    pub fn of(metadata: &Metadata) -> FileId {
+        FileId {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+        }
+    }
+}
+
+/// The path no longer names the regular file that was looked at: a symlink,
+/// a FIFO, a socket, a device or another file took its place.
+#[derive(Debug, thiserror::Error)]
+#[error("replaced by {0} since it was looked at")]
+pub struct Replaced(&'static str);
+
+pub fn is_replaced(error: &io::Error) -> bool {
+    error.get_ref().is_some_and(|inner| inner.is::<Replaced>())
+}
+
+fn replaced(by: &'static str) -> io::Error {
+    io::Error::other(Replaced(by))
+}
+
+/// Opens `path` for hashing, if it still is the regular file `expected`
+/// (see the module docs); [`Replaced`] if not.
+pub fn open_regular(path: &Path, expected: FileId) -> io::Result<File> {
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path);
+    let file = match opened {
+        Ok(file) => file,
+        Err(error) if error.raw_os_error() == Some(libc::ELOOP) => return Err(replaced("a symlink")),
+        // A socket (or a device without a driver): nothing to read.
+        Err(error) if error.raw_os_error() == Some(libc::ENXIO) => {
+            return Err(replaced("a socket or device"))
+        }
+        Err(error) => return Err(error),
+    };
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(replaced("a FIFO, socket or device"));
+    }
+    if FileId::of(&metadata) != expected {
+        return Err(replaced("another file"));
+    }
+    Ok(file)
+}
+
+/// Hashes `file` (of `total` bytes, at `path`), but gives up (with the
+/// [`Stopped`] error, see [`is_stopped`]) as soon as `stop` is raised, so
+/// shutdown never waits for a multi-gigabyte read. Logs its progress every
+/// [`PROGRESS_INTERVAL`].
+pub fn hash_file_until(file: &File, path: &str, total: u64, stop: &AtomicBool) -> io::Result<Digests> {
+    hash_reader(Watched {
+        inner: file,
         stop,
+        progress: Progress::new(total, Instant::now(), PROGRESS_INTERVAL),
+        path,
     })
 }
 
-struct Stoppable<'a, R> {
+/// A reader that stops when told to and reports how far it got.
+struct Watched<'a, R> {
     inner: R,
     stop: &'a AtomicBool,
+    progress: Progress,
+    path: &'a str,
 }
 
-impl<R: Read> Read for Stoppable<'_, R> {
+impl<R: Read> Read for Watched<'_, R> {
     fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
         if self.stop.load(Ordering::Acquire) {
             // Not `Interrupted`: `hash_reader` retries that one.
             return Err(io::Error::other(Stopped));
         }
-        self.inner.read(buffer)
+        let read = self.inner.read(buffer)?;
+        if let Some(report) = self.progress.advance(read as u64, Instant::now()) {
+            log::info!(target: LOG_TARGET, "hashing {}: {report}", self.path);
+        }
+        Ok(read)
+    }
+}
+
+/// How far a hash got, and when to say so next.
+#[derive(Debug)]
+struct Progress {
+    done: u64,
+    total: u64,
+    started: Instant,
+    interval: Duration,
+    next: Instant,
+}
+
+impl Progress {
+    fn new(total: u64, now: Instant, interval: Duration) -> Progress {
+        Progress {
+            done: 0,
+            total,
+            started: now,
+            interval,
+            next: now + interval,
+        }
+    }
+
+    /// Counts `read` more bytes; a report when one is due.
+    fn advance(&mut self, read: u64, now: Instant) -> Option<String> {
+        self.done += read;
+        if now < self.next {
+            return None;
+        }
+        self.next = now + self.interval;
+        let elapsed = now.duration_since(self.started);
+        const MIB: f64 = (1 << 20) as f64;
+        let rate = self.done as f64 / MIB / elapsed.as_secs_f64().max(0.001);
+        let percent = self.done as f64 * 100.0 / self.total.max(1) as f64;
+        Some(format!(
+            "{} of {} bytes ({percent:.0}%) in {} s, {rate:.1} MiB/s",
+            self.done,
+            self.total,
+            elapsed.as_secs()
+        ))
     }
 }
 
@@ -113,13 +240,58 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.flac");
         std::fs::write(&path, b"abc").unwrap();
+        let id = FileId::of(&std::fs::metadata(&path).unwrap());
         let stop = AtomicBool::new(false);
-        assert_eq!(
-            hash_file_until(&path, &stop).unwrap().xxh128,
-            "06b05ab6733a618578af5f94892f3950"
-        );
+        let hash = |stop: &AtomicBool| hash_file_until(&open_regular(&path, id)?, "a.flac", 3, stop);
+        assert_eq!(hash(&stop).unwrap().xxh128, "06b05ab6733a618578af5f94892f3950");
         stop.store(true, Ordering::Release);
-        assert!(is_stopped(&hash_file_until(&path, &stop).unwrap_err()));
+        assert!(is_stopped(&hash(&stop).unwrap_err()));
+    }
+
+    #[test]
+    fn only_the_regular_file_that_was_looked_at_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.flac");
+        std::fs::write(&path, b"abc").unwrap();
+        let id = FileId::of(&std::fs::metadata(&path).unwrap());
+        assert!(open_regular(&path, id).is_ok());
+        // Another file in its place.
+        let other = dir.path().join("b.flac");
+        std::fs::write(&other, b"abc").unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        assert!(is_replaced(&open_regular(&path, id).unwrap_err()));
+        // A symlink to /dev/zero, a loop, a FIFO with no writer: refused at once.
+        let id = FileId::of(&std::fs::symlink_metadata(&path).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        assert!(is_replaced(&open_regular(&path, id).unwrap_err()));
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("a.flac", &path).unwrap();
+        assert!(is_replaced(&open_regular(&path, id).unwrap_err()));
+        std::fs::remove_file(&path).unwrap();
+        let status = std::process::Command::new("mkfifo").arg(&path).status().unwrap();
+        assert!(status.success());
+        assert!(is_replaced(&open_regular(&path, id).unwrap_err()));
+        // Nothing there: the usual NotFound.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            open_regular(&path, id).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn progress_is_reported_once_per_interval() {
+        let start = Instant::now();
+        let second = Duration::from_secs(1);
+        let mut progress = Progress::new(4 << 20, start, Duration::from_secs(10));
+        assert_eq!(progress.advance(1 << 20, start + second), None);
+        assert_eq!(
+            progress.advance(1 << 20, start + 10 * second).as_deref(),
+            Some("2097152 of 4194304 bytes (50%) in 10 s, 0.2 MiB/s")
+        );
+        assert_eq!(progress.advance(1 << 20, start + 11 * second), None);
+        assert!(progress.advance(1 << 20, start + 20 * second).is_some());
     }
 
     /// Reads arrive in odd-sized pieces; the digest must not depend on them.

@@ -2,23 +2,30 @@
 //!
 //! Each worker takes jobs from the shared queue, which the settle stage fills
 //! so that no two jobs for one path are ever in flight together. Problems with
-//! one file (vanished, unreadable) are logged with the path, counted, and the
-//! worker goes on; an unreachable registry hands the job back for a retry.
+//! one file (vanished, unreadable) are counted and handed back to the settle
+//! stage, which follows a vanished file up and sets an unreadable one aside
+//! (warning once); the worker goes on. An unreachable registry hands the job
+//! back for a retry.
 
 pub mod hash;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use self::hash::FileId;
 use crate::backoff::RETRY;
 use crate::job::{Dispatch, Done, Job, Moved, Outcome};
 use crate::path_text;
-use crate::registry::{Applied, Change, Health, Observed, Registry, RegistryError, Stat};
+use crate::registry::{
+    regular_file_metadata, Applied, Change, Health, Observed, Registry, RegistryError, Stat,
+};
 use crate::watch::guard::RootGuard;
+use crate::watch::WatchCounters;
 
 /// Hard (non-connection) registry errors a job survives before it is dropped;
 /// the next full scan picks the file up again.
@@ -57,18 +64,45 @@ pub struct Worker {
     pub health: Arc<Health>,
     /// Asked before every deletion: an unmounted tree deletes nothing.
     pub guard: RootGuard,
+    /// Shared with the notify callback: an unreadable file is counted in
+    /// `set_aside` before it is reported, so attribute changes get through.
+    pub watch_counters: Arc<WatchCounters>,
+    /// Files over this many bytes are hashed in the huge-file lane.
+    pub huge_file_bytes: u64,
+    /// The huge-file lane, for the ordinary workers; `None` for the lane's
+    /// own worker, which hashes whatever it is given.
+    pub huge_lane: Option<Sender<Dispatch>>,
+    /// Test hook ([`Config::test_open_gate`](crate::config::Config::test_open_gate)):
+    /// while this file exists, wait between looking at a file and opening it.
+    pub test_open_gate: Option<PathBuf>,
 }
 
 /// How long deletions wait while the tree looks unmounted.
 const ROOT_RETRY: Duration = Duration::from_secs(5);
 
+/// What became of a job in a worker.
+enum Handled {
+    /// The answer for the settle stage.
+    Answered(Outcome),
+    /// A file over `HUGE_FILE_BYTES` needs hashing: the huge-file lane takes
+    /// the job over, and answers it.
+    ToHugeLane,
+}
+
 impl Worker {
     pub fn run(&self, jobs: Receiver<Dispatch>, done: Sender<Done>) {
         for dispatch in jobs {
-            let outcome = if self.stopping.load(Ordering::Acquire) {
-                Outcome::Retry(Duration::ZERO)
+            let (dispatch, outcome) = if self.stopping.load(Ordering::Acquire) {
+                (dispatch, Outcome::Retry(Duration::ZERO))
             } else {
-                self.perform(&dispatch)
+                match self.perform(&dispatch) {
+                    Handled::Answered(outcome) => (dispatch, outcome),
+                    Handled::ToHugeLane => match self.hand_to_huge_lane(dispatch) {
+                        None => continue,
+                        // The lane has stopped (shutdown): hand the job back.
+                        Some(returned) => (returned, Outcome::Retry(Duration::ZERO)),
+                    },
+                }
             };
             if done.send(Done { dispatch, outcome }).is_err() {
                 return;
@@ -76,24 +110,39 @@ impl Worker {
         }
     }
 
-    fn perform(&self, dispatch: &Dispatch) -> Outcome {
+    /// Queues `dispatch` for the huge-file lane; its keys stay in flight
+    /// until the lane answers. Returns it if the lane is gone.
+    fn hand_to_huge_lane(&self, dispatch: Dispatch) -> Option<Dispatch> {
+        let lane = self
+            .huge_lane
+            .as_ref()
+            .expect("only workers with a lane hand jobs to it");
+        lane.send(dispatch).err().map(|returned| returned.into_inner())
+    }
+
+    fn perform(&self, dispatch: &Dispatch) -> Handled {
         let correlation = dispatch.correlation_id;
         let result = match &dispatch.job {
             Job::Check { path, renamed_from } => self.check(path, renamed_from.as_deref(), correlation),
-            Job::Gone { path } => self.gone(path, correlation),
-            Job::GoneTree { path } => self.gone_tree(path, correlation),
-            Job::RenameDirectory { from, to } => self.record(
-                &Change::DirectoryRenamed {
-                    from: from.clone(),
-                    to: to.clone(),
-                },
-                correlation,
-            ),
-            Job::Sweep { dir, files_found } => self.sweep(dir, *files_found, correlation),
-            Job::MatchMoves { origins, found } => self.match_moves(origins, found),
+            Job::Gone { path } => self.gone(path, correlation).map(Handled::Answered),
+            Job::GoneTree { path } => self.gone_tree(path, correlation).map(Handled::Answered),
+            Job::RenameDirectory { from, to } => self
+                .record(
+                    &Change::DirectoryRenamed {
+                        from: from.clone(),
+                        to: to.clone(),
+                    },
+                    correlation,
+                )
+                .map(Handled::Answered),
+            Job::Sweep { dir, files_found } => {
+                self.sweep(dir, *files_found, correlation).map(Handled::Answered)
+            }
+            Job::MatchMoves { origins, found } => self.match_moves(origins, found).map(Handled::Answered),
         };
-        match result {
-            Ok(outcome) => {
+        Handled::Answered(match result {
+            Ok(Handled::ToHugeLane) => return Handled::ToHugeLane,
+            Ok(Handled::Answered(outcome)) => {
                 self.health.up();
                 outcome
             }
@@ -120,7 +169,7 @@ impl Worker {
                     Outcome::Retry(RETRY.delay(dispatch.attempt))
                 }
             }
-        }
+        })
     }
 
     fn record(&self, change: &Change, correlation: uuid::Uuid) -> Result<Outcome, RegistryError> {
@@ -151,53 +200,38 @@ impl Worker {
         path: &str,
         renamed_from: Option<&str>,
         correlation: uuid::Uuid,
-    ) -> Result<Outcome, RegistryError> {
-        let before = match Stat::of(&path_text::decode(path)) {
-            Ok(Some(stat)) => stat,
-            Ok(None) => return self.vanished(path),
-            Err(error) => {
-                self.file_error(path, &error);
-                return Ok(Outcome::Finished);
-            }
+    ) -> Result<Handled, RegistryError> {
+        let answer = |outcome| Ok(Handled::Answered(outcome));
+        let (before, id) = match look(path) {
+            Ok(Some(found)) => found,
+            Ok(None) => return self.vanished(path).map(Handled::Answered),
+            Err(error) => return answer(self.unreadable(path, None, &error)),
         };
         // Unchanged size and mtime: the recorded hashes still hold (renames keep both).
         let known = self.registry.lookup(renamed_from.unwrap_or(path))?;
         if renamed_from.is_none() && known.as_ref().is_some_and(|row| row.stat == before) {
             // The very observation already recorded (a rescan of an unchanged file).
-            return Ok(Outcome::Finished);
+            return answer(Outcome::Finished);
         }
         let reusable = known.filter(|row| {
             !row.sha256.is_empty() && row.stat.size == before.size && row.stat.mtime_ns == before.mtime_ns
         });
         let (sha256, xxh128) = match reusable {
             Some(row) => (row.sha256, row.xxh128),
-            None => {
-                let digests = match hash::hash_file_until(&path_text::decode(path), &self.stopping) {
-                    Ok(digests) => digests,
-                    // Shutting down: hand the job back; the next start picks the file up.
-                    Err(error) if hash::is_stopped(&error) => return Ok(Outcome::Retry(Duration::ZERO)),
-                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                        return self.vanished(path);
-                    }
-                    Err(error) => {
-                        self.file_error(path, &error);
-                        return Ok(Outcome::Finished);
-                    }
-                };
-                self.counters.files_hashed.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .bytes_hashed
-                    .fetch_add(digests.bytes, Ordering::Relaxed);
-                let after = Stat::of(&path_text::decode(path)).ok().flatten();
-                if after != Some(before) || digests.bytes != before.size {
-                    log::debug!(
-                        target: LOG_TARGET,
-                        "{path} changed while it was read; waiting for it to settle"
-                    );
-                    return Ok(Outcome::Changing);
-                }
-                (digests.sha256, digests.xxh128)
+            // One huge file at a time, in its own lane: the others keep flowing.
+            None if before.size > self.huge_file_bytes && self.huge_lane.is_some() => {
+                return Ok(Handled::ToHugeLane);
             }
+            None => match self.hash(path, before, id) {
+                Ok(Some(digests)) => (digests.sha256, digests.xxh128),
+                Ok(None) => return answer(Outcome::Changing),
+                // Shutting down: hand the job back; the next start picks the file up.
+                Err(error) if hash::is_stopped(&error) => return answer(Outcome::Retry(Duration::ZERO)),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    return self.vanished(path).map(Handled::Answered);
+                }
+                Err(error) => return answer(self.unreadable(path, Some(before), &error)),
+            },
         };
         let observed = Observed {
             path: path.to_owned(),
@@ -212,6 +246,48 @@ impl Worker {
             },
             correlation,
         )
+        .map(Handled::Answered)
+    }
+
+    /// Hashes the regular file `id` at `path`, seen as `before`. `None` when
+    /// what was read is not one complete version of it: something else took
+    /// its place (a rename over it, a FIFO, a symlink), or it changed while
+    /// it was read. Then it settles and is hashed again.
+    fn hash(&self, path: &str, before: Stat, id: FileId) -> std::io::Result<Option<hash::Digests>> {
+        if let Some(gate) = &self.test_open_gate {
+            hold_at_gate(gate, path);
+        }
+        if before.size > self.huge_file_bytes {
+            log::info!(
+                target: LOG_TARGET,
+                "hashing {path} ({} bytes) in the huge-file lane; other files keep flowing",
+                before.size
+            );
+        }
+        let file = match hash::open_regular(&path_text::decode(path), id) {
+            Ok(file) => file,
+            Err(error) if hash::is_replaced(&error) => {
+                log::debug!(target: LOG_TARGET, "{path} was {error}; looking again once it settles");
+                return Ok(None);
+            }
+            Err(error) => return Err(error),
+        };
+        let digests = hash::hash_file_until(&file, path, before.size, &self.stopping)?;
+        self.counters.files_hashed.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_hashed
+            .fetch_add(digests.bytes, Ordering::Relaxed);
+        // The path still names the file that was read, unchanged since the
+        // first look: what was read is that version, whole.
+        let after = look(path).ok().flatten();
+        if after != Some((before, id)) || digests.bytes != before.size {
+            log::debug!(
+                target: LOG_TARGET,
+                "{path} changed or was replaced while it was read; waiting for it to settle"
+            );
+            return Ok(None);
+        }
+        Ok(Some(digests))
     }
 
     /// The file disappeared before we could read it. Most likely it was just
@@ -341,8 +417,36 @@ impl Worker {
         }
     }
 
-    fn file_error(&self, path: &str, error: &std::io::Error) {
+    /// `path` cannot be read (seen as `before`, if a `stat` worked). It is
+    /// counted as set aside first, so that from now on attribute changes get
+    /// through; then, if it changed since `before` after all (a `chmod` just
+    /// now), it is looked at again instead. The settle stage warns, once.
+    fn unreadable(&self, path: &str, before: Option<Stat>, error: &std::io::Error) -> Outcome {
         self.counters.file_errors.fetch_add(1, Ordering::Relaxed);
-        log::warn!(target: LOG_TARGET, "cannot read {path}: {error}");
+        self.watch_counters.set_aside.fetch_add(1, Ordering::SeqCst);
+        if before.is_some() && Stat::of(&path_text::decode(path)).ok().flatten() != before {
+            self.watch_counters.set_aside.fetch_sub(1, Ordering::SeqCst);
+            log::debug!(target: LOG_TARGET, "cannot read {path} ({error}), but it changed meanwhile");
+            return Outcome::Changing;
+        }
+        log::debug!(target: LOG_TARGET, "cannot read {path}: {error}");
+        Outcome::Unreadable(error.to_string())
+    }
+}
+
+/// The regular file at `path` (symlinks not followed) and which file it is;
+/// `None` when nothing, or something else, is there.
+fn look(path: &str) -> std::io::Result<Option<(Stat, FileId)>> {
+    Ok(regular_file_metadata(&path_text::decode(path))?
+        .map(|metadata| (Stat::from_metadata(&metadata), FileId::of(&metadata))))
+}
+
+/// Test hook: waits while `gate` exists, after saying which file is held.
+fn hold_at_gate(gate: &Path, path: &str) {
+    if gate.exists() {
+        log::info!(target: LOG_TARGET, "test hook: holding {path} before opening it");
+        while gate.exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

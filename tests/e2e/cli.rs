@@ -9,12 +9,13 @@ use crate::support::{event_type, summary, write_file, Daemon, DaemonBuilder, DEA
 
 /// Environment variables the daemon reads. The child's environment is cleared
 /// anyway (see `support::daemon`); `--help` must document every one.
-const CONFIG_VARIABLES: [&str; 10] = [
+const CONFIG_VARIABLES: [&str; 11] = [
     "DATA_DIR",
     "INSTANCE_ID",
     "EXTENSIONS",
     "SETTLE_MS",
     "WORKERS",
+    "HUGE_FILE_BYTES",
     "POLL_INTERVAL_MS",
     "LOG_LEVEL",
     "LOG_FORMAT",
@@ -23,11 +24,12 @@ const CONFIG_VARIABLES: [&str; 10] = [
 ];
 
 /// Flags that mirror `CONFIG_VARIABLES` (the directory is positional).
-const FLAGS: [&str; 9] = [
+const FLAGS: [&str; 10] = [
     "--instance-id",
     "--extensions",
     "--settle-ms",
     "--workers",
+    "--huge-file-bytes",
     "--poll-interval-ms",
     "--log-level",
     "--log-format",

@@ -19,6 +19,8 @@
 //! - [`hostile_outbox`]: outbox rows that can never go out are set aside,
 //!   honest publisher logs, no password printed.
 //! - [`bench`]: `scripts/bench.sh --short` still runs and reports every figure.
+//! - [`hostile_files`]: permissions that change, special files swapped in,
+//!   files rewritten while hashed, huge files, huge and deep directories.
 //!
 //! Tests named `serial_…` stop or restart the shared servers; `scripts/test.sh`
 //! runs them one at a time after all the others.
@@ -39,3 +41,4 @@ mod hostile_names;
 mod hostile_renames;
 mod hostile_outbox;
 mod bench;
+mod hostile_files;

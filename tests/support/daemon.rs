@@ -146,6 +146,8 @@ pub struct DaemonBuilder {
     marker_extension: String,
     /// Stop reading stdout after this many lines and close the pipe.
     close_stdout_after: Option<usize>,
+    /// Run the child as this (uid, gid) instead of the test's own user.
+    user: Option<(u32, u32)>,
 }
 
 impl DaemonBuilder {
@@ -206,6 +208,17 @@ impl DaemonBuilder {
         self
     }
 
+    /// Runs the daemon as `uid`:`gid` (the tests run as root, and root reads
+    /// every file whatever its mode, so permission cases need another user;
+    /// the image runs as 65534). The temporary directory is opened up (0755)
+    /// so that user can reach the watched tree; what the test creates in it
+    /// keeps the modes the test gives it. Dropping privileges from root also
+    /// drops root's supplementary groups (std does so when a uid is set).
+    pub fn run_as(mut self, uid: u32, gid: u32) -> Self {
+        self.user = Some((uid, gid));
+        self
+    }
+
     /// Watches `dir` (another daemon's tree, a scenario's) instead of a
     /// directory of its own.
     pub fn watching(self, dir: &Path) -> Self {
@@ -262,6 +275,12 @@ impl DaemonBuilder {
         let outside = root_path.join("outside");
         fs::create_dir(&data_dir).expect("create watched dir");
         fs::create_dir(&outside).expect("create outside dir");
+        if self.user.is_some() {
+            use std::os::unix::fs::PermissionsExt;
+            for dir in [&root_path, &data_dir, &outside] {
+                fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).expect("open up the temp dir");
+            }
+        }
         for relative in &self.directories {
             fs::create_dir_all(data_dir.join(relative)).expect("create a prepared directory");
         }
@@ -285,6 +304,10 @@ impl DaemonBuilder {
             }
             None => Command::new(binary),
         };
+        if let Some((uid, gid)) = self.user {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(gid);
+        }
         command.env_clear();
         if let Some(path) = std::env::var_os("PATH") {
             command.env("PATH", path);
@@ -393,6 +416,7 @@ impl Daemon {
             directory_as_argument: false,
             marker_extension: "flac".to_owned(),
             close_stdout_after: None,
+            user: None,
         }
     }
 
