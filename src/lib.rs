@@ -17,11 +17,14 @@
 //!   directories on its own thread; [`watch::guard`] tells whether the root
 //!   is still the tree we watch.
 //! - [`settle`] is the single owner of per-path state: it coalesces raw
-//!   events, follows renames, waits for files to be finished and hands
+//!   events, follows renames, waits for files to be finished, sets aside
+//!   what cannot be read until its permissions change, and hands
 //!   [`job::Dispatch`]es to the workers, which answer with [`job::Done`].
 //! - [`work`] threads stat and [`work::hash`] files and ask the [`registry`]
-//!   what the observation means ([`registry::plan`] decides). The registry
-//!   records the row and queues the [`message`]s in its outbox, in one step.
+//!   what the observation means ([`registry::plan`] decides). Files over
+//!   `HUGE_FILE_BYTES` are handed to one extra worker, the huge-file lane.
+//!   The registry records the row and queues the [`message`]s in its
+//!   outbox, in one step.
 //! - [`publish`] drains the outbox into the sink (stdout, or RabbitMQ through
 //!   [`publish::broker`]) and marks messages published once confirmed.
 //! - [`shutdown`] turns signals into a stop request; [`pipeline`] wires it all

@@ -10,6 +10,10 @@
 //!          worker ──record──▶ registry (rows + outbox) ◀── publisher ──▶ stdout / RabbitMQ
 //! ```
 //!
+//! A worker that meets a file over `HUGE_FILE_BYTES` to hash hands its job to
+//! one more worker, `worker-huge`, over an unbounded channel (it holds the
+//! few huge files in flight); that worker answers it on `done`.
+//!
 //! Shutdown goes in pipeline order: the settle stage is told to stop and
 //! drops the notify watcher (it owns it, to restart it when the root comes
 //! back), workers finish the job in hand (new ones are handed

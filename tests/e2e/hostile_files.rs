@@ -53,7 +53,7 @@ fn chmod(path: &Path, mode: u32) {
         .unwrap_or_else(|error| panic!("chmod {mode:o} {}: {error}", path.display()));
 }
 
-/// Appends a line as root (who may write whatever the mode says).
+/// Appends `text` as root (who may write whatever the mode says).
 fn append(path: &Path, text: &str) {
     let mut file = OpenOptions::new().append(true).open(path).unwrap();
     file.write_all(text.as_bytes()).unwrap();
@@ -138,8 +138,8 @@ struct HeldAtTheGate {
     _gate_dir: TempDir,
 }
 
-/// Starts a daemon with an open gate, writes `name`, and waits until the
-/// worker has looked at it and waits at the gate.
+/// Starts a daemon with the gate file in place, writes `name`, and waits
+/// until the worker has looked at it and is held at the gate.
 fn held_at_the_gate(name: &str) -> HeldAtTheGate {
     let gate_dir = tempfile::tempdir().unwrap();
     let gate = gate_dir.path().join("gate");
@@ -228,7 +228,8 @@ fn fifos_sockets_devices_and_symlink_loops_are_never_opened() {
     run("mkfifo", &[outside.join("pipe").to_str().unwrap()]);
     let _socket = std::os::unix::net::UnixListener::bind(outside.join("socket")).unwrap();
     run("mknod", &[outside.join("null").to_str().unwrap(), "c", "1", "3"]);
-    std::os::unix::fs::symlink("self.flac", outside.join("self")).unwrap();
+    // Points at its own name once moved in: a loop of one.
+    std::os::unix::fs::symlink("moved-self.flac", outside.join("self")).unwrap();
     std::os::unix::fs::symlink("/dev/zero", outside.join("zero")).unwrap();
     for name in ["pipe", "socket", "null", "self", "zero"] {
         fs::rename(outside.join(name), daemon.path(&format!("moved-{name}.flac"))).unwrap();
