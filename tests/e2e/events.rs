@@ -13,22 +13,9 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 
 use crate::support::{
-    event_type, file_path, old_path, sha256_hex, summary, write_file, xxh128_hex, Daemon, SETTLE_MS,
+    assert_content, event_type, file_path, inotify_watches, old_path, sha256_hex, summary, triples,
+    write_file, xxh128_hex, Daemon, SETTLE_MS,
 };
-
-/// `(event_type, file_path, old_path)` for exact sequence assertions.
-fn triples(messages: &[Value]) -> Vec<(String, String, Option<String>)> {
-    messages
-        .iter()
-        .map(|message| {
-            (
-                event_type(message).to_owned(),
-                file_path(message).to_owned(),
-                old_path(message).map(str::to_owned),
-            )
-        })
-        .collect()
-}
 
 fn triple(kind: &str, path: &str, old: Option<&str>) -> (String, String, Option<String>) {
     (kind.to_owned(), path.to_owned(), old.map(str::to_owned))
@@ -40,16 +27,6 @@ fn create_announced(daemon: &Daemon, relative: &str, content: &[u8]) -> String {
     write_file(&daemon.path(relative), content);
     daemon.wait_for_event("created", &path);
     path
-}
-
-fn assert_content(message: &Value, content: &[u8]) {
-    assert_eq!(message["sha256_hash"], sha256_hex(content), "sha256 of {message}");
-    assert_eq!(message["xxh128_hash"], xxh128_hex(content), "xxh128 of {message}");
-    assert_eq!(
-        message["size_bytes"].as_u64(),
-        Some(content.len() as u64),
-        "size of {message}"
-    );
 }
 
 fn parse_time(text: &Value) -> SystemTime {
@@ -791,29 +768,6 @@ fn directory_renamed_twice_quickly_gives_moved_to_the_final_name() {
         "the file moved; it was not created: {:?}",
         summary(&messages)
     );
-}
-
-/// The inotify watches the daemon holds, read from /proc (one `inotify wd:`
-/// line per watch in the fdinfo of its inotify descriptor).
-fn inotify_watches(pid: u32) -> usize {
-    let mut watches = 0;
-    for entry in fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
-        let is_inotify = fs::read_link(entry.path())
-            .map(|target| target.to_string_lossy().contains("inotify"))
-            .unwrap_or(false);
-        if is_inotify {
-            let info = fs::read_to_string(format!(
-                "/proc/{pid}/fdinfo/{}",
-                entry.file_name().to_string_lossy()
-            ))
-            .unwrap_or_default();
-            watches += info
-                .lines()
-                .filter(|line| line.starts_with("inotify wd:"))
-                .count();
-        }
-    }
-    watches
 }
 
 #[test]

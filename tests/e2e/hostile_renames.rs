@@ -18,33 +18,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::{
-    event_type, file_path, old_path, sha256_hex, wait_until, write_file, xxh128_hex, Daemon, TestDatabase,
-    DEADLINE,
+    assert_content, event_type, file_path, old_path, sha256_hex, triples, wait_until, write_file, Daemon,
+    TestDatabase, DEADLINE,
 };
-
-fn assert_content(message: &Value, content: &[u8]) {
-    assert_eq!(message["sha256_hash"], sha256_hex(content), "sha256 of {message}");
-    assert_eq!(message["xxh128_hash"], xxh128_hex(content), "xxh128 of {message}");
-    assert_eq!(
-        message["size_bytes"].as_u64(),
-        Some(content.len() as u64),
-        "size of {message}"
-    );
-}
-
-/// `(event_type, file_path, old_path)` for assertions that show renames.
-fn triples(messages: &[Value]) -> Vec<(String, String, Option<String>)> {
-    messages
-        .iter()
-        .map(|message| {
-            (
-                event_type(message).to_owned(),
-                file_path(message).to_owned(),
-                old_path(message).map(str::to_owned),
-            )
-        })
-        .collect()
-}
 
 /// Writes `relative` and waits until it has been announced as `created`.
 fn create_announced(daemon: &Daemon, relative: &str, content: &[u8]) -> String {

@@ -769,3 +769,59 @@ pub fn summary(messages: &[Value]) -> Vec<(String, String)> {
         .map(|message| (event_type(message).to_owned(), file_path(message).to_owned()))
         .collect()
 }
+
+/// `(event_type, file_path, old_path)` for exact sequence assertions that show renames.
+pub fn triples(messages: &[Value]) -> Vec<(String, String, Option<String>)> {
+    messages
+        .iter()
+        .map(|message| {
+            (
+                event_type(message).to_owned(),
+                file_path(message).to_owned(),
+                old_path(message).map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+/// The message carries the hashes and size of exactly `content`.
+pub fn assert_content(message: &Value, content: &[u8]) {
+    assert_eq!(
+        message["sha256_hash"],
+        super::sha256_hex(content),
+        "sha256 of {message}"
+    );
+    assert_eq!(
+        message["xxh128_hash"],
+        super::xxh128_hex(content),
+        "xxh128 of {message}"
+    );
+    assert_eq!(
+        message["size_bytes"].as_u64(),
+        Some(content.len() as u64),
+        "size of {message}"
+    );
+}
+
+/// The inotify watches process `pid` holds, read from /proc (one `inotify wd:`
+/// line per watch in the fdinfo of its inotify descriptor).
+pub fn inotify_watches(pid: u32) -> usize {
+    let mut watches = 0;
+    for entry in fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let is_inotify = fs::read_link(entry.path())
+            .map(|target| target.to_string_lossy().contains("inotify"))
+            .unwrap_or(false);
+        if is_inotify {
+            let info = fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                entry.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            watches += info
+                .lines()
+                .filter(|line| line.starts_with("inotify wd:"))
+                .count();
+        }
+    }
+    watches
+}

@@ -32,7 +32,9 @@ pub mod proxy;
 
 pub use block_on::{until, within};
 pub use broker::{Delivered, TestBroker};
-pub use daemon::{event_type, file_path, old_path, summary, Daemon, DaemonBuilder};
+pub use daemon::{
+    assert_content, event_type, file_path, inotify_watches, old_path, summary, triples, Daemon, DaemonBuilder,
+};
 pub use database::{FileRow, TestDatabase};
 pub use proxy::FaultProxy;
 
