@@ -2,7 +2,9 @@
 //! opened so that nothing but the regular file that was looked at is read.
 //!
 //! A fixed 256 KiB buffer is reused for the whole file, so memory does not grow
-//! with file size; both digests see the same bytes in the same read. Long
+//! with file size; both digests see the same bytes in the same read. Each
+//! thread (each worker) allocates it once and keeps it: zeroing a fresh one
+//! per file cost five times the SHA-256 of a 4 KiB file (BENCHMARKS.md). Long
 //! hashes (a 1 TiB file takes minutes) log their progress every
 //! [`PROGRESS_INTERVAL`].
 //!
@@ -14,6 +16,7 @@
 //! and inode the `stat` saw. Anything else is [`Replaced`]: the worker looks
 //! again later, as for a file that changed while it was read.
 
+use std::cell::RefCell;
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -25,6 +28,11 @@ use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::Xxh3;
 
 const BUFFER_SIZE: usize = 256 * 1024;
+
+thread_local! {
+    /// This thread's read buffer, allocated on its first hash.
+    static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// How often a long hash says how far it got.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
@@ -183,13 +191,25 @@ pub fn is_stopped(error: &io::Error) -> bool {
     error.get_ref().is_some_and(|inner| inner.is::<Stopped>())
 }
 
-pub fn hash_reader(mut reader: impl Read) -> io::Result<Digests> {
+pub fn hash_reader(reader: impl Read) -> io::Result<Digests> {
+    BUFFER.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut buffer) => {
+            if buffer.is_empty() {
+                buffer.resize(BUFFER_SIZE, 0);
+            }
+            hash_with(reader, &mut buffer)
+        }
+        // Only if a reader itself hashed something on this thread.
+        Err(_) => hash_with(reader, &mut vec![0; BUFFER_SIZE]),
+    })
+}
+
+fn hash_with(mut reader: impl Read, buffer: &mut [u8]) -> io::Result<Digests> {
     let mut sha256 = Sha256::new();
     let mut xxh3 = Xxh3::new();
-    let mut buffer = vec![0u8; BUFFER_SIZE];
     let mut bytes = 0u64;
     loop {
-        let read = match reader.read(&mut buffer) {
+        let read = match reader.read(buffer) {
             Ok(0) => break,
             Ok(read) => read,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,

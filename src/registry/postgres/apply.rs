@@ -26,10 +26,10 @@
 
 use std::collections::HashSet;
 
-use postgres::Transaction;
 use uuid::Uuid;
 
 use super::faults::{fault, Fault};
+use super::statements::Transaction;
 use super::{row_from_record, to_bigint, to_bigint_bits, tree_bounds, PostgresRegistry};
 use crate::message::{EventType, Message};
 use crate::registry::plan::{message_for_carried_row, messages_for, plan_present, rebase, Plan};

@@ -21,8 +21,7 @@ use std::io;
 use std::thread;
 use std::time::Duration;
 
-use postgres::Transaction;
-
+use super::statements::Transaction;
 use super::PostgresRegistry;
 use crate::backoff::Backoff;
 use crate::registry::RegistryError;

@@ -83,6 +83,7 @@ mod faults;
 mod lock;
 mod pool;
 mod schema;
+mod statements;
 
 use std::fmt;
 use std::str::FromStr;

@@ -7,16 +7,18 @@
 
 use std::sync::{Arc, Mutex};
 
-use postgres::{Client, NoTls};
+use postgres::NoTls;
 use r2d2::{CustomizeConnection, HandleError, Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 
 use super::faults::{describe, name_database, Fault};
 use super::schema::quote_identifier;
+use super::statements::{Caching, Session};
 use super::{PostgresRegistry, PostgresSettings};
 use crate::registry::RegistryError;
 
-pub(super) type Manager = PostgresConnectionManager<NoTls>;
+/// Each connection keeps the statements prepared on it (`statements`).
+pub(super) type Manager = Caching<PostgresConnectionManager<NoTls>>;
 
 /// The pool for `schema`, and where it keeps the last failure to open a
 /// connection. Its connections are opened in the background.
@@ -33,6 +35,10 @@ pub(super) fn build(
         // after r2d2's idle timeout, so idle instances do not crowd the server.
         .min_idle(Some(1))
         .connection_timeout(settings.connect_timeout)
+        // No empty query before each use (a round trip per checkout): a
+        // statement on a broken connection fails as `Unavailable` and the
+        // change is retried, and r2d2 drops the connection when it is returned.
+        .test_on_check_out(false)
         .connection_customizer(Box::new(SearchPath {
             statement: format!("SET search_path TO {}", quote_identifier(schema)),
         }))
@@ -42,7 +48,7 @@ pub(super) fn build(
         }))
         // The migration connection just proved the server reachable;
         // connections are opened in the background from here on.
-        .build_unchecked(PostgresConnectionManager::new(config, NoTls));
+        .build_unchecked(Caching(PostgresConnectionManager::new(config, NoTls)));
     (pool, last_connect_failure)
 }
 
@@ -88,7 +94,7 @@ impl PostgresRegistry {
     /// Runs `work` with a pooled connection, outside any explicit transaction.
     pub(super) fn read<T>(
         &self,
-        work: impl FnOnce(&mut Client) -> Result<T, Fault>,
+        work: impl FnOnce(&mut Session) -> Result<T, Fault>,
     ) -> Result<T, RegistryError> {
         let mut connection = self.connection()?;
         work(&mut connection).map_err(|fault| name_database(&self.database, fault.into()))
@@ -101,8 +107,8 @@ struct SearchPath {
     statement: String,
 }
 
-impl CustomizeConnection<Client, postgres::Error> for SearchPath {
-    fn on_acquire(&self, client: &mut Client) -> Result<(), postgres::Error> {
+impl CustomizeConnection<Session, postgres::Error> for SearchPath {
+    fn on_acquire(&self, client: &mut Session) -> Result<(), postgres::Error> {
         client.batch_execute(&self.statement)
     }
 }
