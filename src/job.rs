@@ -123,14 +123,31 @@ pub(crate) enum Key {
 }
 
 impl Key {
+    /// The conflict rule between two keys. Settle applies it to a whole set
+    /// of keys at once (`settle::dispatch::Keys`, whose tests compare the two).
+    #[cfg(test)]
     pub(crate) fn conflicts(&self, other: &Key) -> bool {
-        let below = |path: &str, tree: &str| path == tree || rebase(path, tree, "").is_some();
-        match (self, other) {
-            (Key::File(a), Key::File(b)) => a == b,
-            (Key::File(file), Key::Tree(tree)) | (Key::Tree(tree), Key::File(file)) => below(file, tree),
-            (Key::Tree(a), Key::Tree(b)) => below(a, b) || below(b, a),
+        match other {
+            Key::File(b) => match self {
+                Key::File(a) => a == b,
+                Key::Tree(tree) => below(b, tree),
+            },
+            Key::Tree(tree) => self.conflicts_with_tree(tree),
         }
     }
+
+    /// `self.conflicts(&Key::Tree(tree))`, without building the key.
+    pub(crate) fn conflicts_with_tree(&self, tree: &str) -> bool {
+        match self {
+            Key::File(file) => below(file, tree),
+            Key::Tree(other) => below(other, tree) || below(tree, other),
+        }
+    }
+}
+
+/// `path` is `tree` or below it.
+pub(crate) fn below(path: &str, tree: &str) -> bool {
+    path == tree || rebase(path, tree, "").is_some()
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 //! they became ready, `try_send` only, and a registry outage holds all
 //! dispatching instead of retrying every path on its own.
 
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::time::Instant;
 
 use crossbeam_channel::TrySendError;
@@ -13,7 +15,7 @@ use uuid::Uuid;
 use super::pending::State;
 use super::{Settle, LOG_TARGET};
 use crate::backoff::RETRY;
-use crate::job::{Dispatch, Done, Job, Key, Outcome};
+use crate::job::{below, Dispatch, Done, Job, Key, Outcome};
 
 /// Ready items looked at per dispatch pass; keeps a huge backlog from making
 /// every pass quadratic.
@@ -32,33 +34,56 @@ pub(super) enum ReadyItem {
     },
 }
 
-/// Keys that jobs later in a dispatch pass must not overlap: file keys
-/// hashed, subtree keys (rare) in a list.
-#[derive(Default)]
-struct BlockedKeys {
-    files: std::collections::HashSet<String>,
+/// A set of keys: file keys in byte order (so the files below a subtree are
+/// one range), subtree keys (rare) in a list. Counted, so that a key held
+/// twice stays held until both holders let it go.
+#[derive(Debug, Default)]
+pub(super) struct Keys {
+    files: BTreeMap<String, u32>,
     trees: Vec<String>,
 }
 
-impl BlockedKeys {
+impl Keys {
     fn insert(&mut self, key: Key) {
         match key {
-            Key::File(path) => {
-                self.files.insert(path);
-            }
+            Key::File(path) => *self.files.entry(path).or_default() += 1,
             Key::Tree(path) => self.trees.push(path),
         }
     }
 
-    fn conflicts(&self, key: &Key) -> bool {
-        let trees = self.trees.iter().map(|tree| Key::Tree(tree.clone()));
+    fn remove(&mut self, key: &Key) {
         match key {
-            Key::File(path) => self.files.contains(path) || trees.into_iter().any(|tree| tree.conflicts(key)),
-            Key::Tree(_) => {
+            Key::File(path) => {
+                if let Some(count) = self.files.get_mut(path) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.files.remove(path);
+                    }
+                }
+            }
+            Key::Tree(path) => {
+                if let Some(index) = self.trees.iter().position(|tree| tree == path) {
+                    self.trees.swap_remove(index);
+                }
+            }
+        }
+    }
+
+    /// Whether `key` overlaps a key of the set: the same file, a file in or
+    /// below a subtree, or nested subtrees. Costs a lookup plus the subtrees
+    /// held (a few), not the size of the set.
+    fn conflicts(&self, key: &Key) -> bool {
+        let tree_conflicts = |key: &Key| self.trees.iter().any(|tree| key.conflicts_with_tree(tree));
+        match key {
+            Key::File(path) => self.files.contains_key(path) || tree_conflicts(key),
+            Key::Tree(tree) => {
+                // Every file in or below `tree` starts with it, and such keys
+                // are contiguous in byte order.
                 self.files
-                    .iter()
-                    .any(|file| key.conflicts(&Key::File(file.clone())))
-                    || trees.into_iter().any(|tree| tree.conflicts(key))
+                    .range::<str, _>((Bound::Included(tree.as_str()), Bound::Unbounded))
+                    .take_while(|(file, _)| file.starts_with(tree.as_str()))
+                    .any(|(file, _)| below(file, tree))
+                    || tree_conflicts(key)
             }
         }
     }
@@ -70,16 +95,19 @@ impl Settle {
     /// blocks its keys for the rest of the pass, which keeps per-path order).
     /// Only a window at the front of the queue is looked at, and the rest is
     /// never moved, so a pass costs the same with ten or a million ready jobs.
+    /// The keys in flight are kept as jobs leave and come back (`held`), so
+    /// a pass costs the same with a few or many jobs in flight too. Jobs go
+    /// out with `try_send` into the workers' bounded queue, and every answer
+    /// is taken before the next pass, so what is in flight stays bounded by
+    /// that queue, the jobs in the workers' hands and the huge-file lane's.
     pub(super) fn dispatch(&mut self, now: Instant) {
         if self.hold_until.is_some_and(|until| until > now) {
             return; // the registry is down: nothing would get through
         }
-        let mut blocked = BlockedKeys::default();
-        for key in self.in_flight.values().flatten() {
-            blocked.insert(key.clone());
-        }
+        // Keys of older jobs skipped in this pass (empty, unallocated, unless one is).
+        let mut blocked = Keys::default();
         let mut skipped = Vec::new();
-        while skipped.len() < DISPATCH_WINDOW {
+        while skipped.len() < DISPATCH_WINDOW && !self.channels.jobs.is_full() {
             let Some(item) = self.ready.pop_front() else {
                 break;
             };
@@ -88,7 +116,11 @@ impl Settle {
             };
             let keys = job.keys();
             let waiting = not_before.is_some_and(|at| at > now);
-            if waiting || keys.iter().any(|key| blocked.conflicts(key)) {
+            if waiting
+                || keys
+                    .iter()
+                    .any(|key| self.held.conflicts(key) || blocked.conflicts(key))
+            {
                 keys.into_iter().for_each(|key| blocked.insert(key));
                 skipped.push(item);
                 continue;
@@ -104,7 +136,7 @@ impl Settle {
                     if let ReadyItem::Path(path) = &item {
                         self.pending.remove(path);
                     }
-                    keys.iter().cloned().for_each(|key| blocked.insert(key));
+                    keys.iter().cloned().for_each(|key| self.held.insert(key));
                     self.in_flight.insert(self.next_id, keys);
                     self.next_id += 1;
                 }
@@ -144,7 +176,9 @@ impl Settle {
 
     pub(super) fn on_done(&mut self, done: Done) {
         let now = Instant::now();
-        self.in_flight.remove(&done.dispatch.id);
+        if let Some(keys) = self.in_flight.remove(&done.dispatch.id) {
+            keys.iter().for_each(|key| self.held.remove(key));
+        }
         self.note_done(&done.dispatch.job, &done.outcome);
         let Dispatch {
             job,
@@ -247,5 +281,53 @@ impl Settle {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A set answers as the pairwise rule would, and lets a key go only
+    /// when every holder did.
+    #[test]
+    fn keys_conflict_as_the_pairwise_rule_says() {
+        let file = |path: &str| Key::File(path.to_owned());
+        let tree = |path: &str| Key::Tree(path.to_owned());
+        let held = [
+            file("/m/a"),
+            file("/m/a/x"),
+            file("/m/ab"),
+            tree("/m/c"),
+            file("/m/a"),
+        ];
+        let probes = [
+            file("/m/a"),
+            file("/m/b"),
+            file("/m/a/x"),
+            file("/m/c/y"),
+            file("/m/c"),
+            file("/m/cd"),
+            tree("/m/a"),
+            tree("/m/a/x"),
+            tree("/m/ab"),
+            tree("/m/b"),
+            tree("/m"),
+            tree("/m/c/d"),
+            tree("/"),
+        ];
+        let mut keys = Keys::default();
+        held.iter().cloned().for_each(|key| keys.insert(key));
+        for probe in &probes {
+            let expected = held.iter().any(|key| key.conflicts(probe));
+            assert_eq!(keys.conflicts(probe), expected, "{probe:?}");
+        }
+        keys.remove(&file("/m/a"));
+        assert!(keys.conflicts(&file("/m/a")), "still held once");
+        keys.remove(&file("/m/a"));
+        assert!(!keys.conflicts(&file("/m/a")));
+        keys.remove(&tree("/m/c"));
+        assert!(!keys.conflicts(&file("/m/c/y")));
+        assert!(keys.conflicts(&tree("/m/a")), "/m/a/x is still held");
     }
 }

@@ -107,6 +107,8 @@ pub struct Settle {
     timers: BinaryHeap<Reverse<(Instant, String)>>,
     ready: VecDeque<ReadyItem>,
     in_flight: HashMap<u64, Vec<Key>>,
+    /// Every key of `in_flight`, kept as jobs leave and come back.
+    held: dispatch::Keys,
     next_id: u64,
     /// Renames whose "moved to" has not come yet.
     pairing: Pairing,
@@ -164,6 +166,7 @@ impl Settle {
             timers: BinaryHeap::new(),
             ready: VecDeque::new(),
             in_flight: HashMap::new(),
+            held: dispatch::Keys::default(),
             next_id: 0,
             pairing: Pairing::default(),
             unpaired: Unpaired::default(),
