@@ -49,6 +49,9 @@ pub struct Args {
     /// Hashing and recording threads [default: CPU count, at least 2].
     #[arg(long, env = "WORKERS")]
     pub workers: Option<String>,
+    /// Changes a worker records in one database transaction (1: one each).
+    #[arg(long, env = "BATCH_SIZE", default_value = "256")]
+    pub batch_size: String,
     /// Files larger than this many bytes are hashed in a lane of their own,
     /// one at a time, so they never hold up the others [default: 1 GiB].
     #[arg(long, env = "HUGE_FILE_BYTES", default_value = "1073741824")]
@@ -113,6 +116,8 @@ pub struct Config {
     pub filter: Filter,
     pub settle: Duration,
     pub workers: usize,
+    /// Most changes a worker records in one transaction (`BATCH_SIZE`).
+    pub batch_size: usize,
     /// Files over this size are hashed one at a time in the huge-file lane.
     pub huge_file_bytes: u64,
     pub watch_mode: WatchMode,
@@ -196,6 +201,7 @@ impl Config {
         let filter = parse_filter(&args.extensions, &args.exclude)?;
         let settle = parse_millis("SETTLE_MS", "settle-ms", &args.settle_ms, 0)?;
         let workers = parse_workers(args.workers.as_deref())?;
+        let batch_size = parse_batch_size(&args.batch_size)?;
         let huge_file_bytes = parse_huge_file_bytes(&args.huge_file_bytes)?;
         let watch_mode = parse_watch_mode(args.poll_interval_ms.as_deref())?;
         let log_level = parse_log_level(&args.log_level)?;
@@ -213,6 +219,7 @@ impl Config {
             filter,
             settle,
             workers,
+            batch_size,
             huge_file_bytes,
             watch_mode,
             log_level,
@@ -288,6 +295,19 @@ fn parse_workers(value: Option<&str>) -> Result<usize, ConfigError> {
             "workers",
             value,
             "expected a whole number from 1 to 256",
+        )),
+    }
+}
+
+/// BATCH_SIZE: from 1 (every change in a transaction of its own) to 10 000.
+fn parse_batch_size(value: &str) -> Result<usize, ConfigError> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if (1..=10_000).contains(&n) => Ok(n),
+        _ => Err(invalid(
+            "BATCH_SIZE",
+            "batch-size",
+            value,
+            "expected a whole number from 1 to 10000",
         )),
     }
 }
@@ -753,6 +773,9 @@ mod tests {
         assert_eq!(parse_workers(Some(" 256 ")).unwrap(), 256);
         assert!(parse_workers(Some("0")).is_err());
         assert!(parse_workers(None).unwrap() >= 2);
+        assert_eq!(parse_batch_size(" 1 ").unwrap(), 1);
+        assert!(parse_batch_size("0").is_err());
+        assert!(parse_batch_size("10001").is_err());
         assert_eq!(parse_pool_size("64").unwrap(), 64);
         assert!(parse_pool_size("65").is_err());
         assert_eq!(

@@ -239,7 +239,8 @@ impl Running {
             scan::run(root, filter, scan_receiver, discovered_sender)
         })?;
 
-        let (job_sender, job_receiver) = bounded(config.workers * 2);
+        // Room for two batches per worker: one in hand, one to take next.
+        let (job_sender, job_receiver) = bounded(config.workers * 2 * config.batch_size);
         let (done_sender, done_receiver) = unbounded();
         let (wake_sender, wake_receiver) = bounded(1);
         let guard = RootGuard::new(config.data_dir.clone(), config.sentinel.clone());
@@ -254,6 +255,7 @@ impl Running {
             guard: guard.clone(),
             watch_counters: watch_counters.clone(),
             huge_file_bytes: config.huge_file_bytes,
+            batch_size: config.batch_size,
             huge_lane: Some(huge_lane),
             test_open_gate: config.test_open_gate.clone(),
         };
@@ -360,6 +362,7 @@ fn spawn_workers(
         guard: template.guard.clone(),
         watch_counters: template.watch_counters.clone(),
         huge_file_bytes: template.huge_file_bytes,
+        batch_size: template.batch_size,
         huge_lane,
         test_open_gate: template.test_open_gate.clone(),
     };

@@ -195,6 +195,22 @@ impl RegistryError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, RegistryError::Unavailable(_))
     }
+
+    /// The same error again, for every change of a batch it stopped (an
+    /// `io::Error` is not `Clone`: a failed `stat` keeps its text only).
+    pub fn same(&self) -> RegistryError {
+        match self {
+            RegistryError::Unavailable(detail) => RegistryError::Unavailable(detail.clone()),
+            RegistryError::Query { what, detail } => RegistryError::Query {
+                what,
+                detail: detail.clone(),
+            },
+            RegistryError::Stat { path, source } => RegistryError::Stat {
+                path: path.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+        }
+    }
 }
 
 /// Shared by the memory and PostgreSQL registries; see the module docs.
@@ -204,6 +220,29 @@ pub trait Registry: Send + Sync {
 
     /// Records `change` and queues the messages it produces.
     fn apply(&self, change: &Change, correlation_id: Uuid) -> Result<Applied, RegistryError>;
+
+    /// The present rows at `paths` (those that have one), in no order.
+    /// One query where the registry is a database.
+    fn lookup_all(&self, paths: &[&str]) -> Result<Vec<Row>, RegistryError> {
+        let mut rows = Vec::new();
+        for path in paths {
+            rows.extend(self.lookup(path)?);
+        }
+        Ok(rows)
+    }
+
+    /// Applies each change as [`Registry::apply`] would, answering for each
+    /// in order. The PostgreSQL registry records the file changes together,
+    /// in one transaction: a change whose file changed again (or whose fresh
+    /// `stat` failed) gets its own answer and the rest commits. No two of
+    /// `changes` may touch the same path (settle keeps one job per path in
+    /// flight).
+    fn apply_all(&self, changes: &[(Change, Uuid)]) -> Vec<Result<Applied, RegistryError>> {
+        changes
+            .iter()
+            .map(|(change, correlation_id)| self.apply(change, *correlation_id))
+            .collect()
+    }
 
     /// Paths of present rows strictly below directory `dir`, in byte order,
     /// starting after `after`; at most `limit` of them. Used to page through
@@ -287,6 +326,17 @@ impl Registry for Deferred {
 
     fn apply(&self, change: &Change, correlation_id: Uuid) -> Result<Applied, RegistryError> {
         self.get()?.apply(change, correlation_id)
+    }
+
+    fn lookup_all(&self, paths: &[&str]) -> Result<Vec<Row>, RegistryError> {
+        self.get()?.lookup_all(paths)
+    }
+
+    fn apply_all(&self, changes: &[(Change, Uuid)]) -> Vec<Result<Applied, RegistryError>> {
+        match self.get() {
+            Ok(registry) => registry.apply_all(changes),
+            Err(error) => changes.iter().map(|_| Err(error.same())).collect(),
+        }
     }
 
     fn present_under(

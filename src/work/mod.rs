@@ -22,7 +22,7 @@ use crate::backoff::RETRY;
 use crate::job::{Dispatch, Done, Job, Moved, Outcome};
 use crate::path_text;
 use crate::registry::{
-    regular_file_metadata, Applied, Change, Health, Observed, Registry, RegistryError, Stat,
+    regular_file_metadata, Applied, Change, Health, Observed, Registry, RegistryError, Row, Stat,
 };
 use crate::watch::guard::RootGuard;
 use crate::watch::WatchCounters;
@@ -69,6 +69,9 @@ pub struct Worker {
     pub watch_counters: Arc<WatchCounters>,
     /// Files over this many bytes are hashed in the huge-file lane.
     pub huge_file_bytes: u64,
+    /// Most jobs taken from the queue at once, whose changes are recorded
+    /// together (`BATCH_SIZE`).
+    pub batch_size: usize,
     /// The huge-file lane, for the ordinary workers; `None` for the lane's
     /// own worker, which hashes whatever it is given.
     pub huge_lane: Option<Sender<Dispatch>>,
@@ -89,25 +92,141 @@ enum Handled {
     ToHugeLane,
 }
 
+/// What a look at a file to check found (see [`look`]).
+type Looked = std::io::Result<Option<(Stat, FileId)>>;
+
+/// What a job comes to before anything is recorded.
+enum Step {
+    Answer(Outcome),
+    ToHugeLane,
+    /// A change for the registry; recorded with the rest of the batch.
+    Record(Change),
+    /// Its change was taken into the batch's list, in order.
+    Recording,
+}
+
 impl Worker {
+    /// Takes the jobs waiting in the queue, up to `batch_size` at a time (the
+    /// huge-file lane one at a time: each is a long hash), does them, and
+    /// records their changes together.
     pub fn run(&self, jobs: Receiver<Dispatch>, done: Sender<Done>) {
-        for dispatch in jobs {
-            let (dispatch, outcome) = if self.stopping.load(Ordering::Acquire) {
-                (dispatch, Outcome::Retry(Duration::ZERO))
-            } else {
-                match self.perform(&dispatch) {
-                    Handled::Answered(outcome) => (dispatch, outcome),
-                    Handled::ToHugeLane => match self.hand_to_huge_lane(dispatch) {
-                        None => continue,
-                        // The lane has stopped (shutdown): hand the job back.
-                        Some(returned) => (returned, Outcome::Retry(Duration::ZERO)),
-                    },
+        let limit = if self.huge_lane.is_some() {
+            self.batch_size
+        } else {
+            1
+        };
+        let mut batch = Vec::with_capacity(limit);
+        while let Ok(first) = jobs.recv() {
+            batch.push(first);
+            batch.extend(jobs.try_iter().take(limit - 1));
+            for (dispatch, outcome) in self.perform_all(&mut batch) {
+                if done.send(Done { dispatch, outcome }).is_err() {
+                    return;
                 }
-            };
-            if done.send(Done { dispatch, outcome }).is_err() {
-                return;
             }
         }
+    }
+
+    /// Does the jobs of a batch (emptying it), in three steps: every file to
+    /// check is looked at, and the registry asked about all of them with one
+    /// query; each is then hashed (unless the registry's hashes still hold)
+    /// or answered; and the changes found are recorded together
+    /// ([`Registry::apply_all`]). Subtree jobs run on their own, in between.
+    fn perform_all(&self, batch: &mut Vec<Dispatch>) -> Vec<(Dispatch, Outcome)> {
+        let stopping = self.stopping.load(Ordering::Acquire);
+        let looked: Vec<Option<Looked>> = batch
+            .iter()
+            .map(|dispatch| match &dispatch.job {
+                Job::Check { path, .. } if !stopping => Some(look(path)),
+                _ => None,
+            })
+            .collect();
+        let wanted: Vec<&str> = batch
+            .iter()
+            .zip(&looked)
+            .filter_map(|(dispatch, looked)| match (&dispatch.job, looked) {
+                (Job::Check { path, renamed_from }, Some(Ok(Some(_)))) => {
+                    Some(renamed_from.as_deref().unwrap_or(path))
+                }
+                _ => None,
+            })
+            .collect();
+        // Renames keep size and mtime: a row at `renamed_from` tells whether its hashes still hold.
+        let known: Result<HashMap<String, Row>, RegistryError> = if wanted.is_empty() {
+            Ok(HashMap::new())
+        } else {
+            self.registry
+                .lookup_all(&wanted)
+                .map(|rows| rows.into_iter().map(|row| (row.path.clone(), row)).collect())
+        };
+        let mut steps: Vec<Result<Step, RegistryError>> = batch
+            .iter()
+            .zip(looked)
+            .map(|(dispatch, looked)| {
+                if stopping {
+                    return Ok(Step::Answer(Outcome::Retry(Duration::ZERO)));
+                }
+                match (&dispatch.job, looked) {
+                    (Job::Check { path, renamed_from }, Some(looked)) => {
+                        let (before, id) = match looked {
+                            Ok(Some(found)) => found,
+                            Ok(None) => return Ok(Step::Answer(self.vanished(path))),
+                            Err(error) => return Ok(Step::Answer(self.unreadable(path, None, &error))),
+                        };
+                        let renamed_from = renamed_from.as_deref();
+                        let known = match &known {
+                            Ok(known) => known.get(renamed_from.unwrap_or(path)),
+                            Err(error) => return Err(error.same()),
+                        };
+                        Ok(self.check(path, renamed_from, before, id, known))
+                    }
+                    (Job::Gone { path }, _) => Ok(match self.guard.check() {
+                        Err(reason) => {
+                            log::debug!(target: LOG_TARGET, "holding the deletion of {path}: {reason}");
+                            Step::Answer(Outcome::Retry(ROOT_RETRY))
+                        }
+                        Ok(()) => Step::Record(Change::Gone { path: path.clone() }),
+                    }),
+                    _ => self.perform_tree(dispatch).map(Step::Answer),
+                }
+            })
+            .collect();
+        let mut changes = Vec::new();
+        for (step, dispatch) in steps.iter_mut().zip(batch.iter()) {
+            if let Ok(Step::Record(_)) = step {
+                if let Ok(Step::Record(change)) = std::mem::replace(step, Ok(Step::Recording)) {
+                    changes.push((change, dispatch.correlation_id));
+                }
+            }
+        }
+        let mut applied = if changes.is_empty() {
+            Vec::new()
+        } else {
+            self.registry.apply_all(&changes)
+        }
+        .into_iter();
+        let mut answers = Vec::with_capacity(batch.len());
+        for (dispatch, step) in batch.drain(..).zip(steps) {
+            let result = match step {
+                Ok(Step::Answer(outcome)) => Ok(Handled::Answered(outcome)),
+                Ok(Step::ToHugeLane) => Ok(Handled::ToHugeLane),
+                Ok(Step::Record(_) | Step::Recording) => applied
+                    .next()
+                    .expect("one answer per change")
+                    .map(|applied| Handled::Answered(self.recorded(applied))),
+                Err(error) => Err(error),
+            };
+            match self.answer(&dispatch, result) {
+                Handled::Answered(outcome) => answers.push((dispatch, outcome)),
+                Handled::ToHugeLane => {
+                    // The lane answers it; if the lane has stopped (shutdown), hand it back.
+                    if let Some(returned) = self.hand_to_huge_lane(dispatch) {
+                        answers.push((returned, Outcome::Retry(Duration::ZERO)));
+                    }
+                }
+            }
+        }
+        answers
     }
 
     /// Queues `dispatch` for the huge-file lane; its keys stay in flight
@@ -120,26 +239,28 @@ impl Worker {
         lane.send(dispatch).err().map(|returned| returned.into_inner())
     }
 
-    fn perform(&self, dispatch: &Dispatch) -> Handled {
+    /// Jobs about subtrees, and the matching of moves: each on its own.
+    fn perform_tree(&self, dispatch: &Dispatch) -> Result<Outcome, RegistryError> {
         let correlation = dispatch.correlation_id;
-        let result = match &dispatch.job {
-            Job::Check { path, renamed_from } => self.check(path, renamed_from.as_deref(), correlation),
-            Job::Gone { path } => self.gone(path, correlation).map(Handled::Answered),
-            Job::GoneTree { path } => self.gone_tree(path, correlation).map(Handled::Answered),
-            Job::RenameDirectory { from, to } => self
-                .record(
-                    &Change::DirectoryRenamed {
-                        from: from.clone(),
-                        to: to.clone(),
-                    },
-                    correlation,
-                )
-                .map(Handled::Answered),
-            Job::Sweep { dir, files_found } => {
-                self.sweep(dir, *files_found, correlation).map(Handled::Answered)
-            }
-            Job::MatchMoves { origins, found } => self.match_moves(origins, found).map(Handled::Answered),
-        };
+        match &dispatch.job {
+            Job::Check { .. } | Job::Gone { .. } => unreachable!("file jobs are batched"),
+            Job::GoneTree { path } => self.gone_tree(path, correlation),
+            Job::RenameDirectory { from, to } => self.record(
+                &Change::DirectoryRenamed {
+                    from: from.clone(),
+                    to: to.clone(),
+                },
+                correlation,
+            ),
+            Job::Sweep { dir, files_found } => self.sweep(dir, *files_found, correlation),
+            Job::MatchMoves { origins, found } => self.match_moves(origins, found),
+        }
+    }
+
+    /// The answer for settle, given how the job went: an unreachable
+    /// registry holds everything, other registry errors retry the job a few
+    /// times and then give up on it.
+    fn answer(&self, dispatch: &Dispatch, result: Result<Handled, RegistryError>) -> Handled {
         Handled::Answered(match result {
             Ok(Handled::ToHugeLane) => return Handled::ToHugeLane,
             Ok(Handled::Answered(outcome)) => {
@@ -173,8 +294,13 @@ impl Worker {
     }
 
     fn record(&self, change: &Change, correlation: uuid::Uuid) -> Result<Outcome, RegistryError> {
-        match self.registry.apply(change, correlation)? {
-            Applied::Changed => Ok(Outcome::Changing),
+        Ok(self.recorded(self.registry.apply(change, correlation)?))
+    }
+
+    /// Counts and logs what the registry recorded, and nudges the publisher.
+    fn recorded(&self, applied: Applied) -> Outcome {
+        match applied {
+            Applied::Changed => Outcome::Changing,
             Applied::Recorded(messages) => {
                 if !messages.is_empty() {
                     self.counters
@@ -190,63 +316,58 @@ impl Worker {
                     }
                     let _ = self.wake_publisher.try_send(());
                 }
-                Ok(Outcome::Finished)
+                Outcome::Finished
             }
         }
     }
 
+    /// The file at `path` (got there from `renamed_from`), seen as `before`,
+    /// and its row as the registry holds it (`known`): what to record, unless
+    /// nothing changed or it could not be read.
     fn check(
         &self,
         path: &str,
         renamed_from: Option<&str>,
-        correlation: uuid::Uuid,
-    ) -> Result<Handled, RegistryError> {
-        let answer = |outcome| Ok(Handled::Answered(outcome));
-        let (before, id) = match look(path) {
-            Ok(Some(found)) => found,
-            Ok(None) => return self.vanished(path).map(Handled::Answered),
-            Err(error) => return answer(self.unreadable(path, None, &error)),
-        };
+        before: Stat,
+        id: FileId,
+        known: Option<&Row>,
+    ) -> Step {
         // Unchanged size and mtime: the recorded hashes still hold (renames keep both).
-        let known = self.registry.lookup(renamed_from.unwrap_or(path))?;
-        if renamed_from.is_none() && known.as_ref().is_some_and(|row| row.stat == before) {
+        if renamed_from.is_none() && known.is_some_and(|row| row.stat == before) {
             // The very observation already recorded (a rescan of an unchanged file).
-            return answer(Outcome::Finished);
+            return Step::Answer(Outcome::Finished);
         }
         let reusable = known.filter(|row| {
             !row.sha256.is_empty() && row.stat.size == before.size && row.stat.mtime_ns == before.mtime_ns
         });
         let (sha256, xxh128) = match reusable {
-            Some(row) => (row.sha256, row.xxh128),
+            Some(row) => (row.sha256.clone(), row.xxh128.clone()),
             // One huge file at a time, in its own lane: the others keep flowing.
             None if before.size > self.huge_file_bytes && self.huge_lane.is_some() => {
-                return Ok(Handled::ToHugeLane);
+                return Step::ToHugeLane;
             }
             None => match self.hash(path, before, id) {
                 Ok(Some(digests)) => (digests.sha256, digests.xxh128),
-                Ok(None) => return answer(Outcome::Changing),
+                Ok(None) => return Step::Answer(Outcome::Changing),
                 // Shutting down: hand the job back; the next start picks the file up.
-                Err(error) if hash::is_stopped(&error) => return answer(Outcome::Retry(Duration::ZERO)),
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                    return self.vanished(path).map(Handled::Answered);
+                Err(error) if hash::is_stopped(&error) => {
+                    return Step::Answer(Outcome::Retry(Duration::ZERO))
                 }
-                Err(error) => return answer(self.unreadable(path, Some(before), &error)),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    return Step::Answer(self.vanished(path));
+                }
+                Err(error) => return Step::Answer(self.unreadable(path, Some(before), &error)),
             },
         };
-        let observed = Observed {
-            path: path.to_owned(),
-            stat: before,
-            sha256,
-            xxh128,
-        };
-        self.record(
-            &Change::Present {
-                observed,
-                renamed_from: renamed_from.map(str::to_owned),
+        Step::Record(Change::Present {
+            observed: Observed {
+                path: path.to_owned(),
+                stat: before,
+                sha256,
+                xxh128,
             },
-            correlation,
-        )
-        .map(Handled::Answered)
+            renamed_from: renamed_from.map(str::to_owned),
+        })
     }
 
     /// Hashes the regular file `id` at `path`, seen as `before`. `None` when
@@ -295,9 +416,9 @@ impl Worker {
     /// (or, for another instance watching the same tree, already recorded as
     /// a rename): recording a deletion now would turn a rename into
     /// `deleted` + `created`. The settle stage decides, after a settle period.
-    fn vanished(&self, path: &str) -> Result<Outcome, RegistryError> {
+    fn vanished(&self, path: &str) -> Outcome {
         log::debug!(target: LOG_TARGET, "{path} vanished before it was read");
-        Ok(Outcome::Vanished)
+        Outcome::Vanished
     }
 
     /// Records that `path` is gone, unless the whole tree looks unmounted:

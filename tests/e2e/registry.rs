@@ -346,6 +346,89 @@ fn observation_overtaken_by_a_newer_write_is_not_recorded() {
     assert!(fixture.outbox().is_empty());
 }
 
+/// A batch is one transaction, but each change keeps its own answer: the one
+/// whose file changed after it was observed writes nothing and answers
+/// `Changed`, and every other kind of change in the batch commits.
+#[test]
+fn a_batch_commits_every_change_but_the_one_whose_file_changed() {
+    let fixture = Fixture::new();
+    let root = fixture.root();
+    let registry = fixture.registry(&root, "one");
+    let (created, overtaken, gone, from, to, same) = (
+        root.join("created.flac"),
+        root.join("overtaken.flac"),
+        root.join("gone.flac"),
+        root.join("from.flac"),
+        root.join("to.flac"),
+        root.join("same.flac"),
+    );
+    for (file, content) in [(&gone, "gone"), (&from, "moving"), (&same, "same")] {
+        write(file, content);
+        apply(&registry, &present(file, None));
+    }
+    fs::remove_file(&gone).unwrap();
+    fs::rename(&from, &to).unwrap();
+    // Same content written again: a fresher stat, nothing to announce.
+    thread::sleep(Duration::from_millis(10));
+    write(&same, "same");
+    write(&created, "new");
+    write(&overtaken, "first");
+    let changes = [
+        present(&created, None),
+        present(&overtaken, None),
+        Change::Gone { path: text(&gone) },
+        present(&to, Some(&from)),
+        present(&same, None),
+    ];
+    write(&overtaken, "second, longer");
+    fixture.sql().execute("DELETE FROM outbox", &[]).unwrap();
+
+    let batch: Vec<(Change, Uuid)> = changes
+        .iter()
+        .map(|change| (change.clone(), Uuid::new_v4()))
+        .collect();
+    let answers: Vec<Applied> = registry
+        .apply_all(&batch)
+        .into_iter()
+        .map(|answer| answer.expect("apply"))
+        .collect();
+    let kinds_of = |answer: &Applied| match answer {
+        Applied::Recorded(messages) => Some(kinds(messages)),
+        Applied::Changed => None,
+    };
+    assert_eq!(
+        answers.iter().map(kinds_of).collect::<Vec<_>>(),
+        [
+            Some(vec![EventType::Created]),
+            None,
+            Some(vec![EventType::Deleted]),
+            Some(vec![EventType::Renamed]),
+            Some(vec![]),
+        ]
+    );
+    assert_eq!(fixture.row(&created).unwrap().state, "present");
+    assert!(
+        fixture.row(&overtaken).is_none(),
+        "the overtaken observation wrote nothing"
+    );
+    assert_eq!(fixture.row(&gone).unwrap().state, "deleted");
+    assert_eq!(fixture.row(&from).unwrap().state, "deleted");
+    assert_eq!(
+        fixture.row(&to).unwrap().old_path.as_deref(),
+        Some(text(&from).as_str())
+    );
+    let fresh = Stat::of(&same).unwrap().unwrap();
+    let row = fixture.row(&same).unwrap();
+    assert_eq!(
+        (row.mtime_ns, row.ctime_ns),
+        (fresh.mtime_ns, fresh.ctime_ns),
+        "stat refreshed"
+    );
+    // The outbox holds the batch's messages in its order.
+    let queued: Vec<String> = fixture.outbox().into_iter().map(|(_, path, _)| path).collect();
+    assert_eq!(queued, [text(&created), text(&gone), text(&to)]);
+}
+
 #[test]
 fn stale_observation_never_overwrites_a_newer_one() {
     let fixture = Fixture::new();

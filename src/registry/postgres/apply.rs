@@ -24,7 +24,7 @@
 //! unique violation) are retried with jittered exponential backoff, a few
 //! times, and logged at debug level only.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use uuid::Uuid;
 
@@ -33,87 +33,206 @@ use super::statements::Transaction;
 use super::{row_from_record, to_bigint, to_bigint_bits, tree_bounds, PostgresRegistry};
 use crate::message::{EventType, Message};
 use crate::registry::plan::{message_for_carried_row, messages_for, plan_present, rebase, Plan};
-use crate::registry::{fresh_stat, Applied, Observed, Row};
+use crate::registry::{fresh_stat, Applied, Change, Observed, RegistryError, Row};
 
 impl PostgresRegistry {
-    pub(super) fn apply_present(
+    /// Applies `changes`: the file changes that share no path in one
+    /// transaction (see [`PostgresRegistry::apply_files`]), anything else
+    /// (directory renames, a path twice) one by one. A batch that fails for
+    /// another reason than an unreachable database (a race lost five times, a
+    /// statement that fails) is applied again one change at a time, so that
+    /// the failure stays with the change it is about.
+    pub(super) fn apply_changes(&self, changes: &[(Change, Uuid)]) -> Vec<Result<Applied, RegistryError>> {
+        let mut answers: Vec<Option<Result<Applied, RegistryError>>> = changes.iter().map(|_| None).collect();
+        let mut batch = Vec::with_capacity(changes.len());
+        let mut taken = HashSet::new();
+        for (index, (change, correlation_id)) in changes.iter().enumerate() {
+            let Some(paths) = file_paths(change) else {
+                continue;
+            };
+            if paths.iter().all(|path| !taken.contains(path)) {
+                taken.extend(paths);
+                batch.push((index, (change, *correlation_id)));
+            }
+        }
+        if batch.len() > 1 {
+            let entries: Vec<(&Change, Uuid)> = batch.iter().map(|(_, entry)| *entry).collect();
+            let subject = format!("record {} changes", entries.len());
+            match self.transact(&subject, |transaction| self.apply_files(transaction, &entries)) {
+                Ok(results) => {
+                    for ((index, _), result) in batch.iter().zip(results) {
+                        answers[*index] = Some(result);
+                    }
+                }
+                Err(error) if error.is_unavailable() => {
+                    for (index, _) in &batch {
+                        answers[*index] = Some(Err(error.same()));
+                    }
+                }
+                Err(error) => log::debug!("{subject}: {error}; recording them one at a time"),
+            }
+        }
+        answers
+            .into_iter()
+            .zip(changes)
+            .map(|(answer, (change, correlation_id))| {
+                answer.unwrap_or_else(|| self.apply_one(change, *correlation_id))
+            })
+            .collect()
+    }
+
+    /// Applies one change in a transaction of its own.
+    pub(super) fn apply_one(&self, change: &Change, correlation_id: Uuid) -> Result<Applied, RegistryError> {
+        if let Change::DirectoryRenamed { from, to } = change {
+            return self.transact(to, |transaction| {
+                self.apply_directory_rename(transaction, from, to, correlation_id)
+            });
+        }
+        self.transact(change.path(), |transaction| {
+            self.apply_files(transaction, &[(change, correlation_id)])
+        })?
+        .pop()
+        .expect("one answer per change")
+    }
+
+    /// Records file changes (`Present`, `Gone`; no two on one path) in one
+    /// transaction: their paths locked in byte order with one statement, their
+    /// present rows locked with another; then, with the paths held, the fresh
+    /// `stat` of each decides it; then every row, tombstone and outbox
+    /// message is written with one multi-row statement per table. A change
+    /// whose file changed again (`Applied::Changed`) or could not be looked
+    /// at (an error) writes nothing and has its own answer; the others commit.
+    fn apply_files(
         &self,
         transaction: &mut Transaction<'_>,
-        observed: &Observed,
-        renamed_from: Option<&str>,
-        correlation_id: Uuid,
-    ) -> Result<Applied, Fault> {
-        let mut paths = vec![observed.path.as_str()];
-        paths.extend(renamed_from);
+        changes: &[(&Change, Uuid)],
+    ) -> Result<Vec<Result<Applied, RegistryError>>, Fault> {
+        let mut paths: Vec<&str> = changes
+            .iter()
+            .flat_map(|(change, _)| file_paths(change).unwrap_or_default())
+            .collect();
         paths.sort_unstable();
         paths.dedup();
         self.lock_paths(transaction, &paths)?;
-        let rows = load_present(transaction, &paths)?;
+        let rows: HashMap<String, Row> = load_present(transaction, &paths)?
+            .into_iter()
+            .map(|row| (row.path.clone(), row))
+            .collect();
         // Only now, with the paths held, does the disk have the last word.
-        if fresh_stat(&observed.path)? != Some(observed.stat) {
-            return Ok(Applied::Changed);
-        }
-        let source = renamed_from.and_then(|from| rows.iter().find(|row| row.path == from));
-        let target = rows.iter().find(|row| row.path == observed.path);
-        let plan = plan_present(source, target, observed, renamed_from);
-        match plan {
-            Plan::Stale => return Ok(Applied::Recorded(Vec::new())),
-            Plan::Refresh => {
-                refresh_stat(transaction, observed)?;
-                return Ok(Applied::Recorded(Vec::new()));
-            }
-            Plan::Create | Plan::Modify | Plan::Rename { .. } => {}
-        }
-        let messages = messages_for(&plan, observed, &self.origin, correlation_id);
-        let Some(last) = messages.last() else {
-            return Ok(Applied::Recorded(messages));
-        };
-        if let Plan::Rename { from, .. } = &plan {
-            self.leave(
-                transaction,
-                &[Departure {
-                    path: from,
-                    message: last,
-                }],
-            )?;
-        }
-        self.arrive(
+        let decisions: Vec<Result<Decision<'_>, RegistryError>> = changes
+            .iter()
+            .map(|(change, correlation_id)| self.decide(change, *correlation_id, &rows))
+            .collect();
+        let written = || decisions.iter().filter_map(|decision| decision.as_ref().ok());
+        let departures: Vec<Departure<'_>> = written()
+            .filter_map(|decision| match decision {
+                Decision::Write {
+                    messages,
+                    leaves: Some(path),
+                    ..
+                } => Some(Departure {
+                    path,
+                    message: messages.last()?,
+                }),
+                _ => None,
+            })
+            .collect();
+        let arrivals: Vec<Arrival<'_>> = written()
+            .filter_map(|decision| match decision {
+                Decision::Write {
+                    messages,
+                    arrives: Some(observed),
+                    ..
+                } => Some(Arrival {
+                    row: Row::from_observed(observed),
+                    message: messages.last()?,
+                }),
+                _ => None,
+            })
+            .collect();
+        let refreshed: Vec<&Observed> = written()
+            .filter_map(|decision| match decision {
+                Decision::Refresh(observed) => Some(*observed),
+                _ => None,
+            })
+            .collect();
+        self.leave(transaction, &departures)?;
+        self.arrive(transaction, &arrivals)?;
+        refresh_stats(transaction, &refreshed)?;
+        queue(
             transaction,
-            &[Arrival {
-                row: Row::from_observed(observed),
-                message: last,
-            }],
+            written().flat_map(|decision| match decision {
+                Decision::Write { messages, .. } => messages.as_slice(),
+                _ => &[],
+            }),
         )?;
-        queue(transaction, &messages)?;
-        Ok(Applied::Recorded(messages))
+        Ok(decisions
+            .into_iter()
+            .map(|decision| {
+                decision.map(|decision| match decision {
+                    Decision::Answer(applied) => applied,
+                    Decision::Refresh(_) => Applied::Recorded(Vec::new()),
+                    Decision::Write { messages, .. } => Applied::Recorded(messages),
+                })
+            })
+            .collect())
     }
 
-    pub(super) fn apply_gone(
+    /// What a file change comes to, given the present `rows` at its paths
+    /// (locked) and a fresh `stat`.
+    fn decide<'c>(
         &self,
-        transaction: &mut Transaction<'_>,
-        path: &str,
+        change: &'c Change,
         correlation_id: Uuid,
-    ) -> Result<Applied, Fault> {
-        self.lock_paths(transaction, &[path])?;
-        let rows = load_present(transaction, &[path])?;
-        if fresh_stat(path)?.is_some() {
-            return Ok(Applied::Changed);
+        rows: &HashMap<String, Row>,
+    ) -> Result<Decision<'c>, RegistryError> {
+        match change {
+            Change::Present {
+                observed,
+                renamed_from,
+            } => {
+                if fresh_stat(&observed.path)? != Some(observed.stat) {
+                    return Ok(Decision::Answer(Applied::Changed));
+                }
+                let renamed_from = renamed_from.as_deref();
+                let source = renamed_from.and_then(|from| rows.get(from));
+                let target = rows.get(&observed.path);
+                let plan = plan_present(source, target, observed, renamed_from);
+                match plan {
+                    Plan::Stale => return Ok(Decision::Answer(Applied::Recorded(Vec::new()))),
+                    Plan::Refresh => return Ok(Decision::Refresh(observed)),
+                    Plan::Create | Plan::Modify | Plan::Rename { .. } => {}
+                }
+                let messages = messages_for(&plan, observed, &self.origin, correlation_id);
+                let leaves = match plan {
+                    // `from` is `renamed_from`, borrowed from the change.
+                    Plan::Rename { .. } => renamed_from,
+                    _ => None,
+                };
+                Ok(Decision::Write {
+                    messages,
+                    leaves,
+                    arrives: Some(observed),
+                })
+            }
+            Change::Gone { path } => {
+                if fresh_stat(path)?.is_some() {
+                    return Ok(Decision::Answer(Applied::Changed));
+                }
+                if !rows.contains_key(path) {
+                    return Ok(Decision::Answer(Applied::Recorded(Vec::new())));
+                }
+                let message = self
+                    .origin
+                    .message(EventType::Deleted, path, None, correlation_id, None);
+                Ok(Decision::Write {
+                    messages: vec![message],
+                    leaves: Some(path),
+                    arrives: None,
+                })
+            }
+            Change::DirectoryRenamed { .. } => unreachable!("directory renames are applied on their own"),
         }
-        if rows.is_empty() {
-            return Ok(Applied::Recorded(Vec::new()));
-        }
-        let message = self
-            .origin
-            .message(EventType::Deleted, path, None, correlation_id, None);
-        self.leave(
-            transaction,
-            &[Departure {
-                path,
-                message: &message,
-            }],
-        )?;
-        queue(transaction, std::slice::from_ref(&message))?;
-        Ok(Applied::Recorded(vec![message]))
     }
 
     pub(super) fn apply_directory_rename(
@@ -205,18 +324,20 @@ impl PostgresRegistry {
         Ok(Applied::Recorded(messages))
     }
 
-    /// Holds each path until the transaction ends. `paths` must be sorted:
-    /// every transaction taking the locks in one order is what rules out deadlocks.
+    /// Holds each path until the transaction ends, with one statement.
+    /// `paths` must be sorted: every transaction taking the locks in one
+    /// order is what rules out deadlocks (`unnest` yields them in that order).
     fn lock_paths(&self, transaction: &mut Transaction<'_>, paths: &[&str]) -> Result<(), Fault> {
         debug_assert!(paths.is_sorted());
-        for path in paths {
-            transaction
-                .execute(
-                    "SELECT pg_advisory_xact_lock(hashtextextended($1, $2))",
-                    &[path, &self.path_lock_seed],
-                )
-                .map_err(fault("lock the path"))?;
+        if paths.is_empty() {
+            return Ok(());
         }
+        transaction
+            .execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(path, $2)) FROM unnest($1::text[]) AS path",
+                &[&paths, &self.path_lock_seed],
+            )
+            .map_err(fault("lock the paths"))?;
         Ok(())
     }
 
@@ -332,6 +453,37 @@ struct Departure<'a> {
     message: &'a Message,
 }
 
+/// What one file change of a batch comes to.
+enum Decision<'c> {
+    /// Nothing to write: this is the answer.
+    Answer(Applied),
+    /// Same content: only the `stat` columns of its row are refreshed.
+    Refresh(&'c Observed),
+    /// These messages go out; the present row at `leaves` becomes a
+    /// tombstone, and a row for `arrives` is written.
+    Write {
+        messages: Vec<Message>,
+        leaves: Option<&'c str>,
+        arrives: Option<&'c Observed>,
+    },
+}
+
+/// The paths a file change touches; `None` for a directory rename.
+fn file_paths(change: &Change) -> Option<Vec<&str>> {
+    match change {
+        Change::Present {
+            observed,
+            renamed_from,
+        } => Some(
+            std::iter::once(observed.path.as_str())
+                .chain(renamed_from.as_deref())
+                .collect(),
+        ),
+        Change::Gone { path } => Some(vec![path.as_str()]),
+        Change::DirectoryRenamed { .. } => None,
+    }
+}
+
 fn load_present(transaction: &mut Transaction<'_>, paths: &[&str]) -> Result<Vec<Row>, Fault> {
     Ok(transaction
         .query(
@@ -347,27 +499,41 @@ fn load_present(transaction: &mut Transaction<'_>, paths: &[&str]) -> Result<Vec
 
 /// Same content, fresher `stat`: the stat columns only. No message went out,
 /// so `message_id` and `published_at` keep describing the last one that did.
-fn refresh_stat(transaction: &mut Transaction<'_>, observed: &Observed) -> Result<(), Fault> {
+fn refresh_stats(transaction: &mut Transaction<'_>, observed: &[&Observed]) -> Result<(), Fault> {
+    if observed.is_empty() {
+        return Ok(());
+    }
+    let paths: Vec<&str> = observed.iter().map(|o| o.path.as_str()).collect();
+    let sizes: Vec<i64> = observed.iter().map(|o| to_bigint(o.stat.size)).collect();
+    let mtimes: Vec<i64> = observed.iter().map(|o| o.stat.mtime_ns).collect();
+    let ctimes: Vec<i64> = observed.iter().map(|o| o.stat.ctime_ns).collect();
+    let devices: Vec<Option<i64>> = observed
+        .iter()
+        .map(|o| o.stat.identity.map(|id| to_bigint_bits(id.device)))
+        .collect();
+    let inodes: Vec<Option<i64>> = observed
+        .iter()
+        .map(|o| o.stat.identity.map(|id| to_bigint_bits(id.inode)))
+        .collect();
     transaction
         .execute(
-            "UPDATE files SET size_bytes = $2, mtime_ns = $3, ctime_ns = $4, device = $5, inode = $6, \
-                 updated_at = now() \
-             WHERE file_path = $1",
-            &[
-                &observed.path,
-                &to_bigint(observed.stat.size),
-                &observed.stat.mtime_ns,
-                &observed.stat.ctime_ns,
-                &observed.stat.identity.map(|id| to_bigint_bits(id.device)),
-                &observed.stat.identity.map(|id| to_bigint_bits(id.inode)),
-            ],
+            "UPDATE files SET size_bytes = fresh.size_bytes, mtime_ns = fresh.mtime_ns, \
+                 ctime_ns = fresh.ctime_ns, device = fresh.device, inode = fresh.inode, updated_at = now() \
+             FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[]) \
+                 AS fresh(file_path, size_bytes, mtime_ns, ctime_ns, device, inode) \
+             WHERE files.file_path = fresh.file_path",
+            &[&paths, &sizes, &mtimes, &ctimes, &devices, &inodes],
         )
-        .map_err(fault("refresh the file stat"))?;
+        .map_err(fault("refresh the file stats"))?;
     Ok(())
 }
 
-/// Appends `messages` to the outbox; their ids follow the slice order.
-fn queue(transaction: &mut Transaction<'_>, messages: &[Message]) -> Result<(), Fault> {
+/// Appends `messages` to the outbox; their ids follow the order given.
+fn queue<'m>(
+    transaction: &mut Transaction<'_>,
+    messages: impl IntoIterator<Item = &'m Message>,
+) -> Result<(), Fault> {
+    let messages: Vec<&Message> = messages.into_iter().collect();
     if messages.is_empty() {
         return Ok(());
     }

@@ -293,16 +293,24 @@ impl Registry for PostgresRegistry {
     }
 
     fn apply(&self, change: &Change, correlation_id: Uuid) -> Result<Applied, RegistryError> {
-        self.transact(change.path(), |transaction| match change {
-            Change::Present {
-                observed,
-                renamed_from,
-            } => self.apply_present(transaction, observed, renamed_from.as_deref(), correlation_id),
-            Change::Gone { path } => self.apply_gone(transaction, path, correlation_id),
-            Change::DirectoryRenamed { from, to } => {
-                self.apply_directory_rename(transaction, from, to, correlation_id)
-            }
+        self.apply_one(change, correlation_id)
+    }
+
+    fn lookup_all(&self, paths: &[&str]) -> Result<Vec<Row>, RegistryError> {
+        self.read(|client| {
+            let records = client
+                .query(
+                    "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, device, inode \
+                     FROM files WHERE file_path = ANY($1) AND state = 'present'",
+                    &[&paths],
+                )
+                .map_err(fault("look up the file rows"))?;
+            Ok(records.iter().map(row_from_record).collect())
         })
+    }
+
+    fn apply_all(&self, changes: &[(Change, Uuid)]) -> Vec<Result<Applied, RegistryError>> {
+        self.apply_changes(changes)
     }
 
     fn present_under(
