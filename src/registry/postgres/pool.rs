@@ -35,10 +35,10 @@ pub(super) fn build(
         // after r2d2's idle timeout, so idle instances do not crowd the server.
         .min_idle(Some(1))
         .connection_timeout(settings.connect_timeout)
-        // No empty query before each use (a round trip per checkout): a
-        // statement on a broken connection fails as `Unavailable` and the
-        // change is retried, and r2d2 drops the connection when it is returned.
-        .test_on_check_out(false)
+        // r2d2 tests each connection it hands out (an empty query). Kept:
+        // without it, after an outage every idle connection the server cut
+        // fails once more, each a new "unavailable" and a hold; with batches
+        // it costs one round trip per batch.
         .connection_customizer(Box::new(SearchPath {
             statement: format!("SET search_path TO {}", quote_identifier(schema)),
         }))
