@@ -69,6 +69,10 @@ impl Keys {
         }
     }
 
+    fn holds_file(&self, path: &str) -> bool {
+        self.files.contains_key(path)
+    }
+
     /// Whether `key` overlaps a key of the set: the same file, a file in or
     /// below a subtree, or nested subtrees. Costs a lookup plus the subtrees
     /// held (a few), not the size of the set.
@@ -111,6 +115,19 @@ impl Settle {
             let Some(item) = self.ready.pop_front() else {
                 break;
             };
+            // The common skip, made cheap: a file whose path is held (in
+            // flight, or by an older job skipped in this pass) and that has
+            // no other key. Its key already blocks what comes after it.
+            if let ReadyItem::Path(path) = &item {
+                let lone_key = self
+                    .pending
+                    .get(path)
+                    .is_some_and(|entry| entry.ready && entry.renamed_from.is_none());
+                if lone_key && (self.held.holds_file(path) || blocked.holds_file(path)) {
+                    skipped.push(item);
+                    continue;
+                }
+            }
             let Some((job, correlation_id, attempt, not_before)) = self.job_for(&item) else {
                 continue; // the entry went away meanwhile
             };
