@@ -436,13 +436,45 @@ impl Worker {
         )
     }
 
+    /// Records that each of `paths` is gone, `batch_size` at a time (as
+    /// [`Worker::gone`] would, one by one). Every batch is tried; the first
+    /// error is the answer.
+    fn gone_all(&self, paths: &[String], correlation: uuid::Uuid) -> Result<Outcome, RegistryError> {
+        if paths.is_empty() {
+            return Ok(Outcome::Finished);
+        }
+        if let Err(reason) = self.guard.check() {
+            log::debug!(target: LOG_TARGET, "holding the deletion of {} files: {reason}", paths.len());
+            return Ok(Outcome::Retry(ROOT_RETRY));
+        }
+        let changes: Vec<(Change, uuid::Uuid)> = paths
+            .iter()
+            .map(|path| (Change::Gone { path: path.clone() }, correlation))
+            .collect();
+        let mut failed = None;
+        for batch in changes.chunks(self.batch_size.max(1)) {
+            for answer in self.registry.apply_all(batch) {
+                match answer {
+                    // `Changed`: the file is back, and left to its own events.
+                    Ok(applied) => {
+                        self.recorded(applied);
+                    }
+                    Err(error) => {
+                        failed.get_or_insert(error);
+                    }
+                }
+            }
+        }
+        failed.map_or(Ok(Outcome::Finished), Err)
+    }
+
     fn gone_tree(&self, path: &str, correlation: uuid::Uuid) -> Result<Outcome, RegistryError> {
         let outcome = self.gone(path, correlation)?;
         if let Outcome::Retry(_) = outcome {
             return Ok(outcome);
         }
         // A file below that is back (Changing) is left to its own events.
-        self.for_each_recorded_below(path, |worker, file| worker.gone(file, correlation))
+        self.for_each_recorded_below(path, |worker, files| worker.gone_all(files, correlation))
     }
 
     /// After a full scan: recorded files that no longer exist are gone.
@@ -457,12 +489,14 @@ impl Worker {
             return Ok(Outcome::Finished);
         }
         let mut swept = 0u64;
-        let outcome = self.for_each_recorded_below(dir, |worker, file| {
-            if matches!(Stat::of(&path_text::decode(file)), Ok(None)) {
-                swept += 1;
-                return worker.gone(file, correlation);
-            }
-            Ok(Outcome::Finished)
+        let outcome = self.for_each_recorded_below(dir, |worker, files| {
+            let gone: Vec<String> = files
+                .iter()
+                .filter(|file| matches!(Stat::of(&path_text::decode(file)), Ok(None)))
+                .cloned()
+                .collect();
+            swept += gone.len() as u64;
+            worker.gone_all(&gone, correlation)
         })?;
         if swept > 0 {
             log::info!(target: LOG_TARGET, "sweep of {dir}: {swept} recorded files no longer exist");
@@ -516,20 +550,18 @@ impl Worker {
         Ok(Outcome::Matched(moves))
     }
 
-    /// Visits recorded files below `dir` page by page; stops early (and
+    /// Visits recorded files below `dir` a page at a time; stops early (and
     /// returns it) when a visit asks for a retry.
     fn for_each_recorded_below(
         &self,
         dir: &str,
-        mut visit: impl FnMut(&Worker, &str) -> Result<Outcome, RegistryError>,
+        mut visit: impl FnMut(&Worker, &[String]) -> Result<Outcome, RegistryError>,
     ) -> Result<Outcome, RegistryError> {
         let mut after: Option<String> = None;
         loop {
             let page = self.registry.present_under(dir, after.as_deref(), PAGE)?;
-            for file in &page {
-                if let retry @ Outcome::Retry(_) = visit(self, file)? {
-                    return Ok(retry);
-                }
+            if let retry @ Outcome::Retry(_) = visit(self, &page)? {
+                return Ok(retry);
             }
             match page.last() {
                 Some(last) if page.len() == PAGE => after = Some(last.clone()),
