@@ -12,7 +12,9 @@
 //!
 //! A worker that meets a file over `HUGE_FILE_BYTES` to hash hands its job to
 //! one more worker, `worker-huge`, over an unbounded channel (it holds the
-//! few huge files in flight); that worker answers it on `done`.
+//! few huge files in flight); that worker answers it on `done`. The other
+//! workers take up to `BATCH_SIZE` waiting jobs at a time and record their
+//! changes in one transaction (the job queue holds two batches per worker).
 //!
 //! Shutdown goes in pipeline order: the settle stage is told to stop and
 //! drops the notify watcher (it owns it, to restart it when the root comes
