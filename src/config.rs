@@ -56,6 +56,10 @@ pub struct Args {
     /// Poll the tree every N ms instead of using inotify (NFS, SMB, FUSE mounts).
     #[arg(long, env = "POLL_INTERVAL_MS")]
     pub poll_interval_ms: Option<String>,
+    /// Walk the whole tree this often and compare it with the registry
+    /// (`30s`, `5m`, `1h`; `0` turns it off): the safety net for lost events.
+    #[arg(long, env = "RESCAN_INTERVAL", default_value = "1h")]
+    pub rescan_interval: String,
     /// error, warn, info, debug or trace.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -116,6 +120,9 @@ pub struct Config {
     /// Files over this size are hashed one at a time in the huge-file lane.
     pub huge_file_bytes: u64,
     pub watch_mode: WatchMode,
+    /// How often the whole tree is walked and compared with the registry;
+    /// `None` when RESCAN_INTERVAL is 0.
+    pub rescan_interval: Option<Duration>,
     pub log_level: log::LevelFilter,
     pub log_format: LogFormat,
     pub scan_existing: bool,
@@ -198,6 +205,7 @@ impl Config {
         let workers = parse_workers(args.workers.as_deref())?;
         let huge_file_bytes = parse_huge_file_bytes(&args.huge_file_bytes)?;
         let watch_mode = parse_watch_mode(args.poll_interval_ms.as_deref())?;
+        let rescan_interval = parse_rescan_interval(&args.rescan_interval)?;
         let log_level = parse_log_level(&args.log_level)?;
         let log_format = parse_log_format(&args.log_format)?;
         let broker = parse_broker(&args)?;
@@ -215,6 +223,7 @@ impl Config {
             workers,
             huge_file_bytes,
             watch_mode,
+            rescan_interval,
             log_level,
             log_format,
             scan_existing,
@@ -310,6 +319,30 @@ fn parse_watch_mode(poll_interval_ms: Option<&str>) -> Result<WatchMode, ConfigE
     match poll_interval_ms {
         None => Ok(WatchMode::Inotify),
         Some(value) => parse_millis("POLL_INTERVAL_MS", "poll-interval-ms", value, 10).map(WatchMode::Poll),
+    }
+}
+
+/// RESCAN_INTERVAL: a duration such as `30s`, `5m` or `1h`, at least one
+/// second; `0` turns the periodic rescan off.
+fn parse_rescan_interval(value: &str) -> Result<Option<Duration>, ConfigError> {
+    let text = value.trim();
+    if text == "0" {
+        return Ok(None);
+    }
+    match humantime::parse_duration(text) {
+        Ok(interval) if interval >= Duration::from_secs(1) => Ok(Some(interval)),
+        Ok(_) => Err(invalid(
+            "RESCAN_INTERVAL",
+            "rescan-interval",
+            value,
+            "must be at least 1s (or 0 to turn it off)",
+        )),
+        Err(_) => Err(invalid(
+            "RESCAN_INTERVAL",
+            "rescan-interval",
+            value,
+            "expected a duration such as 30s, 5m or 1h, or 0 to turn it off",
+        )),
     }
 }
 
@@ -852,5 +885,23 @@ mod tests {
         assert_eq!(sentinel("/abs/s"), Some(PathBuf::from("/abs/s")));
         assert_eq!(sentinel(""), None);
         assert_eq!(parse_sentinel(None, data_dir).unwrap(), None);
+    }
+
+    #[test]
+    fn rescan_interval_takes_durations_and_zero_turns_it_off() {
+        let interval =
+            |value: &str| parse(&["/tmp", "--rescan-interval", value]).map(|config| config.rescan_interval);
+        assert_eq!(
+            parse(&["/tmp"]).unwrap().rescan_interval,
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(interval("30s").unwrap(), Some(Duration::from_secs(30)));
+        assert_eq!(interval("5m").unwrap(), Some(Duration::from_secs(300)));
+        assert_eq!(interval("1h").unwrap(), Some(Duration::from_secs(3600)));
+        assert_eq!(interval("0").unwrap(), None);
+        for bad in ["soon", "10", "500ms", "1 fortnight"] {
+            let error = interval(bad).unwrap_err();
+            assert_eq!(error.variable, "RESCAN_INTERVAL", "{bad}");
+        }
     }
 }

@@ -103,6 +103,10 @@ pub enum Outcome {
     /// The registry cannot be reached: keep the job, and hold all dispatching
     /// for a while (one probe per backoff period, not one retry per path).
     Unavailable,
+    /// The registry kept refusing the job for a reason other than a lost
+    /// connection (read-only, disk full, a statement timeout: the error):
+    /// the settle stage keeps it and retries it later.
+    Refused(String),
     /// The answer to [`Job::MatchMoves`]: these found files are recorded
     /// files that moved.
     Matched(Vec<Moved>),

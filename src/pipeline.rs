@@ -271,6 +271,7 @@ impl Running {
             // created, changed ones modified, and the sweep finds deleted ones.
             initial_scan: config.scan_existing || config.database.is_some(),
             sentinel: config.sentinel.clone(),
+            rescan_interval: config.rescan_interval,
         };
         let channels = SettleChannels {
             raw: raw_receiver,

@@ -29,7 +29,14 @@
 //! - `root`: the watchdog, watcher restarts, falling back to polling, and the
 //!   scans that catch up (with what they discover);
 //! - `aside`: files and directories set aside as unreadable, until their
-//!   permissions change.
+//!   permissions change;
+//! - `refused`: changes the registry refused (read-only, disk full), kept
+//!   and retried until it takes them.
+//!
+//! Every `RESCAN_INTERVAL` (and after an overflow, and at start with a
+//! database) a full scan walks the tree: every file is checked against the
+//! registry (only changed ones are hashed), the watches are rebuilt to one
+//! per directory, and whatever is set aside or refused is retried.
 
 mod events;
 mod renames;
@@ -38,6 +45,7 @@ mod pending;
 mod dispatch;
 mod root;
 mod aside;
+mod refused;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -51,6 +59,7 @@ use crossbeam_channel::{never, select, Receiver, Sender};
 use self::aside::Aside;
 use self::dispatch::ReadyItem;
 use self::pending::Entry;
+use self::refused::Refused;
 use self::renames::Pairing;
 use self::root::WATCHDOG_INTERVAL;
 use self::unpaired::Unpaired;
@@ -75,6 +84,8 @@ pub struct SettleOptions {
     pub initial_scan: bool,
     /// Optional file whose absence means the share is not mounted.
     pub sentinel: Option<PathBuf>,
+    /// How often a full scan runs anyway (`RESCAN_INTERVAL`); `None`: never.
+    pub rescan_interval: Option<Duration>,
 }
 
 /// The channels the settle stage reads and writes.
@@ -138,6 +149,10 @@ pub struct Settle {
     /// Files and directories that could not be read, until their permissions
     /// change (see `aside`); counted in `counters.set_aside`.
     set_aside: HashMap<String, Aside>,
+    /// When the periodic full scan is due (postponed by every full scan).
+    next_rescan: Option<Instant>,
+    /// Changes the registry refused, until it takes them.
+    refused: Refused,
 }
 
 impl Settle {
@@ -174,6 +189,8 @@ impl Settle {
             hold_until: None,
             outage_attempts: 0,
             set_aside: HashMap::new(),
+            next_rescan: None,
+            refused: Refused::default(),
         }
     }
 
@@ -181,6 +198,10 @@ impl Settle {
     pub fn run(mut self) {
         let root = self.options.root.clone();
         self.note_watch_failures(&root, Instant::now());
+        self.next_rescan = self
+            .options
+            .rescan_interval
+            .map(|interval| Instant::now() + interval);
         if self.options.initial_scan {
             self.request_full_scan("start-up reconciliation");
         }
@@ -230,6 +251,10 @@ impl Settle {
             if now >= self.next_watchdog {
                 self.watchdog(now);
             }
+            if self.next_rescan.is_some_and(|at| now >= at) {
+                self.request_full_scan("periodic rescan, RESCAN_INTERVAL");
+            }
+            self.retry_refused(now, false);
             self.expire_unpaired(now);
             self.start_due_scans(now);
             self.match_held(now);
@@ -268,6 +293,12 @@ impl Settle {
         }
         for (at, _) in &self.delayed_scans {
             next = next.min(*at);
+        }
+        for at in [self.next_rescan, self.refused.next_retry()]
+            .into_iter()
+            .flatten()
+        {
+            next = next.min(at);
         }
         next
     }
@@ -317,6 +348,7 @@ mod tests {
                 max_pending: 1000,
                 initial_scan: false,
                 sentinel: None,
+                rescan_interval: None,
             };
             let channels = SettleChannels {
                 raw,

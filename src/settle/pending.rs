@@ -7,12 +7,13 @@
 //! rescan.
 
 use std::cmp::Reverse;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use uuid::Uuid;
 
 use super::dispatch::ReadyItem;
 use super::{Settle, LOG_TARGET};
+use crate::path_text;
 
 /// A writer that keeps a file open without writing for this long is taken as
 /// finished anyway (some tools never close, or write through mmap); a later
@@ -43,6 +44,11 @@ pub(super) struct Entry {
     pub(super) ready: bool,
     /// The earliest time a timer for this entry is queued for.
     pub(super) scheduled: Instant,
+    /// Found by a scan, not by an event, while its mtime was this recent:
+    /// at the deadline the file is looked at again, and waits again while
+    /// its mtime keeps moving (see [`Settle::on_found`]). Any event for the
+    /// path clears it: from then on events say when the writer is done.
+    pub(super) found_mtime: Option<SystemTime>,
 }
 
 impl Entry {
@@ -57,6 +63,7 @@ impl Entry {
             correlation_id: Uuid::new_v4(),
             ready: false,
             scheduled: now,
+            found_mtime: None,
         }
     }
 }
@@ -76,6 +83,7 @@ impl Settle {
             entry
         });
         entry.last_activity = now;
+        entry.found_mtime = None;
         entry
     }
 
@@ -148,6 +156,61 @@ impl Settle {
         self.mark_removed(path, now);
     }
 
+    /// A scan found a file that has no pending entry: treated like a
+    /// modification seen now, by a writer that is done, so it is looked at
+    /// one settle time later. When its mtime was within the settle time of
+    /// now (a writer interrupted by a restart, or one whose events an
+    /// overflow lost, may still be at it), its mtime is looked at again at
+    /// that deadline, and it waits again for as long as the mtime keeps
+    /// moving: events may not be coming for it.
+    ///
+    /// Invariant: a discovery never touches an entry that exists (its own
+    /// events decide when it is ready; a close already seen is never undone
+    /// and its wait never lengthened), and never waits for a close, which
+    /// may have come and gone before the walk passed by.
+    pub(super) fn on_found(&mut self, path: String, modified: Option<SystemTime>, now: Instant) {
+        if self.pending.contains_key(&path) {
+            return;
+        }
+        let settle = self.settle_time();
+        let entry = self.touch(path, now);
+        entry.closed = true;
+        let recent = modified.filter(|modified| {
+            SystemTime::now()
+                .duration_since(*modified)
+                .map_or(true, |age| age < settle)
+        });
+        entry.found_mtime = recent;
+    }
+
+    /// At the deadline of a file a scan found while it was recent: `true`
+    /// (and a new deadline one settle time from now) if its mtime moved
+    /// meanwhile.
+    fn still_written(&mut self, path: &str, now: Instant) -> bool {
+        let Some(entry) = self.pending.get_mut(path) else {
+            return false;
+        };
+        let Some(seen) = entry.found_mtime.take() else {
+            return false;
+        };
+        let Some(modified) = std::fs::symlink_metadata(path_text::decode(path))
+            .ok()
+            .and_then(|metadata| metadata.modified().ok())
+        else {
+            return false; // gone or unreadable: the worker finds out
+        };
+        if modified == seen {
+            return false;
+        }
+        log::debug!(
+            target: LOG_TARGET,
+            "{path} was found by a scan and is still being written: waiting for it to settle"
+        );
+        entry.last_activity = now;
+        entry.found_mtime = Some(modified);
+        true
+    }
+
     /// Too much pending: drop it all and let a full scan and sweep recover.
     fn shed_pending(&mut self) {
         log::warn!(
@@ -177,6 +240,14 @@ impl Settle {
             if deadline > now {
                 self.pending.get_mut(&path).expect("looked up above").scheduled = deadline;
                 self.timers.push(Reverse((deadline, path)));
+                continue;
+            }
+            if self.still_written(&path, now) {
+                let settle = self.settle_time();
+                let entry = self.pending.get_mut(&path).expect("looked up above");
+                let again = self::deadline(entry, settle);
+                entry.scheduled = again;
+                self.timers.push(Reverse((again, path)));
                 continue;
             }
             if self.unpaired.holds(&path) {
