@@ -21,6 +21,9 @@
 //! - [`bench`]: `scripts/bench.sh --short` still runs and reports every figure.
 //! - [`hostile_files`]: permissions that change, special files swapped in,
 //!   files rewritten while hashed, huge files, huge and deep directories.
+//! - [`hostile_rescan`]: full rescans rebuild the watches, the periodic one
+//!   hashes nothing unchanged, refused changes are kept, files still being
+//!   written wait.
 //!
 //! Tests named `serial_…` stop or restart the shared servers; `scripts/test.sh`
 //! runs them one at a time after all the others.
@@ -42,3 +45,4 @@ mod hostile_renames;
 mod hostile_outbox;
 mod bench;
 mod hostile_files;
+mod hostile_rescan;
