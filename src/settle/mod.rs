@@ -103,6 +103,10 @@ pub struct SettleChannels {
 const MAX_WAIT: Duration = Duration::from_millis(250);
 /// Raw events handled per pass before timers and dispatch get a turn.
 const RAW_BATCH: usize = 4096;
+/// Pending and ready entries past which the periodic rescan waits, and for
+/// how long (see `Settle::periodic_rescan`).
+const PERIODIC_BUSY: usize = 1024;
+const PERIODIC_POSTPONE: Duration = Duration::from_secs(60);
 /// The target of every log line of the stage, whichever file it comes from:
 /// the one they had before the stage became a folder, so log lines stay
 /// byte-for-byte the same (issue 7). Child modules pass it explicitly.
@@ -252,7 +256,7 @@ impl Settle {
                 self.watchdog(now);
             }
             if self.next_rescan.is_some_and(|at| now >= at) {
-                self.request_full_scan("periodic rescan, RESCAN_INTERVAL");
+                self.periodic_rescan(now);
             }
             self.retry_refused(now, false);
             self.expire_unpaired(now);
@@ -270,6 +274,18 @@ impl Settle {
             self.ready.len(),
             self.in_flight.len()
         );
+    }
+
+    /// The periodic full scan, unless one is under way or the last one's
+    /// finds are still being worked through (a catch-up after downtime can
+    /// take longer than the interval): then it comes a little later rather
+    /// than pile a second walk's 100 000 checks onto the first.
+    fn periodic_rescan(&mut self, now: Instant) {
+        if self.full_scan_running || self.pending.len() + self.ready.len() >= PERIODIC_BUSY {
+            self.next_rescan = Some(now + PERIODIC_POSTPONE);
+            return;
+        }
+        self.request_full_scan("periodic rescan, RESCAN_INTERVAL");
     }
 
     fn settle_time(&self) -> Duration {
