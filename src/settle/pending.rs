@@ -221,6 +221,7 @@ impl Settle {
         self.pending.clear();
         self.timers.clear();
         self.ready.retain(|item| matches!(item, ReadyItem::Tree { .. }));
+        self.refused.forget_retries();
         self.request_full_scan("too many pending changes");
     }
 

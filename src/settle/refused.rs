@@ -64,6 +64,16 @@ struct Kept {
 }
 
 impl Refused {
+    /// Pending entries were dropped (see `Settle::shed_pending`): the file
+    /// jobs being retried went with them, and are due again.
+    pub(super) fn forget_retries(&mut self) {
+        for kept in self.kept.values_mut() {
+            if matches!(kept.job, Job::Check { .. } | Job::Gone { .. }) {
+                kept.retrying = false;
+            }
+        }
+    }
+
     /// When the next kept job is due for a retry.
     pub(super) fn next_retry(&self) -> Option<Instant> {
         self.kept
