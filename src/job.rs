@@ -73,7 +73,8 @@ pub struct Dispatch {
     pub id: u64,
     pub job: Job,
     pub correlation_id: Uuid,
-    /// Failed attempts so far (for backoff and giving up on hard errors).
+    /// Failed attempts so far (for backoff, and handing the job back as
+    /// refused after hard errors).
     pub attempt: u32,
 }
 

@@ -46,7 +46,8 @@ pub struct WorkerCounters {
     pub messages_recorded: AtomicU64,
     /// Files that vanished or could not be read while we looked at them.
     pub file_errors: AtomicU64,
-    /// Registry errors other than an outage (the job is retried, then dropped).
+    /// Registry errors other than an outage (the job is retried, then kept
+    /// by the settle stage as refused).
     /// Nothing reads it yet: the metrics issue (#10) will export it with the
     /// errors by kind.
     pub registry_errors: AtomicU64,
