@@ -271,3 +271,63 @@ fn deadline(entry: &Entry, settle: Duration) -> Instant {
         .not_before
         .map_or(settled, |not_before| not_before.max(settled))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::Harness;
+    use super::*;
+    use crate::job::Job;
+
+    fn check(path: &str) -> Job {
+        Job::Check {
+            path: path.to_owned(),
+            renamed_from: None,
+        }
+    }
+
+    #[test]
+    fn a_discovery_never_reopens_an_entry_whose_close_was_seen() {
+        let mut harness = Harness::new();
+        harness.settle.options.settle = Duration::from_secs(1);
+        let path = harness.path("a.flac");
+        std::fs::write(&path, b"x").unwrap();
+        let now = Instant::now();
+        harness.settle.on_closed(path.clone(), now);
+        harness
+            .settle
+            .on_found(path.clone(), Some(SystemTime::now()), now);
+        let entry = &harness.settle.pending[&path];
+        assert!(entry.closed && entry.found_mtime.is_none() && entry.last_activity == now);
+        let jobs = harness.pass();
+        assert_eq!(jobs.len(), 1, "ready one settle time after the close");
+        assert_eq!(jobs[0].job, check(&path));
+    }
+
+    #[test]
+    fn a_recent_file_found_by_a_scan_waits_while_its_mtime_moves() {
+        let mut harness = Harness::new();
+        let settle = Duration::from_secs(1);
+        harness.settle.options.settle = settle;
+        let (recent, old) = (harness.path("recent.flac"), harness.path("old.flac"));
+        std::fs::write(&recent, b"half").unwrap();
+        std::fs::write(&old, b"whole").unwrap();
+        let now = Instant::now();
+        // What the scan saw of `recent` is not what is there now: it moved since.
+        let seen = SystemTime::now() - Duration::from_millis(100);
+        harness.settle.on_found(recent.clone(), Some(seen), now);
+        let long_ago = SystemTime::now() - Duration::from_secs(3600);
+        harness.settle.on_found(old.clone(), Some(long_ago), now);
+        harness.settle.reschedule_touched();
+        // At the deadline: `old` goes, `recent` was written meanwhile and waits again.
+        harness.settle.promote_due(now + settle);
+        harness.settle.dispatch(now + settle);
+        let jobs: Vec<Job> = harness.jobs.try_iter().map(|dispatch| dispatch.job).collect();
+        assert_eq!(jobs, [check(&old)]);
+        // Unchanged one settle time later: it goes.
+        let later = Instant::now() + settle * 2;
+        harness.settle.promote_due(later);
+        harness.settle.dispatch(later);
+        let jobs: Vec<Job> = harness.jobs.try_iter().map(|dispatch| dispatch.job).collect();
+        assert_eq!(jobs, [check(&recent)]);
+    }
+}

@@ -499,4 +499,38 @@ mod tests {
         .add_path("/m/a.flac".into())));
         assert_eq!(receiver.len(), 1);
     }
+
+    #[test]
+    fn watches_follow_directories_renamed_or_removed_while_nobody_looked() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        for name in ["album", "album/disc", "gone"] {
+            std::fs::create_dir(root.join(name)).unwrap();
+        }
+        let identity = |path: &Path| {
+            let metadata = std::fs::metadata(path).unwrap();
+            (metadata.dev(), metadata.ino())
+        };
+        let (sender, _receiver) = bounded(1024);
+        let filter = Filter::new("flac", "").unwrap();
+        let callback = Callback::new(sender, Arc::new(WatchCounters::default()), false);
+        let mut watcher = Watcher::start(&root, WatchMode::Inotify, &filter, callback).unwrap();
+        assert_eq!(watcher.watched.len(), 4);
+        // Renamed and removed, with no event handled: the old names are stale.
+        std::fs::rename(root.join("album"), root.join("renamed")).unwrap();
+        std::fs::remove_dir(root.join("gone")).unwrap();
+        let renamed = root.join("renamed");
+        assert!(!watcher.is_watched(&renamed, identity(&renamed)));
+        watcher.watch_tree(&renamed).unwrap();
+        assert!(watcher.is_watched(&renamed, identity(&renamed)));
+        assert!(watcher.is_watched(&renamed.join("disc"), identity(&renamed.join("disc"))));
+        assert!(
+            !watcher.watched.contains_key(&root.join("album")),
+            "the old name was dropped before the new one was watched"
+        );
+        assert_eq!(watcher.prune(), (1, 3), "the removed directory's watch goes");
+        let mut names: Vec<_> = watcher.watched.keys().cloned().collect();
+        names.sort();
+        assert_eq!(names, [root.clone(), renamed.clone(), renamed.join("disc")]);
+    }
 }
