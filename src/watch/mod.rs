@@ -174,7 +174,8 @@ pub struct Watcher {
     inner: Box<dyn notify::Watcher + Send>,
     mode: WatchMode,
     root: PathBuf,
-    filter: Filter,
+    /// Shared so that a walk can borrow it while the watcher changes.
+    filter: Arc<Filter>,
     /// Directories that could not be watched (permission denied, an I/O
     /// error) since the settle stage last took them, with the reason.
     unwatchable: Vec<(PathBuf, String)>,
@@ -243,7 +244,7 @@ impl Watcher {
             inner,
             mode,
             root: root.to_owned(),
-            filter: filter.clone(),
+            filter: Arc::new(filter.clone()),
             unwatchable: Vec::new(),
             watched: HashMap::new(),
             names: HashMap::new(),
@@ -265,16 +266,17 @@ impl Watcher {
         if matches!(self.mode, WatchMode::Poll(_)) {
             return Ok(());
         }
-        let directories: Vec<(PathBuf, Identity)> = scan::tree_walk(&self.root, &self.filter, dir)
-            .flatten()
-            .filter(|entry| entry.file_type().is_dir())
-            // No metadata: gone meanwhile.
-            .filter_map(|entry| {
-                let metadata = entry.metadata().ok()?;
-                Some((entry.into_path(), (metadata.dev(), metadata.ino())))
-            })
-            .collect();
-        for (path, identity) in directories {
+        let (root, filter) = (self.root.clone(), Arc::clone(&self.filter));
+        // Each directory is watched as soon as the walk meets it, before the
+        // walk goes into it: a subdirectory made meanwhile raises an event.
+        for entry in scan::tree_walk(&root, &filter, dir).flatten() {
+            if !entry.file_type().is_dir() {
+                continue;
+            }
+            let Ok(metadata) = entry.metadata() else {
+                continue; // gone meanwhile
+            };
+            let (path, identity) = (entry.into_path(), (metadata.dev(), metadata.ino()));
             self.forget_other_name(identity, &path);
             match self.inner.watch(&path, RecursiveMode::NonRecursive) {
                 Ok(()) => {
