@@ -48,6 +48,7 @@
 //!   with the observation; a deletion only when that `stat` says gone.
 pub mod config;
 pub mod redact;
+pub mod tls;
 pub mod filter;
 pub mod path_text;
 pub mod logging;
