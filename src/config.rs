@@ -394,7 +394,11 @@ fn parse_broker_tls(args: &Args, url: &SecretUrl) -> Result<Option<ClientTls>, C
     if url.scheme() != Some("amqps") {
         let set = [
             ("RABBITMQ_CA_FILE", "rabbitmq-ca-file", &args.rabbitmq_ca_file),
-            ("RABBITMQ_CERT_FILE", "rabbitmq-cert-file", &args.rabbitmq_cert_file),
+            (
+                "RABBITMQ_CERT_FILE",
+                "rabbitmq-cert-file",
+                &args.rabbitmq_cert_file,
+            ),
             ("RABBITMQ_KEY_FILE", "rabbitmq-key-file", &args.rabbitmq_key_file),
         ];
         if let Some((variable, flag, Some(path))) = set.into_iter().find(|(_, _, path)| path.is_some()) {
@@ -415,7 +419,12 @@ fn parse_broker_tls(args: &Args, url: &SecretUrl) -> Result<Option<ClientTls>, C
     let identity = match (&args.rabbitmq_cert_file, &args.rabbitmq_key_file) {
         (None, None) => None,
         (Some(certificate), Some(key)) => Some(Identity::from_files(certificate, key).map_err(|error| {
-            file_error("RABBITMQ_CERT_FILE", "rabbitmq-cert-file", certificate, error.to_string())
+            file_error(
+                "RABBITMQ_CERT_FILE",
+                "rabbitmq-cert-file",
+                certificate,
+                error.to_string(),
+            )
         })?),
         (Some(path), None) => {
             return Err(file_error(
@@ -438,7 +447,12 @@ fn parse_broker_tls(args: &Args, url: &SecretUrl) -> Result<Option<ClientTls>, C
         .map(Some)
         .map_err(|error| {
             let path = args.rabbitmq_cert_file.as_deref().unwrap_or(Path::new(""));
-            file_error("RABBITMQ_CERT_FILE", "rabbitmq-cert-file", path, error.to_string())
+            file_error(
+                "RABBITMQ_CERT_FILE",
+                "rabbitmq-cert-file",
+                path,
+                error.to_string(),
+            )
         })
 }
 
@@ -447,8 +461,14 @@ fn parse_broker_tls(args: &Args, url: &SecretUrl) -> Result<Option<ClientTls>, C
 /// names the file, never its content.
 fn read_secret_files(mut args: Args) -> Result<Args, ConfigError> {
     fn read(variable: &'static str, flag: &'static str, path: &Path) -> Result<String, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| invalid(variable, flag, &path.to_string_lossy(), format!("cannot read it: {error}")))?;
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            invalid(
+                variable,
+                flag,
+                &path.to_string_lossy(),
+                format!("cannot read it: {error}"),
+            )
+        })?;
         let text = text.strip_suffix('\n').unwrap_or(&text);
         Ok(text.strip_suffix('\r').unwrap_or(text).to_owned())
     }
@@ -462,21 +482,48 @@ fn read_secret_files(mut args: Args) -> Result<Args, ConfigError> {
     }
     if let Some(path) = &args.rabbitmq_url_file {
         if let Some(url) = &args.rabbitmq_url {
-            return Err(both("RABBITMQ_URL", "rabbitmq-url", url.to_string(), "RABBITMQ_URL_FILE"));
+            return Err(both(
+                "RABBITMQ_URL",
+                "rabbitmq-url",
+                url.to_string(),
+                "RABBITMQ_URL_FILE",
+            ));
         }
-        args.rabbitmq_url = Some(SecretUrl::new(read("RABBITMQ_URL_FILE", "rabbitmq-url-file", path)?));
+        args.rabbitmq_url = Some(SecretUrl::new(read(
+            "RABBITMQ_URL_FILE",
+            "rabbitmq-url-file",
+            path,
+        )?));
     }
     if let Some(path) = &args.rabbitmq_pass_file {
         if args.rabbitmq_pass.is_some() {
-            return Err(both("RABBITMQ_PASS", "rabbitmq-pass", "***".to_owned(), "RABBITMQ_PASS_FILE"));
+            return Err(both(
+                "RABBITMQ_PASS",
+                "rabbitmq-pass",
+                "***".to_owned(),
+                "RABBITMQ_PASS_FILE",
+            ));
         }
-        args.rabbitmq_pass = Some(Secret::from(read("RABBITMQ_PASS_FILE", "rabbitmq-pass-file", path)?));
+        args.rabbitmq_pass = Some(Secret::from(read(
+            "RABBITMQ_PASS_FILE",
+            "rabbitmq-pass-file",
+            path,
+        )?));
     }
     if let Some(path) = &args.database_url_file {
         if let Some(url) = &args.database_url {
-            return Err(both("DATABASE_URL", "database-url", url.to_string(), "DATABASE_URL_FILE"));
+            return Err(both(
+                "DATABASE_URL",
+                "database-url",
+                url.to_string(),
+                "DATABASE_URL_FILE",
+            ));
         }
-        args.database_url = Some(SecretUrl::new(read("DATABASE_URL_FILE", "database-url-file", path)?));
+        args.database_url = Some(SecretUrl::new(read(
+            "DATABASE_URL_FILE",
+            "database-url-file",
+            path,
+        )?));
     }
     Ok(args)
 }

@@ -158,7 +158,10 @@ impl ClientTls {
         let config = match identity {
             None => builder.with_no_client_auth(),
             Some(identity) => {
-                description.push_str(&format!(", client certificate {}", identity.certificate_path.display()));
+                description.push_str(&format!(
+                    ", client certificate {}",
+                    identity.certificate_path.display()
+                ));
                 builder
                     .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
                     .map_err(|error| TlsError::Identity {
@@ -222,7 +225,9 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErr
             reason: error.to_string(),
         })?;
     if certificates.is_empty() {
-        return Err(TlsError::NoCertificate { path: path.to_owned() });
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
     }
     Ok(certificates)
 }
@@ -300,7 +305,12 @@ impl ServerCertVerifier for Unverified {
         certificate: &CertificateDer<'_>,
         signature: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, certificate, signature, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            certificate,
+            signature,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -309,7 +319,12 @@ impl ServerCertVerifier for Unverified {
         certificate: &CertificateDer<'_>,
         signature: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, certificate, signature, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            certificate,
+            signature,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -337,7 +352,10 @@ mod tests {
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
         let error = Trust::from_file(&empty).err().unwrap().to_string();
-        assert!(error.contains("empty.pem") && error.contains("no PEM certificate"), "{error}");
+        assert!(
+            error.contains("empty.pem") && error.contains("no PEM certificate"),
+            "{error}"
+        );
         let error = Identity::from_files(&empty, &empty).err().unwrap().to_string();
         assert!(error.contains("empty.pem"), "{error}");
     }

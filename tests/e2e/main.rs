@@ -21,6 +21,9 @@
 //! - [`bench`]: `scripts/bench.sh --short` still runs and reports every figure.
 //! - [`hostile_files`]: permissions that change, special files swapped in,
 //!   files rewritten while hashed, huge files, huge and deep directories.
+//! - [`tls`]: amqps:// and PostgreSQL's sslmode against TLS listeners of the
+//!   test's own, and TLS settings that stop the start.
+//! - [`secrets`]: a known password, run through every mode, never printed.
 //!
 //! Tests named `serial_…` stop or restart the shared servers; `scripts/test.sh`
 //! runs them one at a time after all the others.
@@ -42,3 +45,5 @@ mod hostile_renames;
 mod hostile_outbox;
 mod bench;
 mod hostile_files;
+mod tls;
+mod secrets;

@@ -160,7 +160,9 @@ fn open_connection(
                 match &tls {
                     // The handshake is bounded by the same deadline: the
                     // caller stops waiting and shuts the socket down.
-                    Some(tls) => Ok(stream.into_rustls(&RustlsConnector::from(tls.config()), &uri.authority.host).await?),
+                    Some(tls) => Ok(stream
+                        .into_rustls(&RustlsConnector::from(tls.config()), &uri.authority.host)
+                        .await?),
                     None => Ok(stream),
                 }
             },

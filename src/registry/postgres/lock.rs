@@ -11,8 +11,8 @@ use std::time::Duration;
 use postgres::Client;
 
 use super::faults::{database_fault, describe, is_connection_loss, name_database};
-use super::PostgresSettings;
 use super::pool::Connector;
+use super::PostgresSettings;
 use crate::registry::RegistryError;
 
 /// `application_name` of the dedicated connection that holds an instance lock.
@@ -93,7 +93,8 @@ impl InstanceLock {
             let config = settings.client_config(LOCK_APPLICATION_NAME)?;
             Ok((format!("file-watcher instance {schema} {instance_id}"), config))
         };
-        let (key, (config, connector)) = prepare().map_err(|error| LockError::from_registry(instance_id, error))?;
+        let (key, (config, connector)) =
+            prepare().map_err(|error| LockError::from_registry(instance_id, error))?;
         let database = settings.url.to_string();
         let client = take_lock(&config, &connector, &key, instance_id, &database)?;
         log::info!("holding the lock for instance id {instance_id} on {database}");
@@ -131,7 +132,13 @@ impl InstanceLock {
             self.instance_id,
             describe(&error)
         );
-        self.client = take_lock(&self.config, &self.connector, &self.key, &self.instance_id, &self.database)?;
+        self.client = take_lock(
+            &self.config,
+            &self.connector,
+            &self.key,
+            &self.instance_id,
+            &self.database,
+        )?;
         log::info!("holding the lock for instance id {} again", self.instance_id);
         Ok(())
     }
@@ -184,7 +191,9 @@ fn take_lock(
             name_database(database, database_fault(what, error).into()),
         )
     };
-    let mut client = config.connect(connector.clone()).map_err(|error| failure("connect", error))?;
+    let mut client = config
+        .connect(connector.clone())
+        .map_err(|error| failure("connect", error))?;
     let taken: bool = client
         .query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key])
         .map_err(|error| failure("try the advisory lock", error))?

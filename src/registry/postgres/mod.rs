@@ -170,7 +170,12 @@ impl PostgresSettings {
         // skipping" at every start is not news.
         config
             .notice_callback(|notice| log::debug!("PostgreSQL {}: {}", notice.severity(), notice.message()));
-        log::debug!("database TLS for {}: sslmode {:?}, {:?}", self.url, tls.mode, tls.client);
+        log::debug!(
+            "database TLS for {}: sslmode {:?}, {:?}",
+            self.url,
+            tls.mode,
+            tls.client
+        );
         Ok((config, tls.connector()))
     }
 }

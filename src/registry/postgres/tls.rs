@@ -97,7 +97,9 @@ impl DatabaseTls {
         }
         let trust = match root.as_deref() {
             None | Some("system") => Trust::bundled(),
-            Some(path) => Trust::from_file(Path::new(path)).map_err(|error| format!("sslrootcert: {error}"))?,
+            Some(path) => {
+                Trust::from_file(Path::new(path)).map_err(|error| format!("sslrootcert: {error}"))?
+            }
         };
         let verify = match mode {
             SslMode::Disable | SslMode::Prefer => Verify::Nothing,
@@ -107,9 +109,9 @@ impl DatabaseTls {
         };
         let identity = match (&certificate, &key) {
             (None, None) => None,
-            (Some(certificate), Some(key)) => {
-                Some(Identity::from_files(certificate, key).map_err(|error| format!("sslcert/sslkey: {error}"))?)
-            }
+            (Some(certificate), Some(key)) => Some(
+                Identity::from_files(certificate, key).map_err(|error| format!("sslcert/sslkey: {error}"))?,
+            ),
             _ => return Err("sslcert and sslkey must be given together".to_owned()),
         };
         let client = ClientTls::new(&trust, verify, identity.as_ref()).map_err(|error| error.to_string())?;
@@ -162,7 +164,9 @@ fn split_tls_parameters(url: &str) -> Result<(String, Vec<(String, String)>), St
     let mut taken = Vec::new();
     let mut rest = url.trim_start();
     while !rest.is_empty() {
-        let equals = rest.find('=').ok_or("a key=value connection string has a key without a value")?;
+        let equals = rest
+            .find('=')
+            .ok_or("a key=value connection string has a key without a value")?;
         let name = rest[..equals].trim_end();
         let after = rest[equals + 1..].trim_start();
         let (value, length) = key_value(after)?;
@@ -230,8 +234,9 @@ mod tests {
 
     #[test]
     fn url_parameters_are_taken_out() {
-        let (rest, taken) =
-            split("postgres://u:p@h/db?sslmode=verify-full&application_name=x&sslrootcert=%2Fca%20dir%2Fca.pem");
+        let (rest, taken) = split(
+            "postgres://u:p@h/db?sslmode=verify-full&application_name=x&sslrootcert=%2Fca%20dir%2Fca.pem",
+        );
         assert_eq!(rest, "postgres://u:p@h/db?application_name=x");
         assert_eq!(
             taken,
@@ -246,7 +251,8 @@ mod tests {
 
     #[test]
     fn key_value_parameters_are_taken_out() {
-        let (rest, taken) = split("host=h sslmode = verify-ca password='a b\\'c' sslrootcert='/my certs/ca.pem'");
+        let (rest, taken) =
+            split("host=h sslmode = verify-ca password='a b\\'c' sslrootcert='/my certs/ca.pem'");
         assert_eq!(rest, "host=h password='a b\\'c'");
         assert_eq!(
             taken,
@@ -263,19 +269,39 @@ mod tests {
         let tls = |url: &str| DatabaseTls::from_url(&SecretUrl::new(url));
         let prefer = tls("postgres://u:secret@h/db").unwrap();
         assert_eq!(prefer.mode, SslMode::Prefer);
-        assert_eq!(format!("{:?}", prefer.client), "encrypt without verifying the server");
+        assert_eq!(
+            format!("{:?}", prefer.client),
+            "encrypt without verifying the server"
+        );
         assert_eq!(prefer.mode.driver_mode(), DriverMode::Prefer);
         let full = tls("postgres://h/db?sslmode=verify-full").unwrap();
         assert_eq!(full.mode.driver_mode(), DriverMode::Require);
-        assert_eq!(format!("{:?}", full.client), "verify chain and host against bundled roots");
+        assert_eq!(
+            format!("{:?}", full.client),
+            "verify chain and host against bundled roots"
+        );
         let ca = tls("host=h sslmode=verify-ca").unwrap();
-        assert_eq!(format!("{:?}", ca.client), "verify chain (not host) against bundled roots");
+        assert_eq!(
+            format!("{:?}", ca.client),
+            "verify chain (not host) against bundled roots"
+        );
         let require = tls("postgres://h/db?sslmode=require").unwrap();
-        assert_eq!(format!("{:?}", require.client), "encrypt without verifying the server");
-        assert_eq!(tls("postgres://h/db?sslmode=disable").unwrap().mode.driver_mode(), DriverMode::Disable);
+        assert_eq!(
+            format!("{:?}", require.client),
+            "encrypt without verifying the server"
+        );
+        assert_eq!(
+            tls("postgres://h/db?sslmode=disable").unwrap().mode.driver_mode(),
+            DriverMode::Disable
+        );
         let error = tls("postgres://u:secret@h/db?sslmode=allow").err().unwrap();
-        assert!(error.contains("sslmode=allow") && !error.contains("secret"), "{error}");
-        let error = tls("postgres://h/db?sslmode=require&sslrootcert=/nonexistent/ca.pem").err().unwrap();
+        assert!(
+            error.contains("sslmode=allow") && !error.contains("secret"),
+            "{error}"
+        );
+        let error = tls("postgres://h/db?sslmode=require&sslrootcert=/nonexistent/ca.pem")
+            .err()
+            .unwrap();
         assert!(error.contains("/nonexistent/ca.pem"), "{error}");
         let error = tls("postgres://h/db?sslcert=/c.pem").err().unwrap();
         assert!(error.contains("together"), "{error}");
