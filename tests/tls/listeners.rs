@@ -44,7 +44,10 @@ fn main() {
     let database_tls = TlsProxy::start(database, Protocol::Postgres, &server, None);
     let ca = pki.ca_file();
     let ca = ca.display();
-    println!("RABBITMQ_URL=amqps://guest:guest@localhost:{}/%2f", broker_tls.port());
+    println!(
+        "RABBITMQ_URL=amqps://guest:guest@localhost:{}/%2f",
+        broker_tls.port()
+    );
     println!("RABBITMQ_CA_FILE={ca}");
     println!(
         "DATABASE_URL=postgres://{user}@localhost:{}/{name}?sslmode=verify-full&sslrootcert={ca}",
