@@ -968,6 +968,69 @@ mod tests {
         );
     }
 
+    /// `*_FILE` secrets: read, one trailing newline dropped, exclusive with
+    /// the variable they stand for; an amqps:// URL gets its TLS settings.
+    #[test]
+    fn secrets_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("rabbitmq_url");
+        std::fs::write(&url_file, "amqps://u:File-s3cret@broker/%2f\r\n").unwrap();
+        let database_file = dir.path().join("database_url");
+        std::fs::write(
+            &database_file,
+            "postgres://u:Db-s3cret@db/registry?sslmode=verify-full\n",
+        )
+        .unwrap();
+        let url_path = url_file.to_str().unwrap();
+        let database_path = database_file.to_str().unwrap();
+        let config = parse(&[
+            "/tmp",
+            "--rabbitmq-url-file",
+            url_path,
+            "--database-url-file",
+            database_path,
+        ])
+        .unwrap();
+        let broker = config.broker.as_ref().unwrap();
+        assert_eq!(broker.url.expose(), "amqps://u:File-s3cret@broker/%2f");
+        assert_eq!(
+            format!("{:?}", broker.tls.as_ref().unwrap()),
+            "verify chain and host against bundled roots"
+        );
+        assert_eq!(
+            config.database.as_ref().unwrap().url.expose(),
+            "postgres://u:Db-s3cret@db/registry?sslmode=verify-full"
+        );
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+
+        let error = parse(&[
+            "/tmp",
+            "--rabbitmq-url",
+            "amqp://h/",
+            "--rabbitmq-url-file",
+            url_path,
+        ])
+        .unwrap_err();
+        assert!(error.to_string().contains("RABBITMQ_URL_FILE") && error.variable == "RABBITMQ_URL");
+        let error = parse(&["/tmp", "--rabbitmq-pass-file", "/nonexistent/pass"]).unwrap_err();
+        assert_eq!(error.variable, "RABBITMQ_PASS_FILE");
+        let pass_file = dir.path().join("pass");
+        std::fs::write(&pass_file, "p@ss\n").unwrap();
+        let legacy = parse(&[
+            "/tmp",
+            "--rabbitmq-host",
+            "h",
+            "--rabbitmq-pass-file",
+            pass_file.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(
+            legacy.broker.unwrap().url.expose(),
+            "amqp://guest:p%40ss@h:5672/%2f"
+        );
+    }
+
     /// Issue 8: `{:?}` of the raw arguments and of the configuration (and of
     /// its parts) can never show a password, whichever way it was given.
     #[test]
