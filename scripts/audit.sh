@@ -38,12 +38,14 @@ if [[ -f "$tarball" ]]; then
     database="$work/db/advisory-db-3157b0e258782691"
     mkdir -p "$work/db"
     mv "$work/advisory-db" "$database"
-    snapshot_date=$(find "$database/crates" -name '*.md' -newermt '1970-01-01' -printf '%TY-%Tm-%TdT%TH:%TM:%TSZ\n' 2>/dev/null | sort | tail -1 | cut -c1-20)
+    # Dated like its newest advisory file (as stored in the tarball).
+    newest=$(find "$database/crates" -name '*.md' -printf '%T@\n' 2>/dev/null | sort -n | tail -1 | cut -d. -f1)
+    snapshot_date="@${newest:-0} +0000"
     (
         cd "$database"
         git init -q
         git add -A
-        GIT_AUTHOR_DATE="${snapshot_date:-2026-08-21T00:00:00Z}" GIT_COMMITTER_DATE="${snapshot_date:-2026-08-21T00:00:00Z}" \
+        GIT_AUTHOR_DATE="$snapshot_date" GIT_COMMITTER_DATE="$snapshot_date" \
             git -c user.name=audit -c user.email=audit@localhost -c commit.gpgsign=false commit -q -m "RustSec snapshot"
     )
     sed "s|^\[advisories\]|[advisories]\ndb-path = \"$work/db\"|" deny.toml > "$config"
