@@ -171,6 +171,7 @@ fn build_sink(config: &Config) -> Box<dyn Sink> {
             connect_timeout: BROKER_CONNECT_TIMEOUT,
             confirm_timeout: BROKER_CONFIRM_TIMEOUT,
             heartbeat: BROKER_HEARTBEAT,
+            tls: broker.tls.clone(),
         })),
         None => Box::new(StdoutSink::new()),
     }

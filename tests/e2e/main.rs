@@ -24,6 +24,9 @@
 //! - [`hostile_rescan`]: full rescans rebuild the watches, the periodic one
 //!   hashes nothing unchanged, refused changes are kept, files still being
 //!   written wait.
+//! - [`tls`]: amqps:// and PostgreSQL's sslmode against TLS listeners of the
+//!   test's own, and TLS settings that stop the start.
+//! - [`secrets`]: a known password, run through every mode, never printed.
 //!
 //! Tests named `serial_…` stop or restart the shared servers; `scripts/test.sh`
 //! runs them one at a time after all the others.
@@ -46,3 +49,5 @@ mod hostile_outbox;
 mod bench;
 mod hostile_files;
 mod hostile_rescan;
+mod tls;
+mod secrets;
