@@ -21,6 +21,8 @@
 //! - [`bench`]: `scripts/bench.sh --short` still runs and reports every figure.
 //! - [`hostile_files`]: permissions that change, special files swapped in,
 //!   files rewritten while hashed, huge files, huge and deep directories.
+//! - [`observe`]: `/metrics`, `/healthz`, `/readyz` and `healthcheck` of a
+//!   running daemon; [`ops`]: `instances`, `status` and `replay`.
 //!
 //! Tests named `serial_…` stop or restart the shared servers; `scripts/test.sh`
 //! runs them one at a time after all the others.
@@ -42,3 +44,5 @@ mod hostile_renames;
 mod hostile_outbox;
 mod bench;
 mod hostile_files;
+mod observe;
+mod ops;
