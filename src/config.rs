@@ -598,10 +598,38 @@ mod tests {
             ("--db-pool-size", "0", "DB_POOL_SIZE"),
             ("--db-schema", "x;drop", "DB_SCHEMA"),
             ("--extensions", "", "EXTENSIONS"),
+            ("--metrics-addr", "localhost:9464", "METRICS_ADDR"),
         ] {
             let error = parse(&["/tmp", flag, value]).unwrap_err();
             assert_eq!(error.variable, variable);
         }
+    }
+
+    #[test]
+    fn metrics_addr_is_an_ip_and_a_port_or_off() {
+        assert_eq!(parse(&["/tmp"]).unwrap().metrics_addr, None);
+        assert_eq!(parse(&["/tmp", "--metrics-addr", ""]).unwrap().metrics_addr, None);
+        let config = parse(&["/tmp", "--metrics-addr", "127.0.0.1:9464"]).unwrap();
+        assert_eq!(config.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        let config = parse(&["/tmp", "--metrics-addr", "[::1]:9464"]).unwrap();
+        assert_eq!(config.metrics_addr, Some("[::1]:9464".parse().unwrap()));
+        let error = parse(&["/tmp", "--metrics-addr", "127.0.0.1"]).unwrap_err();
+        assert_eq!(error.variable, "METRICS_ADDR");
+    }
+
+    /// A subcommand is recognised after the daemon's flags too, and the
+    /// flags the operator commands read are accepted after it.
+    #[test]
+    fn subcommands_share_the_daemon_settings() {
+        let args = Args::try_parse_from(["file-watcher", "--exchange", "x", "instances", "--json"]).unwrap();
+        assert!(matches!(args.command, Some(crate::ops::Command::Instances(_))));
+        assert_eq!(args.exchange, "x");
+        let args = Args::try_parse_from(["file-watcher", "replay", "--db-schema", "s", "--dry-run"]).unwrap();
+        assert!(matches!(args.command, Some(crate::ops::Command::Replay(_))));
+        assert_eq!(args.db_schema.as_deref(), Some("s"));
+        let args = Args::try_parse_from(["file-watcher", "/data/music"]).unwrap();
+        assert!(args.command.is_none());
+        assert_eq!(args.data_dir, PathBuf::from("/data/music"));
     }
 
     #[test]
