@@ -27,6 +27,8 @@
 //! - [`tls`]: amqps:// and PostgreSQL's sslmode against TLS listeners of the
 //!   test's own, and TLS settings that stop the start.
 //! - [`secrets`]: a known password, run through every mode, never printed.
+//! - [`observe`]: `/metrics`, `/healthz`, `/readyz` and `healthcheck` of a
+//!   running daemon; [`ops`]: `instances`, `status` and `replay`.
 //!
 //! Tests named `serial_…` stop or restart the shared servers; `scripts/test.sh`
 //! runs them one at a time after all the others.
@@ -51,3 +53,5 @@ mod hostile_files;
 mod hostile_rescan;
 mod tls;
 mod secrets;
+mod observe;
+mod ops;

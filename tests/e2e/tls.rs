@@ -327,3 +327,56 @@ fn tls_settings_that_cannot_work_stop_the_start_naming_the_variable() {
         assert!(!lines[0].contains("s3cret-tls"), "{lines:?}");
     }
 }
+
+/// The heartbeat and the operator commands open connections of their own,
+/// outside the pool: they follow `sslmode` too (a `verify-full` URL is not
+/// even something the driver alone can parse).
+#[test]
+fn tls_heartbeat_and_operator_commands_follow_sslmode() {
+    let pki = Pki::new();
+    let database_tls = TlsProxy::start(
+        database::address(),
+        Protocol::Postgres,
+        &pki.files("server"),
+        None,
+    );
+    let database = TestDatabase::new();
+    let ca = path_text(&pki.ca_file());
+    let url = postgres_url(&database_tls, &format!("sslmode=verify-full&sslrootcert={ca}"));
+    let mut daemon = Daemon::builder()
+        .with_database(&database)
+        .env("DATABASE_URL", &url)
+        .env("INSTANCE_ID", "tls-heartbeat")
+        .start();
+    let instances = || {
+        Daemon::builder()
+            .arg("instances")
+            .arg("--json")
+            .with_database(&database)
+            .env("DATABASE_URL", &url)
+            .run()
+    };
+    crate::support::wait_until("the heartbeat's row, read over TLS", DEADLINE, || {
+        let finished = instances();
+        finished.status.success() && finished.stdout_text().contains("\"tls-heartbeat\"")
+    });
+    let finished = instances();
+    assert!(
+        finished.stdout_text().contains("\"running\""),
+        "{}",
+        finished.stdout_text()
+    );
+    assert!(daemon.terminate().success());
+    assert_eq!(database_tls.plaintext_sessions(), 0);
+    // The pool, the instance lock, the heartbeat, and one per command run.
+    assert!(
+        database_tls.handshakes() >= 4,
+        "{} handshakes",
+        database_tls.handshakes()
+    );
+    assert!(
+        daemon.warnings_and_errors().is_empty(),
+        "{}",
+        daemon.stderr_text()
+    );
+}

@@ -180,6 +180,27 @@ impl PostgresSettings {
     }
 }
 
+/// One connection of its own, outside the pool, with the same `sslmode`
+/// handling: for the heartbeat and the operator commands. `what` names the
+/// failure ("connect").
+pub fn connect_one(
+    url: &SecretUrl,
+    application_name: &str,
+    connect_timeout: Duration,
+) -> Result<postgres::Client, RegistryError> {
+    let settings = PostgresSettings {
+        url: url.clone(),
+        schema: None,
+        pool_size: 1,
+        connect_timeout,
+    };
+    let (config, connector) = settings.client_config(application_name)?;
+    config.connect(connector).map_err(|error| RegistryError::Query {
+        what: "connect",
+        detail: format!("{url}: {}", describe(&error)),
+    })
+}
+
 /// The registry every instance shares; see the module docs.
 pub struct PostgresRegistry {
     pool: Pool<Manager>,
