@@ -9,7 +9,9 @@
 //! - [`config`] parses environment and flags once into a [`config::Config`];
 //!   [`filter`] decides which names matter; [`path_text`] turns paths (bytes)
 //!   into the text every stage, the registry and the messages carry, and
-//!   back; [`redact`] keeps passwords out of what we print; [`logging`]
+//!   back; [`redact`] keeps passwords out of what we print; [`tls`] reads
+//!   the certificate files once, at start, into the rustls settings both
+//!   connections use; [`logging`]
 //!   stamps every line with `[instance:dir]` and escapes control characters.
 //! - [`watch`] owns notify and hands [`watch::RawEvent`]s to the settle
 //!   stage. Its callback never blocks: a full channel drops the event and
@@ -29,6 +31,10 @@
 //!   [`publish::broker`]) and marks messages published once confirmed.
 //! - [`shutdown`] turns signals into a stop request; [`pipeline`] wires it all
 //!   and stops it in pipeline order. [`backoff`] is the one retry policy.
+//! - [`observe`] exports the stages' counters (`/metrics`), answers the
+//!   probes (`/healthz`, `/readyz`) and keeps the `instances` row fresh;
+//!   [`ops`] holds the operator commands (`healthcheck`, `instances`,
+//!   `status`, `replay`) that run instead of the daemon.
 //!
 //! Log targets are the stage names operators filter on (`file_watcher::settle`,
 //! `file_watcher::worker`, `file_watcher::broker`, ...): they stayed as they
@@ -48,6 +54,7 @@
 //!   with the observation; a deletion only when that `stat` says gone.
 pub mod config;
 pub mod redact;
+pub mod tls;
 pub mod filter;
 pub mod path_text;
 pub mod logging;
@@ -61,3 +68,5 @@ pub mod registry;
 pub mod publish;
 pub mod shutdown;
 pub mod pipeline;
+pub mod observe;
+pub mod ops;

@@ -197,6 +197,7 @@ impl Settle {
             keys.iter().for_each(|key| self.held.remove(key));
         }
         self.note_done(&done.dispatch.job, &done.outcome);
+        self.note_retried(&done.dispatch.job, &done.outcome);
         let Dispatch {
             job,
             correlation_id,
@@ -229,6 +230,8 @@ impl Settle {
             }
             // Set aside (`note_done`) until its permissions change.
             Outcome::Unreadable(_) => return,
+            // Kept (`refused`) and retried until the registry takes it.
+            Outcome::Refused(reason) => return self.refuse(job, correlation_id, &reason, now),
             Outcome::Changing => (None, true),
             Outcome::Vanished => {
                 if let Job::Check { path, renamed_from } = job {

@@ -29,7 +29,14 @@
 //! - `root`: the watchdog, watcher restarts, falling back to polling, and the
 //!   scans that catch up (with what they discover);
 //! - `aside`: files and directories set aside as unreadable, until their
-//!   permissions change.
+//!   permissions change;
+//! - `refused`: changes the registry refused (read-only, disk full), kept
+//!   and retried until it takes them.
+//!
+//! Every `RESCAN_INTERVAL` (and after an overflow, and at start with a
+//! database) a full scan walks the tree: every file is checked against the
+//! registry (only changed ones are hashed), the watches are rebuilt to one
+//! per directory, and whatever is set aside or refused is retried.
 
 mod events;
 mod renames;
@@ -38,6 +45,7 @@ mod pending;
 mod dispatch;
 mod root;
 mod aside;
+mod refused;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -51,6 +59,7 @@ use crossbeam_channel::{never, select, Receiver, Sender};
 use self::aside::Aside;
 use self::dispatch::ReadyItem;
 use self::pending::Entry;
+use self::refused::Refused;
 use self::renames::Pairing;
 use self::root::WATCHDOG_INTERVAL;
 use self::unpaired::Unpaired;
@@ -75,6 +84,8 @@ pub struct SettleOptions {
     pub initial_scan: bool,
     /// Optional file whose absence means the share is not mounted.
     pub sentinel: Option<PathBuf>,
+    /// How often a full scan runs anyway (`RESCAN_INTERVAL`); `None`: never.
+    pub rescan_interval: Option<Duration>,
 }
 
 /// The channels the settle stage reads and writes.
@@ -92,6 +103,10 @@ pub struct SettleChannels {
 const MAX_WAIT: Duration = Duration::from_millis(250);
 /// Raw events handled per pass before timers and dispatch get a turn.
 const RAW_BATCH: usize = 4096;
+/// Pending and ready entries past which the periodic rescan waits, and for
+/// how long (see `Settle::periodic_rescan`).
+const PERIODIC_BUSY: usize = 1024;
+const PERIODIC_POSTPONE: Duration = Duration::from_secs(60);
 /// The target of every log line of the stage, whichever file it comes from:
 /// the one they had before the stage became a folder, so log lines stay
 /// byte-for-byte the same (issue 7). Child modules pass it explicitly.
@@ -140,6 +155,10 @@ pub struct Settle {
     /// Files and directories that could not be read, until their permissions
     /// change (see `aside`); counted in `counters.set_aside`.
     set_aside: HashMap<String, Aside>,
+    /// When the periodic full scan is due (postponed by every full scan).
+    next_rescan: Option<Instant>,
+    /// Changes the registry refused, until it takes them.
+    refused: Refused,
 }
 
 impl Settle {
@@ -177,6 +196,8 @@ impl Settle {
             hold_until: None,
             outage_attempts: 0,
             set_aside: HashMap::new(),
+            next_rescan: None,
+            refused: Refused::default(),
         }
     }
 
@@ -184,10 +205,15 @@ impl Settle {
     pub fn run(mut self) {
         let root = self.options.root.clone();
         self.note_watch_failures(&root, Instant::now());
+        self.next_rescan = self
+            .options
+            .rescan_interval
+            .map(|interval| Instant::now() + interval);
         if self.options.initial_scan {
             self.request_full_scan("start-up reconciliation");
         }
         loop {
+            self.note_progress();
             let now = Instant::now();
             let wait = self.next_wakeup(now).saturating_duration_since(now).min(MAX_WAIT);
             // Stop reading discoveries while enough work is pending: the walk waits.
@@ -223,6 +249,7 @@ impl Settle {
                 default(wait) => {}
             }
             if self.counters.overflowed.swap(false, Ordering::AcqRel) {
+                self.counters.overflows.fetch_add(1, Ordering::Relaxed);
                 log::warn!(
                     "event channel was full: {} events dropped so far; rescanning the tree",
                     self.counters.dropped_events.load(Ordering::Relaxed)
@@ -233,6 +260,10 @@ impl Settle {
             if now >= self.next_watchdog {
                 self.watchdog(now);
             }
+            if self.next_rescan.is_some_and(|at| now >= at) {
+                self.periodic_rescan(now);
+            }
+            self.retry_refused(now, false);
             self.expire_unpaired(now);
             self.start_due_scans(now);
             self.match_held(now);
@@ -248,6 +279,37 @@ impl Settle {
             self.ready.len(),
             self.in_flight.len()
         );
+    }
+
+    /// The periodic full scan, unless one is under way or the last one's
+    /// finds are still being worked through (a catch-up after downtime can
+    /// take longer than the interval): then it comes a little later rather
+    /// than pile a second walk's 100 000 checks onto the first.
+    fn periodic_rescan(&mut self, now: Instant) {
+        if self.full_scan_running || self.pending.len() + self.ready.len() >= PERIODIC_BUSY {
+            self.next_rescan = Some(now + PERIODIC_POSTPONE);
+            return;
+        }
+        self.request_full_scan("periodic rescan, RESCAN_INTERVAL");
+    }
+
+    /// What the metrics and `/healthz` read, once per loop turn (a few
+    /// relaxed stores): alive, pending paths, polling, and whether catch-up
+    /// is complete (the start-up scan done and everything it found handled).
+    fn note_progress(&self) {
+        let counters = &self.counters;
+        counters
+            .settle_alive
+            .store(crate::observe::health::stamp(), Ordering::Relaxed);
+        counters
+            .pending_paths
+            .store(self.pending.len() as u64, Ordering::Relaxed);
+        let polling = matches!(self.options.mode, WatchMode::Poll(_));
+        counters.polling.store(polling, Ordering::Relaxed);
+        let idle = self.pending.is_empty() && self.ready.is_empty() && self.in_flight.is_empty();
+        if idle && !self.full_scan_running && !counters.caught_up.load(Ordering::Relaxed) {
+            counters.caught_up.store(true, Ordering::Relaxed);
+        }
     }
 
     fn settle_time(&self) -> Duration {
@@ -271,6 +333,12 @@ impl Settle {
         }
         for (at, _) in &self.delayed_scans {
             next = next.min(*at);
+        }
+        for at in [self.next_rescan, self.refused.next_retry()]
+            .into_iter()
+            .flatten()
+        {
+            next = next.min(at);
         }
         next
     }
@@ -320,6 +388,7 @@ mod tests {
                 max_pending: 1000,
                 initial_scan: false,
                 sentinel: None,
+                rescan_interval: None,
             };
             let channels = SettleChannels {
                 raw,

@@ -15,11 +15,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use self::hash::FileId;
 use crate::backoff::RETRY;
 use crate::job::{Dispatch, Done, Job, Moved, Outcome};
+use crate::message::EventType;
 use crate::path_text;
 use crate::registry::{
     regular_file_metadata, Applied, Change, Health, Observed, Registry, RegistryError, Row, Stat,
@@ -27,9 +28,9 @@ use crate::registry::{
 use crate::watch::guard::RootGuard;
 use crate::watch::WatchCounters;
 
-/// Hard (non-connection) registry errors a job survives before it is dropped;
-/// the next full scan picks the file up again.
-const MAX_ATTEMPTS: u32 = 5;
+/// Hard (non-connection) registry errors a job survives before it is handed
+/// back as refused (the settle stage keeps it and retries it later).
+pub(crate) const MAX_ATTEMPTS: u32 = 5;
 /// Rows fetched per page when walking a subtree in the registry.
 const PAGE: usize = 500;
 /// The target of this module's log lines: the one they had before the move to
@@ -40,17 +41,28 @@ const LOG_TARGET: &str = "file_watcher::worker";
 #[derive(Debug, Default)]
 pub struct WorkerCounters {
     pub files_hashed: AtomicU64,
-    /// Bytes read while hashing. Nothing reads it yet: the metrics issue
-    /// (#10) will export it.
+    /// Bytes read while hashing (exported as a metric).
     pub bytes_hashed: AtomicU64,
     pub messages_recorded: AtomicU64,
     /// Files that vanished or could not be read while we looked at them.
     pub file_errors: AtomicU64,
-    /// Registry errors other than an outage (the job is retried, then dropped).
-    /// Nothing reads it yet: the metrics issue (#10) will export it with the
-    /// errors by kind.
+    /// Registry errors other than an outage (the job is retried, then kept
+    /// by the settle stage as refused); exported with the errors by kind.
     pub registry_errors: AtomicU64,
+    /// Messages recorded, by event type (slots in [`EventType::ALL`] order).
+    pub recorded_by_type: [AtomicU64; EventType::ALL.len()],
+    /// Changes the registry recorded (a row written).
+    pub registry_writes: AtomicU64,
+    /// Observations that turned out to be nothing new (same stat as the
+    /// row, or recorded without a message).
+    pub unchanged: AtomicU64,
+    /// The most recent loop turn of any worker, idle ticks included, as
+    /// [`crate::observe::health::stamp`]: all workers wedged makes it old.
+    pub alive: AtomicU64,
 }
+
+/// How often an idle worker wakes to say it is alive.
+const ALIVE_TICK: Duration = Duration::from_secs(1);
 
 pub struct Worker {
     pub registry: Arc<dyn Registry>,
@@ -116,7 +128,17 @@ impl Worker {
             1
         };
         let mut batch = Vec::with_capacity(limit);
-        while let Ok(first) = jobs.recv() {
+        loop {
+            // Idle ticks count as progress: /healthz fails only when every
+            // worker is stuck in one job.
+            self.counters
+                .alive
+                .store(crate::observe::health::stamp(), Ordering::Relaxed);
+            let first = match jobs.recv_timeout(ALIVE_TICK) {
+                Ok(dispatch) => dispatch,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
             batch.push(first);
             batch.extend(jobs.try_iter().take(limit - 1));
             for (dispatch, outcome) in self.perform_all(&mut batch) {
@@ -273,7 +295,17 @@ impl Worker {
             }
             Err(error) => {
                 self.counters.registry_errors.fetch_add(1, Ordering::Relaxed);
-                if dispatch.attempt + 1 >= MAX_ATTEMPTS {
+                let kept = !matches!(dispatch.job, Job::Sweep { .. } | Job::MatchMoves { .. });
+                if dispatch.attempt + 1 >= MAX_ATTEMPTS && kept {
+                    // The settle stage warns once per path and retries it.
+                    log::debug!(
+                        target: LOG_TARGET,
+                        "{:?} refused {MAX_ATTEMPTS} times: {error}",
+                        dispatch.job
+                    );
+                    Outcome::Refused(error.to_string())
+                } else if dispatch.attempt + 1 >= MAX_ATTEMPTS {
+                    // A sweep runs again at the next full scan; unmatched moves stay as they are.
                     log::error!(
                         target: LOG_TARGET,
                         "giving up on {:?} after {MAX_ATTEMPTS} attempts: {error}",
@@ -281,8 +313,11 @@ impl Worker {
                     );
                     Outcome::Finished
                 } else {
-                    log::warn!(
+                    // A kept job that keeps failing is warned about once, by the settle stage.
+                    let level = if kept { log::Level::Debug } else { log::Level::Warn };
+                    log::log!(
                         target: LOG_TARGET,
+                        level,
                         "{:?} failed (attempt {}): {error}",
                         dispatch.job,
                         dispatch.attempt + 1
@@ -302,11 +337,16 @@ impl Worker {
         match applied {
             Applied::Changed => Outcome::Changing,
             Applied::Recorded(messages) => {
-                if !messages.is_empty() {
+                self.counters.registry_writes.fetch_add(1, Ordering::Relaxed);
+                if messages.is_empty() {
+                    self.counters.unchanged.fetch_add(1, Ordering::Relaxed);
+                } else {
                     self.counters
                         .messages_recorded
                         .fetch_add(messages.len() as u64, Ordering::Relaxed);
                     for message in &messages {
+                        let slot = EventType::ALL.iter().position(|kind| *kind == message.event_type);
+                        self.counters.recorded_by_type[slot.unwrap_or(0)].fetch_add(1, Ordering::Relaxed);
                         log::debug!(
                             target: LOG_TARGET,
                             "recorded {} {}",
@@ -335,6 +375,7 @@ impl Worker {
         // Unchanged size and mtime: the recorded hashes still hold (renames keep both).
         if renamed_from.is_none() && known.is_some_and(|row| row.stat == before) {
             // The very observation already recorded (a rescan of an unchanged file).
+            self.counters.unchanged.fetch_add(1, Ordering::Relaxed);
             return Step::Answer(Outcome::Finished);
         }
         let reusable = known.filter(|row| {

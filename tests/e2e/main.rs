@@ -21,6 +21,14 @@
 //! - [`bench`]: `scripts/bench.sh --short` still runs and reports every figure.
 //! - [`hostile_files`]: permissions that change, special files swapped in,
 //!   files rewritten while hashed, huge files, huge and deep directories.
+//! - [`hostile_rescan`]: full rescans rebuild the watches, the periodic one
+//!   hashes nothing unchanged, refused changes are kept, files still being
+//!   written wait.
+//! - [`tls`]: amqps:// and PostgreSQL's sslmode against TLS listeners of the
+//!   test's own, and TLS settings that stop the start.
+//! - [`secrets`]: a known password, run through every mode, never printed.
+//! - [`observe`]: `/metrics`, `/healthz`, `/readyz` and `healthcheck` of a
+//!   running daemon; [`ops`]: `instances`, `status` and `replay`.
 //!
 //! Tests named `serial_…` stop or restart the shared servers; `scripts/test.sh`
 //! runs them one at a time after all the others.
@@ -42,3 +50,8 @@ mod hostile_renames;
 mod hostile_outbox;
 mod bench;
 mod hostile_files;
+mod hostile_rescan;
+mod tls;
+mod secrets;
+mod observe;
+mod ops;

@@ -7,7 +7,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use postgres::NoTls;
 use r2d2::{CustomizeConnection, HandleError, Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 
@@ -17,14 +16,19 @@ use super::statements::{Caching, Session};
 use super::{PostgresRegistry, PostgresSettings};
 use crate::registry::RegistryError;
 
+/// Every connection is opened through rustls; whether TLS is used at all is
+/// the driver's `sslmode`, set from the URL (see `tls`).
+pub(super) type Connector = tokio_postgres_rustls::MakeRustlsConnect;
+
 /// Each connection keeps the statements prepared on it (`statements`).
-pub(super) type Manager = Caching<PostgresConnectionManager<NoTls>>;
+pub(super) type Manager = Caching<PostgresConnectionManager<Connector>>;
 
 /// The pool for `schema`, and where it keeps the last failure to open a
 /// connection. Its connections are opened in the background.
 pub(super) fn build(
     settings: &PostgresSettings,
     config: postgres::Config,
+    connector: Connector,
     schema: &str,
     database: &str,
 ) -> (Pool<Manager>, Arc<Mutex<Option<String>>>) {
@@ -48,7 +52,7 @@ pub(super) fn build(
         }))
         // The migration connection just proved the server reachable;
         // connections are opened in the background from here on.
-        .build_unchecked(Caching(PostgresConnectionManager::new(config, NoTls)));
+        .build_unchecked(Caching(PostgresConnectionManager::new(config, connector)));
     (pool, last_connect_failure)
 }
 
