@@ -261,10 +261,10 @@ mod tests {
         assert_eq!(retried[0].attempt, MAX_ATTEMPTS - 1, "one attempt per round");
         // Refused again: kept, not warned again, due later.
         let again = retried.into_iter().next().unwrap();
-        harness.settle.in_flight.remove(&again.id);
-        harness
-            .settle
-            .refuse(again.job, correlation_id, "(SQLSTATE 53100)", now);
+        harness.settle.on_done(Done {
+            dispatch: again,
+            outcome: Outcome::Refused("(SQLSTATE 53100)".into()),
+        });
         assert_eq!(harness.settle.refused.kept.len(), 1);
         harness.settle.retry_refused(now, false);
         assert!(harness.pass().is_empty(), "not due yet");
