@@ -21,6 +21,8 @@
 //! - [`bench`]: `scripts/bench.sh --short` still runs and reports every figure.
 //! - [`hostile_files`]: permissions that change, special files swapped in,
 //!   files rewritten while hashed, huge files, huge and deep directories.
+//! - [`deploy`]: the compose stacks, `scripts/stress.sh` with five instances,
+//!   the NAS service unit.
 //!
 //! Tests named `serial_…` stop or restart the shared servers; `scripts/test.sh`
 //! runs them one at a time after all the others.
@@ -42,3 +44,4 @@ mod hostile_renames;
 mod hostile_outbox;
 mod bench;
 mod hostile_files;
+mod deploy;
