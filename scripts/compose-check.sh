@@ -165,7 +165,7 @@ connections_named() {
 wait_for 30 connections_named || problems+=("the broker does not list every connection as file_watcher_<id>")
 
 checker_args=()
-for name in "${names[@]}"; do checker_args+=(--instance "$name=$work/$name"); done
+for name in "${names[@]}"; do checker_args+=(--instance "$name=$work/$name@/data/$name"); done
 checker quiet --schema "$run_id" --wait 60 "${checker_args[@]}" || problems+=("not every file was recorded and published within 60 s")
 
 log "docker-compose stop"

@@ -279,7 +279,14 @@ done
 
 # Wait for quiet while the instances still run, then measure and stop them.
 checker_args=()
-for name in "${names[@]}"; do checker_args+=(--instance "$name=${tree[$name]}"); done
+for name in "${names[@]}"; do
+    if [ "$containers" -eq 1 ]; then
+        # The registry and the messages name the path inside the container.
+        checker_args+=(--instance "$name=${tree[$name]}@/data/$name")
+    else
+        checker_args+=(--instance "$name=${tree[$name]}")
+    fi
+done
 checker quiet --schema "$run_id" --wait 180 "${checker_args[@]}" || problems+=("not quiet within 180 s")
 for name in "${names[@]}"; do account "$name"; done
 log "stopping the instances"

@@ -70,7 +70,8 @@ enum Step {
         /// Seconds to wait for the registry to agree with the disk.
         #[arg(long, default_value = "120")]
         wait: u64,
-        /// `NAME=DIR`, one per instance.
+        /// `NAME=DIR` (or `NAME=DIR@WATCHED` when the daemon sees DIR as
+        /// WATCHED, as in a container), one per instance.
         #[arg(long = "instance", required = true)]
         instances: Vec<String>,
         /// Also write every delivery, in order, to this file.
@@ -324,18 +325,34 @@ fn quantile(sorted: &[u64], q: f64) -> Option<u64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-/// Announced files below `tree` and their SHA-256.
-fn disk(tree: &Path, filter: &Filter) -> BTreeMap<String, String> {
+/// One watched tree: where it is here, and the path the daemon watches it
+/// under (another one inside a container), which is what its registry rows
+/// and messages name.
+struct Tree {
+    name: String,
+    here: PathBuf,
+    watched: String,
+}
+
+/// Announced files of a tree, by the path the daemon names them with, and
+/// their SHA-256.
+fn disk(tree: &Tree, filter: &Filter) -> BTreeMap<String, String> {
     let mut files = BTreeMap::new();
-    for entry in walkdir::WalkDir::new(tree).into_iter().filter_map(Result::ok) {
-        let Ok(relative) = entry.path().strip_prefix(tree) else {
+    for entry in walkdir::WalkDir::new(&tree.here)
+        .into_iter()
+        .filter_map(Result::ok)
+    {
+        let Ok(relative) = entry.path().strip_prefix(&tree.here) else {
             continue;
         };
         if !entry.file_type().is_file() || !filter.announces(relative) {
             continue;
         }
-        if let (Ok(content), Some(path)) = (std::fs::read(entry.path()), entry.path().to_str()) {
-            files.insert(path.to_owned(), format!("{:x}", sha2::Sha256::digest(&content)));
+        if let (Ok(content), Some(relative)) = (std::fs::read(entry.path()), relative.to_str()) {
+            files.insert(
+                format!("{}/{relative}", tree.watched),
+                format!("{:x}", sha2::Sha256::digest(&content)),
+            );
         }
     }
     files
@@ -407,7 +424,7 @@ fn parse_resources(specs: &[String]) -> Result<HashMap<String, (u64, f64)>, Stri
 /// disk and everything is published; says how long it took, or that it did not.
 fn converge(
     client: &mut postgres::Client,
-    instances: &[(String, PathBuf)],
+    instances: &[Tree],
     filter: &Filter,
     wait: u64,
 ) -> Result<bool, String> {
@@ -415,9 +432,8 @@ fn converge(
     let started = Instant::now();
     let converged = loop {
         let mut all = true;
-        for (_, tree) in instances {
-            let tree_text = tree.to_string_lossy();
-            let registry = registered(client, &tree_text)?;
+        for tree in instances {
+            let registry = registered(client, &tree.watched)?;
             all &= registry.unpublished == 0 && registry.present == disk(tree, filter);
         }
         if all {
@@ -436,15 +452,21 @@ fn converge(
     Ok(converged)
 }
 
-/// `NAME=DIR` arguments.
-fn parse_instances(specs: &[String]) -> Result<Vec<(String, PathBuf)>, String> {
+/// `NAME=DIR` or, for a tree the daemon sees under another path (a
+/// container's bind mount), `NAME=DIR@WATCHED`.
+fn parse_instances(specs: &[String]) -> Result<Vec<Tree>, String> {
     specs
         .iter()
         .map(|spec| {
             let (name, dir) = spec
                 .split_once('=')
-                .ok_or_else(|| format!("--instance {spec:?}: expected NAME=DIR"))?;
-            Ok((name.to_owned(), PathBuf::from(dir)))
+                .ok_or_else(|| format!("--instance {spec:?}: expected NAME=DIR or NAME=DIR@WATCHED"))?;
+            let (here, watched) = dir.split_once('@').unwrap_or((dir, dir));
+            Ok(Tree {
+                name: name.to_owned(),
+                here: PathBuf::from(here),
+                watched: watched.trim_end_matches('/').to_owned(),
+            })
         })
         .collect()
 }
@@ -522,11 +544,11 @@ fn check(arguments: &Arguments, instances: &[String], options: &CheckOptions) ->
     );
     let mut ok = converged;
     let mut traffic = Vec::new();
-    for (name, tree) in &instances {
-        let tree_text = tree.to_string_lossy().into_owned();
-        let prefix = format!("{tree_text}/");
+    for tree in &instances {
+        let name = &tree.name;
+        let prefix = format!("{}/", tree.watched);
         let on_disk = disk(tree, &filter);
-        let registry = registered(&mut client, &tree_text)?;
+        let registry = registered(&mut client, &tree.watched)?;
         // The consumer's view: per path, the content of the last event, or None if gone.
         let mut view: HashMap<&str, Option<&str>> = HashMap::new();
         let mut seen: HashSet<&str> = HashSet::new();
