@@ -34,7 +34,7 @@ pub struct Args {
     pub data_dir: PathBuf,
     /// Identity of this process in logs, messages, the broker connection name
     /// and registry rows [default: first 8 hex digits of a new UUIDv4].
-    #[arg(long, env = "INSTANCE_ID")]
+    #[arg(long, env = "INSTANCE_ID", global = true)]
     pub instance_id: Option<String>,
     /// Comma-separated extensions to announce (case-insensitive); `*` for all files.
     #[arg(long, env = "EXTENSIONS", default_value = DEFAULT_EXTENSIONS)]
@@ -66,7 +66,7 @@ pub struct Args {
     #[arg(long, env = "SCAN_EXISTING", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub scan_existing: Option<String>,
     /// RabbitMQ URL, e.g. amqp://user:pass@host:5672/%2f. Unset: see RABBITMQ_HOST.
-    #[arg(long, env = "RABBITMQ_URL", hide_env_values = true)]
+    #[arg(long, env = "RABBITMQ_URL", hide_env_values = true, global = true)]
     pub rabbitmq_url: Option<SecretUrl>,
     /// Legacy broker settings, used when RABBITMQ_URL is unset; RABBITMQ_HOST
     /// being set is what turns the broker on.
@@ -85,22 +85,29 @@ pub struct Args {
     )]
     pub rabbitmq_pass: Secret,
     /// Topic exchange messages are published to.
-    #[arg(long, env = "EXCHANGE", default_value = "file_events")]
+    #[arg(long, env = "EXCHANGE", default_value = "file_events", global = true)]
     pub exchange: String,
     /// PostgreSQL URL, e.g. postgres://user:pass@host:5432/db. Unset: no registry database.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<SecretUrl>,
     /// A file that exists only while the share is mounted (relative paths are
     /// below DIR); while it is missing no deletion is published.
     #[arg(long, env = "SENTINEL_FILE")]
     pub sentinel_file: Option<PathBuf>,
     /// Schema holding the registry tables [default: public].
-    #[arg(long, env = "DB_SCHEMA")]
+    #[arg(long, env = "DB_SCHEMA", global = true)]
     pub db_schema: Option<String>,
     /// Connections in this instance's pool; instances × pool size must stay
     /// below the server's max_connections.
     #[arg(long, env = "DB_POOL_SIZE", default_value = "4")]
     pub db_pool_size: String,
+    /// Serve /metrics, /healthz and /readyz at this IP address and port
+    /// (e.g. 127.0.0.1:9464). Unset: off.
+    #[arg(long, env = "METRICS_ADDR", global = true)]
+    pub metrics_addr: Option<String>,
+    /// An operator command instead of the daemon (the default).
+    #[command(subcommand)]
+    pub command: Option<crate::ops::Command>,
 }
 
 /// Validated configuration. There is deliberately no `Default`: every
@@ -131,6 +138,8 @@ pub struct Config {
     /// operators): while this file exists a worker that has looked at a file
     /// waits before opening it, so tests can swap the file in between.
     pub test_open_gate: Option<PathBuf>,
+    /// Where /metrics, /healthz and /readyz are served; `None`: not at all.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +213,7 @@ impl Config {
         let database = parse_database(&args)?;
         let scan_existing = parse_scan_existing(args.scan_existing.as_deref())?;
         let sentinel = parse_sentinel(args.sentinel_file.as_deref(), &data_dir)?;
+        let metrics_addr = parse_metrics_addr(args.metrics_addr.as_deref())?;
         // The settings read outside clap: test hooks with no flag.
         let test_stall_file = std::env::var_os("FILE_WATCHER_TEST_STALL_FILE").map(PathBuf::from);
         let test_open_gate = std::env::var_os("FILE_WATCHER_TEST_OPEN_GATE").map(PathBuf::from);
@@ -223,6 +233,7 @@ impl Config {
             sentinel,
             test_stall_file,
             test_open_gate,
+            metrics_addr,
         })
     }
 
@@ -485,6 +496,22 @@ fn parse_sentinel(path: Option<&Path>, data_dir: &Path) -> Result<Option<PathBuf
     }
 }
 
+/// METRICS_ADDR: an IP literal and a port (no host name: nothing to resolve,
+/// and `file-watcher healthcheck` needs no DNS); empty means off.
+fn parse_metrics_addr(value: Option<&str>) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => text.parse().map(Some).map_err(|_| {
+            invalid(
+                "METRICS_ADDR",
+                "metrics-addr",
+                value.unwrap_or_default(),
+                "expected an IP address and a port, e.g. 127.0.0.1:9464",
+            )
+        }),
+    }
+}
+
 fn parse_millis(
     variable: &'static str,
     flag: &'static str,
@@ -571,10 +598,38 @@ mod tests {
             ("--db-pool-size", "0", "DB_POOL_SIZE"),
             ("--db-schema", "x;drop", "DB_SCHEMA"),
             ("--extensions", "", "EXTENSIONS"),
+            ("--metrics-addr", "localhost:9464", "METRICS_ADDR"),
         ] {
             let error = parse(&["/tmp", flag, value]).unwrap_err();
             assert_eq!(error.variable, variable);
         }
+    }
+
+    #[test]
+    fn metrics_addr_is_an_ip_and_a_port_or_off() {
+        assert_eq!(parse(&["/tmp"]).unwrap().metrics_addr, None);
+        assert_eq!(parse(&["/tmp", "--metrics-addr", ""]).unwrap().metrics_addr, None);
+        let config = parse(&["/tmp", "--metrics-addr", "127.0.0.1:9464"]).unwrap();
+        assert_eq!(config.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        let config = parse(&["/tmp", "--metrics-addr", "[::1]:9464"]).unwrap();
+        assert_eq!(config.metrics_addr, Some("[::1]:9464".parse().unwrap()));
+        let error = parse(&["/tmp", "--metrics-addr", "127.0.0.1"]).unwrap_err();
+        assert_eq!(error.variable, "METRICS_ADDR");
+    }
+
+    /// A subcommand is recognised after the daemon's flags too, and the
+    /// flags the operator commands read are accepted after it.
+    #[test]
+    fn subcommands_share_the_daemon_settings() {
+        let args = Args::try_parse_from(["file-watcher", "--exchange", "x", "instances", "--json"]).unwrap();
+        assert!(matches!(args.command, Some(crate::ops::Command::Instances(_))));
+        assert_eq!(args.exchange, "x");
+        let args = Args::try_parse_from(["file-watcher", "replay", "--db-schema", "s", "--dry-run"]).unwrap();
+        assert!(matches!(args.command, Some(crate::ops::Command::Replay(_))));
+        assert_eq!(args.db_schema.as_deref(), Some("s"));
+        let args = Args::try_parse_from(["file-watcher", "/data/music"]).unwrap();
+        assert!(args.command.is_none());
+        assert_eq!(args.data_dir, PathBuf::from("/data/music"));
     }
 
     #[test]

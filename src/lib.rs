@@ -29,6 +29,10 @@
 //!   [`publish::broker`]) and marks messages published once confirmed.
 //! - [`shutdown`] turns signals into a stop request; [`pipeline`] wires it all
 //!   and stops it in pipeline order. [`backoff`] is the one retry policy.
+//! - [`observe`] exports the stages' counters (`/metrics`), answers the
+//!   probes (`/healthz`, `/readyz`) and keeps the `instances` row fresh;
+//!   [`ops`] holds the operator commands (`healthcheck`, `instances`,
+//!   `status`, `replay`) that run instead of the daemon.
 //!
 //! Log targets are the stage names operators filter on (`file_watcher::settle`,
 //! `file_watcher::worker`, `file_watcher::broker`, ...): they stayed as they
@@ -61,3 +65,5 @@ pub mod registry;
 pub mod publish;
 pub mod shutdown;
 pub mod pipeline;
+pub mod observe;
+pub mod ops;

@@ -4,11 +4,26 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use file_watcher::config::{Args, Config};
-use file_watcher::{logging, pipeline, shutdown};
+use file_watcher::observe::server::Listener;
+use file_watcher::{logging, ops, pipeline, shutdown};
 
 fn main() -> ExitCode {
-    let config = match Config::from_args(Args::parse()) {
+    let mut args = Args::parse();
+    let command = args.command.take();
+    let config = match Config::from_args(args) {
         Ok(config) => config,
+        Err(error) => {
+            eprintln!("file-watcher: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(command) = command {
+        return ops::run(command, &config);
+    }
+    // Bound before anything starts: a bad address or a port in use is a
+    // configuration error, like a bad value.
+    let metrics = match config.metrics_addr.map(Listener::bind).transpose() {
+        Ok(metrics) => metrics,
         Err(error) => {
             eprintln!("file-watcher: {error}");
             return ExitCode::from(2);
@@ -31,7 +46,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = pipeline::run(config, stop_receiver);
+    let result = pipeline::run_observed(config, stop_receiver, metrics);
     signals.join();
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,16 +29,20 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 
-use crate::config::{Config, DatabaseConfig, WatchMode};
+use crate::config::{BrokerConfig, Config, DatabaseConfig, WatchMode};
 use crate::job::{Dispatch, Done};
 use crate::message::Origin;
+use crate::observe::server::Listener;
+use crate::observe::{heartbeat, Observer, Sources};
 use crate::path_text;
 use crate::publish::broker::BrokerSettings;
 use crate::publish::rabbitmq::BrokerSink;
 use crate::publish::stdout::StdoutSink;
-use crate::publish::{Publisher, PublisherExit, Sink};
+use crate::publish::{PublishCounters, Publisher, PublisherExit, Sink};
 use crate::registry::memory::MemoryRegistry;
-use crate::registry::postgres::{InstanceLock, LockError, PostgresRegistry, PostgresSettings};
+use crate::registry::postgres::{
+    InstanceLock, LockError, PostgresRegistry, PostgresSettings, DEFAULT_SCHEMA,
+};
 use crate::registry::{Deferred, Health, Registry, RegistryError, Stat};
 use crate::settle::{Settle, SettleChannels, SettleOptions};
 use crate::watch::guard::RootGuard;
@@ -79,17 +83,44 @@ pub enum RunError {
 /// Runs the daemon until `stop` receives a message or disconnects, or the
 /// sink closes for good (stdout's reader went away).
 pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
+    run_observed(config, stop, None)
+}
+
+/// [`run`], serving the metrics and probes on `metrics` (bound by the
+/// caller, so a bad `METRICS_ADDR` stops the process before anything starts).
+pub fn run_observed(config: Config, stop: Receiver<()>, metrics: Option<Listener>) -> Result<(), RunError> {
     check_data_dir(&config.data_dir)?;
     let origin = Origin {
         instance_id: config.instance_id.clone(),
         watched_directory: config.watched_directory(),
     };
     let mut store = Store::open(&config, &origin)?;
-    let sink = build_sink(&config);
+    let sources = store.sources(&config);
+    let sink = build_sink(&config, &sources.publish);
     log_start(&config);
-    let running = Running::start(&config, &store, sink)?;
+    let heartbeat = config.database.as_ref().map(|database| heartbeat::Settings {
+        url: database.url.clone(),
+        schema: database
+            .schema
+            .clone()
+            .unwrap_or_else(|| DEFAULT_SCHEMA.to_owned()),
+        watched_directory: origin.watched_directory.clone(),
+    });
+    let observer =
+        Observer::start(sources.clone(), metrics, heartbeat).map_err(|source| RunError::Thread {
+            name: "metrics or heartbeat".into(),
+            source,
+        })?;
+    let running = match Running::start(&config, &store, sink, &sources) {
+        Ok(running) => running,
+        Err(error) => {
+            observer.stop();
+            return Err(error);
+        }
+    };
     let fatal = running.wait(&stop, &mut store).err();
     running.stop();
+    observer.stop(); // after the stages: the last heartbeat has the final counts
     drop(store); // releases the instance lock last
     fatal.map_or(Ok(()), Err)
 }
@@ -135,6 +166,25 @@ impl Store {
         Ok(store)
     }
 
+    /// The counters every stage bumps, made once per process (so they stay
+    /// monotonic across reconnects and watcher restarts), and what the
+    /// metrics and probes read besides.
+    fn sources(&self, config: &Config) -> Sources {
+        Sources {
+            instance_id: config.instance_id.clone(),
+            watch: Arc::new(WatchCounters::with_test_stall_file(
+                config.test_stall_file.clone(),
+            )),
+            worker: Arc::default(),
+            publish: Arc::default(),
+            health: self.health.clone(),
+            deferred: self.deferred.clone(),
+            database: config.database.is_some(),
+            broker: config.broker.is_some(),
+            outbox: Arc::default(),
+        }
+    }
+
     /// Connects the database if it is not yet, and checks that the instance
     /// lock is still ours. Fails only for what waiting will not fix.
     fn check(&mut self) -> Result<(), RunError> {
@@ -161,18 +211,23 @@ impl Store {
     }
 }
 
-fn build_sink(config: &Config) -> Box<dyn Sink> {
+fn build_sink(config: &Config, counters: &Arc<PublishCounters>) -> Box<dyn Sink> {
     match &config.broker {
-        Some(broker) => Box::new(BrokerSink::new(BrokerSettings {
-            url: broker.url.clone(),
-            exchange: broker.exchange.clone(),
-            dead_letter_exchange: broker.dead_letter_exchange.clone(),
-            connection_name: format!("file_watcher_{}", config.instance_id),
-            connect_timeout: BROKER_CONNECT_TIMEOUT,
-            confirm_timeout: BROKER_CONFIRM_TIMEOUT,
-            heartbeat: BROKER_HEARTBEAT,
-        })),
+        Some(broker) => Box::new(BrokerSink::new(broker_settings(config, broker)).counting(counters.clone())),
         None => Box::new(StdoutSink::new()),
+    }
+}
+
+/// How the daemon (and `file-watcher replay`) reach RabbitMQ.
+pub fn broker_settings(config: &Config, broker: &BrokerConfig) -> BrokerSettings {
+    BrokerSettings {
+        url: broker.url.clone(),
+        exchange: broker.exchange.clone(),
+        dead_letter_exchange: broker.dead_letter_exchange.clone(),
+        connection_name: format!("file_watcher_{}", config.instance_id),
+        connect_timeout: BROKER_CONNECT_TIMEOUT,
+        confirm_timeout: BROKER_CONFIRM_TIMEOUT,
+        heartbeat: BROKER_HEARTBEAT,
     }
 }
 
@@ -220,15 +275,21 @@ struct Running {
 impl Running {
     /// Starts every stage, upstream last but watching first: anything that
     /// changes from the moment the watch exists raises an event.
-    fn start(config: &Config, store: &Store, sink: Box<dyn Sink>) -> Result<Running, RunError> {
-        let watch_counters = Arc::new(WatchCounters::with_test_stall_file(
-            config.test_stall_file.clone(),
-        ));
+    fn start(
+        config: &Config,
+        store: &Store,
+        sink: Box<dyn Sink>,
+        sources: &Sources,
+    ) -> Result<Running, RunError> {
+        let watch_counters = sources.watch.clone();
         let (raw_sender, raw_receiver) = bounded(CHANNEL_CAPACITY);
         let (watcher, watch_mode) =
             start_with_fallback(&config.data_dir, config.watch_mode, &config.filter, |poll| {
                 Callback::new(raw_sender.clone(), watch_counters.clone(), poll)
             })?;
+        watch_counters
+            .polling
+            .store(matches!(watch_mode, WatchMode::Poll(_)), Ordering::Relaxed);
         store.seed_memory(config);
 
         let mut threads = Threads::default();
@@ -247,7 +308,7 @@ impl Running {
         let (huge_lane, huge_jobs) = unbounded();
         let template = Worker {
             registry: store.registry.clone(),
-            counters: Arc::new(WorkerCounters::default()),
+            counters: sources.worker.clone(),
             wake_publisher: wake_sender.clone(),
             stopping: Arc::new(AtomicBool::new(false)),
             health: store.health.clone(),
@@ -290,7 +351,7 @@ impl Running {
         );
         threads.spawn("settle", move || settle.run())?;
 
-        let (publisher, publisher_exit) = spawn_publisher(store, sink, wake_receiver)?;
+        let (publisher, publisher_exit) = spawn_publisher(store, sink, wake_receiver, &sources.publish)?;
         log_ready(config, watch_mode);
         Ok(Running {
             threads,
@@ -380,12 +441,14 @@ fn spawn_publisher(
     store: &Store,
     sink: Box<dyn Sink>,
     wake: Receiver<()>,
+    counters: &Arc<PublishCounters>,
 ) -> Result<(JoinHandle<()>, Receiver<PublisherExit>), RunError> {
     let (exit_sender, exit_receiver) = bounded(1);
     let publisher = Publisher {
         registry: store.registry.clone(),
         sink,
         health: store.health.clone(),
+        counters: counters.clone(),
     };
     let handle = std::thread::Builder::new()
         .name("publisher".into())

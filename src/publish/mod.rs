@@ -11,8 +11,9 @@
 //! The sinks live beside it: [`stdout`] writes JSON lines, [`rabbitmq`] is
 //! the sink over [`broker`], which owns the lapin connection.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use uuid::Uuid;
@@ -102,6 +103,34 @@ pub struct Publisher {
     pub sink: Box<dyn Sink>,
     /// Registry outages are reported there (once), not by the publisher.
     pub health: Arc<Health>,
+    /// What the metrics read; shared with the sink.
+    pub counters: Arc<PublishCounters>,
+}
+
+/// The publisher's and the sink's counts, read by the metrics (atomics only:
+/// bumped once per batch or per message, never locked).
+#[derive(Debug, Default)]
+pub struct PublishCounters {
+    /// Messages handed to the sink (retries counted again).
+    pub published: AtomicU64,
+    /// Messages the sink confirmed and the outbox let go.
+    pub confirmed: AtomicU64,
+    /// Messages the broker nacked (retried later).
+    pub nacked: AtomicU64,
+    /// Messages the broker returned as unroutable (then acked).
+    pub returned: AtomicU64,
+    /// Messages set aside as never publishable.
+    pub set_aside: AtomicU64,
+    /// Rounds that failed to publish (sink unavailable).
+    pub failures: AtomicU64,
+    /// Successful connects to the broker after the first.
+    pub broker_reconnects: AtomicU64,
+    /// Whether the sink could deliver at the publisher's last loop turn.
+    pub sink_connected: AtomicBool,
+    /// The publisher's last loop turn, as [`crate::observe::health::stamp`].
+    pub alive: AtomicU64,
+    /// From a confirmed file's last write (its mtime) to its confirm.
+    pub latency: crate::observe::metrics::Histogram,
 }
 
 /// Why the publisher stopped.
@@ -119,9 +148,9 @@ impl Publisher {
     ///
     /// "Publishing again" is said once a message has gone out after failed
     /// attempts, and only then: a round that found the outbox empty proves
-    /// nothing about the sink. While the sink is away and there is nothing to
-    /// publish, each round tries to reach it, so the sink reports the end of
-    /// an outage even while the tree is quiet.
+    /// nothing about the sink. While the sink is away (or its connection was
+    /// lost) and there is nothing to publish, each round tries to reach it,
+    /// so the sink reports the end of an outage even while the tree is quiet.
     pub fn run(mut self, wake: Receiver<()>, final_drain: Duration) -> PublisherExit {
         // Failed attempts (to connect or to deliver) since the last delivery.
         let mut failures = 0u32;
@@ -131,6 +160,12 @@ impl Publisher {
             log::warn!("cannot publish now, messages wait in the outbox: {reason}");
         }
         loop {
+            let counters = &self.counters;
+            counters
+                .alive
+                .store(crate::observe::health::stamp(), Ordering::Relaxed);
+            let connected = self.sink.is_connected();
+            counters.sink_connected.store(connected, Ordering::Relaxed);
             let now = Instant::now();
             let hint = self.sink.wait_hint();
             let not_before = retry_at.into_iter().chain(Some(now + hint)).max().unwrap_or(now);
@@ -151,7 +186,9 @@ impl Publisher {
                 return PublisherExit::Stopped;
             }
             let deadline = stopping.then(|| Instant::now() + final_drain);
-            match self.drain(deadline, failures > 0) {
+            // A connection lost while idle is made again at once, so that
+            // `/readyz` (and the first message after) need not wait for it.
+            match self.drain(deadline, failures > 0 || !connected) {
                 Ok(published) => {
                     if published > 0 {
                         if failures > 0 {
@@ -167,6 +204,7 @@ impl Publisher {
                     retry_at = Some(Instant::now() + IDLE_POLL);
                 }
                 Err(SinkError::Unavailable(reason)) => {
+                    self.counters.failures.fetch_add(1, Ordering::Relaxed);
                     failures += 1;
                     if failures == 1 {
                         log::warn!("cannot publish now, messages wait in the outbox: {reason}");
@@ -212,12 +250,17 @@ impl Publisher {
                 }
                 return Ok(published);
             }
+            self.counters
+                .published
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
             let Delivery { confirmed, refused } = self.sink.deliver(&batch)?;
             self.registry
                 .mark_published(&confirmed)
                 .map_err(|error| self.registry_error(error))?;
             published += confirmed.len();
+            self.count_confirmed(&batch[..confirmed.len()]);
             if let Some(Refused { message_id, reason }) = refused {
+                self.counters.set_aside.fetch_add(1, Ordering::Relaxed);
                 // Out of the way, so the messages behind it go next round.
                 self.registry
                     .set_aside(message_id, &reason)
@@ -230,6 +273,25 @@ impl Publisher {
                     batch.len() - confirmed.len(),
                     batch.len()
                 )));
+            }
+        }
+    }
+}
+
+impl Publisher {
+    /// Counts `confirmed` (the batch's confirmed prefix) and their latency
+    /// from the file's last write; deletions carry no mtime and are not
+    /// timed. One clock read and one parse per message, on this thread only.
+    fn count_confirmed(&self, confirmed: &[Message]) {
+        self.counters
+            .confirmed
+            .fetch_add(confirmed.len() as u64, Ordering::Relaxed);
+        let now = SystemTime::now();
+        for message in confirmed {
+            let Some(content) = &message.content else { continue };
+            if let Ok(written) = humantime::parse_rfc3339(&content.modified_time) {
+                let seconds = now.duration_since(written).unwrap_or_default().as_secs_f64();
+                self.counters.latency.observe(seconds);
             }
         }
     }
@@ -308,6 +370,7 @@ mod tests {
             registry: registry.clone(),
             sink: Box::new(Refusing { refuse: ids[1] }),
             health: Arc::new(Health::default()),
+            counters: Arc::default(),
         };
         assert_eq!(publisher.drain(None, false).unwrap(), 2);
         assert!(registry.outgoing(10).unwrap().is_empty());

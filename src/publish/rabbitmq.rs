@@ -17,14 +17,14 @@
 //! one, and goes back to the publisher as [`Refused`] to be set aside.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
 use super::broker::{Broker, BrokerError, BrokerSettings, Published};
-use super::{Delivery, Refused, Sink, SinkError};
+use super::{Delivery, PublishCounters, Refused, Sink, SinkError};
 use crate::logging;
 use crate::message::Message;
 
@@ -47,11 +47,11 @@ pub struct BrokerSink {
     /// docs): publish one message at a time until that message is found, or
     /// until a whole batch went out that way.
     one_at_a_time: bool,
-    /// Messages the broker accepted but could route to no queue, over the
-    /// life of the process (each one was also logged). Nothing in the daemon
-    /// reads it yet: the metrics issue (#10) exports it as the returned
-    /// (unroutable) count.
-    pub unroutable: Arc<AtomicU64>,
+    /// Returned (unroutable), nacked and reconnect counts, for the metrics;
+    /// each unroutable message is also logged.
+    counters: Arc<PublishCounters>,
+    /// Set by the first successful connect: later ones are reconnects.
+    connected_once: bool,
 }
 
 impl BrokerSink {
@@ -63,8 +63,15 @@ impl BrokerSink {
             next_connect: Instant::now(),
             blocked: false,
             one_at_a_time: false,
-            unroutable: Arc::new(AtomicU64::new(0)),
+            counters: Arc::default(),
+            connected_once: false,
         }
+    }
+
+    /// Counts into `counters` (the publisher's) instead of a set of its own.
+    pub fn counting(mut self, counters: Arc<PublishCounters>) -> BrokerSink {
+        self.counters = counters;
+        self
     }
 
     fn connected(&mut self) -> Result<&mut Broker, SinkError> {
@@ -87,6 +94,9 @@ impl BrokerSink {
                     }
                     self.failed_connects = 0;
                     self.broker = Some(broker);
+                    if std::mem::replace(&mut self.connected_once, true) {
+                        self.counters.broker_reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 Err(error) => {
                     self.failed_connects += 1;
@@ -107,10 +117,13 @@ impl BrokerSink {
 
     /// The confirmed prefix of `messages`, counting unroutable ones.
     fn confirmed(&mut self, messages: &[Message], published: Published) -> Vec<Uuid> {
-        if published.unroutable > 0 {
-            self.unroutable
-                .fetch_add(published.unroutable as u64, Ordering::Relaxed);
-        }
+        let counters = &self.counters;
+        counters
+            .returned
+            .fetch_add(published.unroutable as u64, Ordering::Relaxed);
+        counters
+            .nacked
+            .fetch_add(published.nacked.len() as u64, Ordering::Relaxed);
         // Keep the recorded order: stop at the first message the broker did not ack.
         let acked: HashSet<Uuid> = published.acked.into_iter().collect();
         messages

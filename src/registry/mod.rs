@@ -236,6 +236,8 @@ pub trait Registry: Send + Sync {
 #[derive(Debug, Default)]
 pub struct Health {
     down: std::sync::atomic::AtomicBool,
+    /// Times the database was reached again after an outage (a metric).
+    pub reconnects: std::sync::atomic::AtomicU64,
 }
 
 impl Health {
@@ -246,9 +248,15 @@ impl Health {
         }
     }
 
+    /// Whether the last attempt reached the database (for `/readyz`).
+    pub fn is_up(&self) -> bool {
+        !self.down.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Something reached the database.
     pub fn up(&self) {
         if self.down.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            self.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             log::info!("database reachable again; catching up on held changes");
         }
     }

@@ -185,6 +185,7 @@ impl Settle {
             self.request_full_scan("start-up reconciliation");
         }
         loop {
+            self.note_progress();
             let now = Instant::now();
             let wait = self.next_wakeup(now).saturating_duration_since(now).min(MAX_WAIT);
             // Stop reading discoveries while enough work is pending: the walk waits.
@@ -220,6 +221,7 @@ impl Settle {
                 default(wait) => {}
             }
             if self.counters.overflowed.swap(false, Ordering::AcqRel) {
+                self.counters.overflows.fetch_add(1, Ordering::Relaxed);
                 log::warn!(
                     "event channel was full: {} events dropped so far; rescanning the tree",
                     self.counters.dropped_events.load(Ordering::Relaxed)
@@ -245,6 +247,25 @@ impl Settle {
             self.ready.len(),
             self.in_flight.len()
         );
+    }
+
+    /// What the metrics and `/healthz` read, once per loop turn (a few
+    /// relaxed stores): alive, pending paths, polling, and whether catch-up
+    /// is complete (the start-up scan done and everything it found handled).
+    fn note_progress(&self) {
+        let counters = &self.counters;
+        counters
+            .settle_alive
+            .store(crate::observe::health::stamp(), Ordering::Relaxed);
+        counters
+            .pending_paths
+            .store(self.pending.len() as u64, Ordering::Relaxed);
+        let polling = matches!(self.options.mode, WatchMode::Poll(_));
+        counters.polling.store(polling, Ordering::Relaxed);
+        let idle = self.pending.is_empty() && self.ready.is_empty() && self.in_flight.is_empty();
+        if idle && !self.full_scan_running && !counters.caught_up.load(Ordering::Relaxed) {
+            counters.caught_up.store(true, Ordering::Relaxed);
+        }
     }
 
     fn settle_time(&self) -> Duration {

@@ -161,6 +161,9 @@ impl Settle {
             return;
         }
         log::info!(target: LOG_TARGET, "full scan of {} ({reason})", self.root_text);
+        self.counters
+            .rescans
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.full_scan_running = true;
         let request = ScanRequest {
             dir: self.options.root.clone(),

@@ -70,6 +70,49 @@ pub struct WatchCounters {
     /// pipeline shares, including the ones the settle stage makes when it
     /// restarts the watcher.
     test_stall_file: Option<PathBuf>,
+    /// Events notify reported, by kind ([`EVENT_KINDS`] names the slots),
+    /// before any filtering; exported as metrics.
+    pub events_seen: [AtomicU64; EVENT_KINDS.len()],
+    /// Full rescans the settle stage started (start-up, overflow, root back).
+    pub rescans: AtomicU64,
+    /// Times the event channel overflowed and a rescan had to recover.
+    pub overflows: AtomicU64,
+    /// Paths the settle stage holds, set on each turn of its loop.
+    pub pending_paths: AtomicU64,
+    /// Whether the tree is polled (configured, or the inotify fallback).
+    pub polling: AtomicBool,
+    /// Set once the start-up scan (if any) is done and everything it found
+    /// has been handled: catch-up is complete (for `/readyz`).
+    pub caught_up: AtomicBool,
+    /// The settle stage's last loop turn, as [`crate::observe::health::stamp`].
+    pub settle_alive: AtomicU64,
+}
+
+/// The kinds of notify event counted in [`WatchCounters::events_seen`], as
+/// metric labels, in slot order.
+pub const EVENT_KINDS: [&str; 8] = [
+    "create",
+    "modify",
+    "close_write",
+    "attributes",
+    "rename",
+    "remove",
+    "access",
+    "other",
+];
+
+/// The slot of `kind` in [`WatchCounters::events_seen`].
+pub fn event_kind_slot(kind: &EventKind) -> usize {
+    match kind {
+        EventKind::Create(_) => 0,
+        EventKind::Modify(ModifyKind::Metadata(_)) => 3,
+        EventKind::Modify(ModifyKind::Name(_)) => 4,
+        EventKind::Modify(_) => 1,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => 2,
+        EventKind::Access(_) => 6,
+        EventKind::Remove(_) => 5,
+        EventKind::Any | EventKind::Other => 7,
+    }
 }
 
 impl WatchCounters {
@@ -104,6 +147,9 @@ impl Callback {
     pub fn handle(&self, result: notify::Result<Event>) {
         if let Some(stall_file) = &self.counters.test_stall_file {
             stall_while_present(stall_file);
+        }
+        if let Ok(event) = &result {
+            self.counters.events_seen[event_kind_slot(&event.kind)].fetch_add(1, Ordering::Relaxed);
         }
         let raw = match result {
             Ok(event) if !self.is_activity(&event) => return,

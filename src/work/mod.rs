@@ -15,11 +15,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use self::hash::FileId;
 use crate::backoff::RETRY;
 use crate::job::{Dispatch, Done, Job, Moved, Outcome};
+use crate::message::EventType;
 use crate::path_text;
 use crate::registry::{
     regular_file_metadata, Applied, Change, Health, Observed, Registry, RegistryError, Stat,
@@ -40,17 +41,28 @@ const LOG_TARGET: &str = "file_watcher::worker";
 #[derive(Debug, Default)]
 pub struct WorkerCounters {
     pub files_hashed: AtomicU64,
-    /// Bytes read while hashing. Nothing reads it yet: the metrics issue
-    /// (#10) will export it.
+    /// Bytes read while hashing (exported as a metric).
     pub bytes_hashed: AtomicU64,
     pub messages_recorded: AtomicU64,
     /// Files that vanished or could not be read while we looked at them.
     pub file_errors: AtomicU64,
-    /// Registry errors other than an outage (the job is retried, then dropped).
-    /// Nothing reads it yet: the metrics issue (#10) will export it with the
-    /// errors by kind.
+    /// Registry errors other than an outage (the job is retried, then
+    /// dropped); exported with the errors by kind.
     pub registry_errors: AtomicU64,
+    /// Messages recorded, by event type (slots in [`EventType::ALL`] order).
+    pub recorded_by_type: [AtomicU64; EventType::ALL.len()],
+    /// Changes the registry recorded (a row written).
+    pub registry_writes: AtomicU64,
+    /// Observations that turned out to be nothing new (same stat as the
+    /// row, or recorded without a message).
+    pub unchanged: AtomicU64,
+    /// The most recent loop turn of any worker, idle ticks included, as
+    /// [`crate::observe::health::stamp`]: all workers wedged makes it old.
+    pub alive: AtomicU64,
 }
+
+/// How often an idle worker wakes to say it is alive.
+const ALIVE_TICK: Duration = Duration::from_secs(1);
 
 pub struct Worker {
     pub registry: Arc<dyn Registry>,
@@ -91,7 +103,15 @@ enum Handled {
 
 impl Worker {
     pub fn run(&self, jobs: Receiver<Dispatch>, done: Sender<Done>) {
-        for dispatch in jobs {
+        loop {
+            self.counters
+                .alive
+                .store(crate::observe::health::stamp(), Ordering::Relaxed);
+            let dispatch = match jobs.recv_timeout(ALIVE_TICK) {
+                Ok(dispatch) => dispatch,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
             let (dispatch, outcome) = if self.stopping.load(Ordering::Acquire) {
                 (dispatch, Outcome::Retry(Duration::ZERO))
             } else {
@@ -176,11 +196,16 @@ impl Worker {
         match self.registry.apply(change, correlation)? {
             Applied::Changed => Ok(Outcome::Changing),
             Applied::Recorded(messages) => {
-                if !messages.is_empty() {
+                self.counters.registry_writes.fetch_add(1, Ordering::Relaxed);
+                if messages.is_empty() {
+                    self.counters.unchanged.fetch_add(1, Ordering::Relaxed);
+                } else {
                     self.counters
                         .messages_recorded
                         .fetch_add(messages.len() as u64, Ordering::Relaxed);
                     for message in &messages {
+                        let slot = EventType::ALL.iter().position(|kind| *kind == message.event_type);
+                        self.counters.recorded_by_type[slot.unwrap_or(0)].fetch_add(1, Ordering::Relaxed);
                         log::debug!(
                             target: LOG_TARGET,
                             "recorded {} {}",
@@ -211,6 +236,7 @@ impl Worker {
         let known = self.registry.lookup(renamed_from.unwrap_or(path))?;
         if renamed_from.is_none() && known.as_ref().is_some_and(|row| row.stat == before) {
             // The very observation already recorded (a rescan of an unchanged file).
+            self.counters.unchanged.fetch_add(1, Ordering::Relaxed);
             return answer(Outcome::Finished);
         }
         let reusable = known.filter(|row| {

@@ -21,6 +21,8 @@
 //! - [`bench`]: `scripts/bench.sh --short` still runs and reports every figure.
 //! - [`hostile_files`]: permissions that change, special files swapped in,
 //!   files rewritten while hashed, huge files, huge and deep directories.
+//! - [`observe`]: `/metrics`, `/healthz`, `/readyz` and `healthcheck` of a
+//!   running daemon; [`ops`]: `instances`, `status` and `replay`.
 //! - [`deploy`]: the compose stacks, `scripts/stress.sh` with five instances,
 //!   the NAS service unit.
 //!
@@ -44,4 +46,6 @@ mod hostile_renames;
 mod hostile_outbox;
 mod bench;
 mod hostile_files;
+mod observe;
+mod ops;
 mod deploy;

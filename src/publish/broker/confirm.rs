@@ -107,8 +107,9 @@ impl Broker {
         let confirmed = Cell::new(0usize);
         let channel = &self.channel;
         let exchange = &self.exchange;
+        let replay = self.replay.as_deref();
         let publishing = async {
-            let pending = send(channel, exchange, messages, bodies).await?;
+            let pending = send(channel, exchange, messages, bodies, replay).await?;
             await_confirms(pending, exchange, &confirmed).await
         };
         match block_on_until(deadline, publishing) {
@@ -178,13 +179,23 @@ async fn send(
     exchange: &str,
     messages: &[Message],
     bodies: &[Vec<u8>],
+    replay: Option<&str>,
 ) -> Result<Vec<(Uuid, PublisherConfirm)>, BrokerError> {
     let timestamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |since_epoch| since_epoch.as_secs());
     let mut pending = Vec::with_capacity(messages.len());
     for (message, body) in messages.iter().zip(bodies) {
-        let routing_key = message.routing_key();
+        let routing_key = match replay {
+            Some(prefix) => format!("{prefix}{}", message.routing_key()),
+            None => message.routing_key(),
+        };
+        let mut properties = properties(message, timestamp);
+        if replay.is_some() {
+            let mut headers = properties.headers().clone().unwrap_or_default();
+            headers.insert("x-replay".into(), AMQPValue::Boolean(true));
+            properties = properties.with_headers(headers);
+        }
         let confirm = channel
             .basic_publish(
                 exchange.into(),
@@ -194,7 +205,7 @@ async fn send(
                     immediate: false,
                 },
                 body,
-                properties(message, timestamp),
+                properties,
             )
             .await
             .map_err(|source| BrokerError::Publish {

@@ -96,6 +96,7 @@ impl Broker {
             channel,
             socket,
             blocked_reason: Mutex::new(None),
+            replay: None,
             abandoned: false,
             closed: false,
             redacted_url: attempt.url.clone(),

@@ -181,6 +181,9 @@ pub struct Broker {
     /// The broker's reason for the current block, from the last
     /// `ConnectionBlocked` event.
     blocked_reason: Mutex<Option<String>>,
+    /// Set by `file-watcher replay` ([`Broker::for_replay`]): the routing
+    /// key prefix its messages get, and their `x-replay: true` header.
+    replay: Option<String>,
     /// Set when a batch failed or timed out: frames of it may still sit in
     /// lapin's buffers and confirms of it may still arrive, so the next batch
     /// gets a fresh connection. Closing then skips the polite
@@ -232,6 +235,14 @@ impl Broker {
             return None;
         }
         lock(&self.blocked_reason).clone()
+    }
+
+    /// From now on every message is published as a replay: with the header
+    /// `x-replay: true`, and its routing key after `routing_key_prefix`
+    /// (`replay.` gives `replay.file.created`; empty keeps `file.created`).
+    /// The body stays exactly the message contract.
+    pub fn for_replay(&mut self, routing_key_prefix: &str) {
+        self.replay = Some(routing_key_prefix.to_owned());
     }
 
     /// The heartbeat interval agreed with the broker (the lower of ours and

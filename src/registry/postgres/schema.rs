@@ -84,6 +84,40 @@ ALTER TABLE outbox
         CHECK ((set_aside_at IS NULL) = (set_aside_reason IS NULL));
 "#,
     },
+    Migration {
+        version: 5,
+        description: "instances and their heartbeats; replays and their cursors",
+        sql: r#"
+CREATE TABLE instances (
+    instance_id        text PRIMARY KEY,
+    hostname           text NOT NULL,
+    pid                integer NOT NULL,
+    watched_directory  text NOT NULL,
+    version            text NOT NULL,
+    started_at         timestamptz NOT NULL,
+    heartbeat_at       timestamptz NOT NULL,
+    stopped_at         timestamptz,
+    messages_recorded  bigint NOT NULL DEFAULT 0,
+    messages_confirmed bigint NOT NULL DEFAULT 0,
+    files_hashed       bigint NOT NULL DEFAULT 0,
+    bytes_hashed       bigint NOT NULL DEFAULT 0,
+    events_dropped     bigint NOT NULL DEFAULT 0,
+    errors             bigint NOT NULL DEFAULT 0
+);
+
+CREATE TABLE replays (
+    replay_id          uuid PRIMARY KEY,
+    prefix             text COLLATE "C",
+    routing_key_prefix text NOT NULL,
+    exchange           text NOT NULL,
+    cursor             text COLLATE "C",
+    sent               bigint NOT NULL DEFAULT 0,
+    started_at         timestamptz NOT NULL DEFAULT now(),
+    updated_at         timestamptz NOT NULL DEFAULT now(),
+    finished_at        timestamptz
+);
+"#,
+    },
 ];
 
 /// Creates the schema if needed and applies the migrations it lacks.
