@@ -392,3 +392,56 @@ fn stress_five_instances_two_hundred_files() {
         assert!(by_type.contains(kind), "{by_type}");
     }
 }
+
+/// Under a `Type=notify` unit: `READY=1` once caught up, `WATCHDOG=1` at
+/// half the watchdog interval while alive, `STOPPING=1` on the way out. A
+/// datagram socket of the test's own stands in for systemd.
+#[test]
+fn the_daemon_tells_systemd_it_is_ready_and_pets_the_watchdog() {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::{Duration, Instant};
+
+    let socket_dir = tempfile::tempdir().unwrap();
+    let socket_path = socket_dir.path().join("notify");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut daemon = crate::support::Daemon::builder()
+        .env("NOTIFY_SOCKET", socket_path.to_str().unwrap())
+        .env("WATCHDOG_USEC", "1000000")
+        .file("before.flac", "x")
+        .start();
+    let mut received: Vec<String> = Vec::new();
+    let mut read_until = |wanted: &str, received: &mut Vec<String>| {
+        let deadline = Instant::now() + crate::support::DEADLINE;
+        let mut buffer = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(length) = socket.recv(&mut buffer) {
+                received.push(String::from_utf8_lossy(&buffer[..length]).into_owned());
+                if received
+                    .iter()
+                    .filter(|datagram| datagram.contains(wanted))
+                    .count()
+                    >= 2
+                    || (wanted != "WATCHDOG=1" && received.iter().any(|datagram| datagram.contains(wanted)))
+                {
+                    return;
+                }
+            }
+        }
+        panic!("no {wanted} from the daemon; got {received:?}");
+    };
+    read_until("READY=1", &mut received);
+    // Two pets at 0.5 s intervals.
+    read_until("WATCHDOG=1", &mut received);
+    assert!(daemon.terminate().success());
+    read_until("STOPPING=1", &mut received);
+    let ready = received
+        .iter()
+        .position(|datagram| datagram.contains("READY=1"))
+        .unwrap();
+    let stopping = received
+        .iter()
+        .position(|datagram| datagram.contains("STOPPING=1"))
+        .unwrap();
+    assert!(ready < stopping, "{received:?}");
+}
