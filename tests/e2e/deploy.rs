@@ -411,7 +411,7 @@ fn the_daemon_tells_systemd_it_is_ready_and_pets_the_watchdog() {
         .file("before.flac", "x")
         .start();
     let mut received: Vec<String> = Vec::new();
-    let mut read_until = |wanted: &str, received: &mut Vec<String>| {
+    let read_until = |wanted: &str, received: &mut Vec<String>| {
         let deadline = Instant::now() + crate::support::DEADLINE;
         let mut buffer = [0u8; 4096];
         while Instant::now() < deadline {
