@@ -12,15 +12,15 @@ cd "$(dirname "$0")/.."
 scripts/services.sh
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --all-targets --no-fail-fast -E 'not test(/serial_/)' "$@" || status=$?
+    cargo nextest run --locked --all-targets --no-fail-fast -E 'not test(/serial_/)' "$@" || status=$?
     if grep -rqs "fn serial_" tests src; then
         scripts/services.sh
-        cargo nextest run --all-targets --no-fail-fast --test-threads 1 -E 'test(/serial_/)' "$@" || status=$?
+        cargo nextest run --locked --all-targets --no-fail-fast --test-threads 1 -E 'test(/serial_/)' "$@" || status=$?
     fi
 else
-    cargo test --all-targets --no-fail-fast "$@" -- --skip serial_ || status=$?
+    cargo test --locked --all-targets --no-fail-fast "$@" -- --skip serial_ || status=$?
     scripts/services.sh
-    cargo test --all-targets --no-fail-fast "$@" -- --test-threads 1 serial_ || status=$?
+    cargo test --locked --all-targets --no-fail-fast "$@" -- --test-threads 1 serial_ || status=$?
 fi
 # Leave the shared services running, whatever a fault test did.
 scripts/services.sh

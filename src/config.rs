@@ -14,6 +14,8 @@ use clap::Parser;
 
 use crate::filter::{Filter, FilterError};
 use crate::redact::{Secret, SecretUrl};
+use crate::registry::postgres::DatabaseTls;
+use crate::tls::{ClientTls, Identity, Trust, Verify};
 
 pub const DEFAULT_EXTENSIONS: &str = "mp3,flac,wav,wave,m4a,mp4,m4b,m4p,m4v,m4r,ogg,oga,opus,aac,wma";
 
@@ -56,6 +58,10 @@ pub struct Args {
     /// Poll the tree every N ms instead of using inotify (NFS, SMB, FUSE mounts).
     #[arg(long, env = "POLL_INTERVAL_MS")]
     pub poll_interval_ms: Option<String>,
+    /// Walk the whole tree this often and compare it with the registry
+    /// (`30s`, `5m`, `1h`; `0` turns it off): the safety net for lost events.
+    #[arg(long, env = "RESCAN_INTERVAL", default_value = "1h")]
+    pub rescan_interval: String,
     /// error, warn, info, debug or trace.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -76,20 +82,35 @@ pub struct Args {
     pub rabbitmq_port: String,
     #[arg(long, env = "RABBITMQ_USER", default_value = "guest")]
     pub rabbitmq_user: String,
-    #[arg(
-        long,
-        env = "RABBITMQ_PASS",
-        default_value = "guest",
-        hide_env_values = true,
-        hide_default_value = true
-    )]
-    pub rabbitmq_pass: Secret,
+    /// [default: guest]
+    #[arg(long, env = "RABBITMQ_PASS", hide_env_values = true)]
+    pub rabbitmq_pass: Option<Secret>,
+    /// A file holding RABBITMQ_URL (a Docker or Kubernetes secret); one
+    /// trailing newline is ignored. Setting both is an error.
+    #[arg(long, env = "RABBITMQ_URL_FILE", value_name = "FILE")]
+    pub rabbitmq_url_file: Option<PathBuf>,
+    /// A file holding RABBITMQ_PASS; one trailing newline is ignored.
+    #[arg(long, env = "RABBITMQ_PASS_FILE", value_name = "FILE")]
+    pub rabbitmq_pass_file: Option<PathBuf>,
+    /// amqps:// only: PEM file of the CA that signed the broker's certificate
+    /// [default: the roots built into the binary]. The host name is always verified.
+    #[arg(long, env = "RABBITMQ_CA_FILE", value_name = "FILE")]
+    pub rabbitmq_ca_file: Option<PathBuf>,
+    /// amqps:// only: PEM client certificate (chain) for mutual TLS; needs RABBITMQ_KEY_FILE.
+    #[arg(long, env = "RABBITMQ_CERT_FILE", value_name = "FILE")]
+    pub rabbitmq_cert_file: Option<PathBuf>,
+    /// amqps:// only: PEM private key of RABBITMQ_CERT_FILE.
+    #[arg(long, env = "RABBITMQ_KEY_FILE", value_name = "FILE")]
+    pub rabbitmq_key_file: Option<PathBuf>,
     /// Topic exchange messages are published to.
     #[arg(long, env = "EXCHANGE", default_value = "file_events", global = true)]
     pub exchange: String,
     /// PostgreSQL URL, e.g. postgres://user:pass@host:5432/db. Unset: no registry database.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<SecretUrl>,
+    /// A file holding DATABASE_URL; one trailing newline is ignored.
+    #[arg(long, env = "DATABASE_URL_FILE", value_name = "FILE")]
+    pub database_url_file: Option<PathBuf>,
     /// A file that exists only while the share is mounted (relative paths are
     /// below DIR); while it is missing no deletion is published.
     #[arg(long, env = "SENTINEL_FILE")]
@@ -123,6 +144,9 @@ pub struct Config {
     /// Files over this size are hashed one at a time in the huge-file lane.
     pub huge_file_bytes: u64,
     pub watch_mode: WatchMode,
+    /// How often the whole tree is walked and compared with the registry;
+    /// `None` when RESCAN_INTERVAL is 0.
+    pub rescan_interval: Option<Duration>,
     pub log_level: log::LevelFilter,
     pub log_format: LogFormat,
     pub scan_existing: bool,
@@ -160,6 +184,9 @@ pub struct BrokerConfig {
     pub url: SecretUrl,
     pub exchange: String,
     pub dead_letter_exchange: String,
+    /// For amqps://: the trust (RABBITMQ_CA_FILE or the bundled roots) and
+    /// the client certificate, already read and checked. `None` for amqp://.
+    pub tls: Option<ClientTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -197,9 +224,12 @@ fn invalid(
 impl Config {
     /// Validates raw arguments, one setting per step. The steps run in this
     /// order, so with several bad values the first step's error is the one
-    /// reported. Does not touch the filesystem: whether the directory exists
-    /// is checked at start-up, where the error can say more.
+    /// reported. Reads only the files that hold secrets (`*_FILE`) and
+    /// certificates, so that a bad one stops the start naming its variable;
+    /// whether the watched directory exists is checked at start-up, where
+    /// the error can say more.
     pub fn from_args(args: Args) -> Result<Config, ConfigError> {
+        let args = read_secret_files(args)?;
         let data_dir = parse_data_dir(&args.data_dir)?;
         let instance_id = parse_instance_id(args.instance_id.as_deref())?;
         let filter = parse_filter(&args.extensions, &args.exclude)?;
@@ -207,6 +237,7 @@ impl Config {
         let workers = parse_workers(args.workers.as_deref())?;
         let huge_file_bytes = parse_huge_file_bytes(&args.huge_file_bytes)?;
         let watch_mode = parse_watch_mode(args.poll_interval_ms.as_deref())?;
+        let rescan_interval = parse_rescan_interval(&args.rescan_interval)?;
         let log_level = parse_log_level(&args.log_level)?;
         let log_format = parse_log_format(&args.log_format)?;
         let broker = parse_broker(&args)?;
@@ -225,6 +256,7 @@ impl Config {
             workers,
             huge_file_bytes,
             watch_mode,
+            rescan_interval,
             log_level,
             log_format,
             scan_existing,
@@ -324,6 +356,30 @@ fn parse_watch_mode(poll_interval_ms: Option<&str>) -> Result<WatchMode, ConfigE
     }
 }
 
+/// RESCAN_INTERVAL: a duration such as `30s`, `5m` or `1h`, at least one
+/// second; `0` turns the periodic rescan off.
+fn parse_rescan_interval(value: &str) -> Result<Option<Duration>, ConfigError> {
+    let text = value.trim();
+    if text == "0" {
+        return Ok(None);
+    }
+    match humantime::parse_duration(text) {
+        Ok(interval) if interval >= Duration::from_secs(1) => Ok(Some(interval)),
+        Ok(_) => Err(invalid(
+            "RESCAN_INTERVAL",
+            "rescan-interval",
+            value,
+            "must be at least 1s (or 0 to turn it off)",
+        )),
+        Err(_) => Err(invalid(
+            "RESCAN_INTERVAL",
+            "rescan-interval",
+            value,
+            "expected a duration such as 30s, 5m or 1h, or 0 to turn it off",
+        )),
+    }
+}
+
 fn parse_log_level(value: &str) -> Result<log::LevelFilter, ConfigError> {
     value.trim().parse::<log::LevelFilter>().map_err(|_| {
         invalid(
@@ -359,15 +415,161 @@ fn parse_broker(args: &Args) -> Result<Option<BrokerConfig>, ConfigError> {
             host,
             &args.rabbitmq_port,
             &args.rabbitmq_user,
-            &args.rabbitmq_pass,
+            args.rabbitmq_pass.as_ref().unwrap_or(&Secret::from("guest")),
         )?,
         _ => return Ok(None),
     };
+    let tls = parse_broker_tls(args, &url)?;
     Ok(Some(BrokerConfig {
         url,
         dead_letter_exchange: format!("{exchange}.dlx"),
         exchange,
+        tls,
     }))
+}
+
+/// RABBITMQ_CA_FILE, RABBITMQ_CERT_FILE and RABBITMQ_KEY_FILE, read and
+/// checked now. Set with an amqp:// URL they are an error: the operator
+/// meant TLS and would not get it.
+fn parse_broker_tls(args: &Args, url: &SecretUrl) -> Result<Option<ClientTls>, ConfigError> {
+    let file_error = |variable: &'static str, flag: &'static str, path: &Path, reason: String| {
+        invalid(variable, flag, &path.to_string_lossy(), reason)
+    };
+    if url.scheme() != Some("amqps") {
+        let set = [
+            ("RABBITMQ_CA_FILE", "rabbitmq-ca-file", &args.rabbitmq_ca_file),
+            (
+                "RABBITMQ_CERT_FILE",
+                "rabbitmq-cert-file",
+                &args.rabbitmq_cert_file,
+            ),
+            ("RABBITMQ_KEY_FILE", "rabbitmq-key-file", &args.rabbitmq_key_file),
+        ];
+        if let Some((variable, flag, Some(path))) = set.into_iter().find(|(_, _, path)| path.is_some()) {
+            return Err(file_error(
+                variable,
+                flag,
+                path,
+                format!("TLS files need an amqps:// broker URL, not {url}"),
+            ));
+        }
+        return Ok(None);
+    }
+    let trust = match &args.rabbitmq_ca_file {
+        None => Trust::bundled(),
+        Some(path) => Trust::from_file(path)
+            .map_err(|error| file_error("RABBITMQ_CA_FILE", "rabbitmq-ca-file", path, error.to_string()))?,
+    };
+    let identity = match (&args.rabbitmq_cert_file, &args.rabbitmq_key_file) {
+        (None, None) => None,
+        (Some(certificate), Some(key)) => Some(Identity::from_files(certificate, key).map_err(|error| {
+            file_error(
+                "RABBITMQ_CERT_FILE",
+                "rabbitmq-cert-file",
+                certificate,
+                error.to_string(),
+            )
+        })?),
+        (Some(path), None) => {
+            return Err(file_error(
+                "RABBITMQ_CERT_FILE",
+                "rabbitmq-cert-file",
+                path,
+                "needs RABBITMQ_KEY_FILE too".to_owned(),
+            ))
+        }
+        (None, Some(path)) => {
+            return Err(file_error(
+                "RABBITMQ_KEY_FILE",
+                "rabbitmq-key-file",
+                path,
+                "needs RABBITMQ_CERT_FILE too".to_owned(),
+            ))
+        }
+    };
+    ClientTls::new(&trust, Verify::Full, identity.as_ref())
+        .map(Some)
+        .map_err(|error| {
+            let path = args.rabbitmq_cert_file.as_deref().unwrap_or(Path::new(""));
+            file_error(
+                "RABBITMQ_CERT_FILE",
+                "rabbitmq-cert-file",
+                path,
+                error.to_string(),
+            )
+        })
+}
+
+/// RABBITMQ_URL_FILE, RABBITMQ_PASS_FILE and DATABASE_URL_FILE: each read
+/// into the setting it stands for, which must not be set as well. The error
+/// names the file, never its content.
+fn read_secret_files(mut args: Args) -> Result<Args, ConfigError> {
+    fn read(variable: &'static str, flag: &'static str, path: &Path) -> Result<String, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            invalid(
+                variable,
+                flag,
+                &path.to_string_lossy(),
+                format!("cannot read it: {error}"),
+            )
+        })?;
+        let text = text.strip_suffix('\n').unwrap_or(&text);
+        Ok(text.strip_suffix('\r').unwrap_or(text).to_owned())
+    }
+    fn both(variable: &'static str, flag: &'static str, shown: String, file_variable: &str) -> ConfigError {
+        invalid(
+            variable,
+            flag,
+            &shown,
+            format!("{file_variable} is set too; set only one of {variable} and {file_variable}"),
+        )
+    }
+    if let Some(path) = &args.rabbitmq_url_file {
+        if let Some(url) = &args.rabbitmq_url {
+            return Err(both(
+                "RABBITMQ_URL",
+                "rabbitmq-url",
+                url.to_string(),
+                "RABBITMQ_URL_FILE",
+            ));
+        }
+        args.rabbitmq_url = Some(SecretUrl::new(read(
+            "RABBITMQ_URL_FILE",
+            "rabbitmq-url-file",
+            path,
+        )?));
+    }
+    if let Some(path) = &args.rabbitmq_pass_file {
+        if args.rabbitmq_pass.is_some() {
+            return Err(both(
+                "RABBITMQ_PASS",
+                "rabbitmq-pass",
+                "***".to_owned(),
+                "RABBITMQ_PASS_FILE",
+            ));
+        }
+        args.rabbitmq_pass = Some(Secret::from(read(
+            "RABBITMQ_PASS_FILE",
+            "rabbitmq-pass-file",
+            path,
+        )?));
+    }
+    if let Some(path) = &args.database_url_file {
+        if let Some(url) = &args.database_url {
+            return Err(both(
+                "DATABASE_URL",
+                "database-url",
+                url.to_string(),
+                "DATABASE_URL_FILE",
+            ));
+        }
+        args.database_url = Some(SecretUrl::new(read(
+            "DATABASE_URL_FILE",
+            "database-url-file",
+            path,
+        )?));
+    }
+    Ok(args)
 }
 
 /// EXCHANGE as given (not trimmed), as long as it is not blank.
@@ -419,11 +621,16 @@ fn parse_database(args: &Args) -> Result<Option<DatabaseConfig>, ConfigError> {
     let pool_size = parse_pool_size(&args.db_pool_size)?;
     let schema = parse_schema(args.db_schema.as_deref())?;
     Ok(match &args.database_url {
-        Some(url) if !url.is_blank() => Some(DatabaseConfig {
-            url: url.clone(),
-            schema,
-            pool_size,
-        }),
+        Some(url) if !url.is_blank() => {
+            // sslmode and the certificate files it names, checked now.
+            DatabaseTls::from_url(url)
+                .map_err(|reason| invalid("DATABASE_URL", "database-url", &url.to_string(), reason))?;
+            Some(DatabaseConfig {
+                url: url.clone(),
+                schema,
+                pool_size,
+            })
+        }
         _ => None,
     })
 }
@@ -849,6 +1056,69 @@ mod tests {
         );
     }
 
+    /// `*_FILE` secrets: read, one trailing newline dropped, exclusive with
+    /// the variable they stand for; an amqps:// URL gets its TLS settings.
+    #[test]
+    fn secrets_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("rabbitmq_url");
+        std::fs::write(&url_file, "amqps://u:File-s3cret@broker/%2f\r\n").unwrap();
+        let database_file = dir.path().join("database_url");
+        std::fs::write(
+            &database_file,
+            "postgres://u:Db-s3cret@db/registry?sslmode=verify-full\n",
+        )
+        .unwrap();
+        let url_path = url_file.to_str().unwrap();
+        let database_path = database_file.to_str().unwrap();
+        let config = parse(&[
+            "/tmp",
+            "--rabbitmq-url-file",
+            url_path,
+            "--database-url-file",
+            database_path,
+        ])
+        .unwrap();
+        let broker = config.broker.as_ref().unwrap();
+        assert_eq!(broker.url.expose(), "amqps://u:File-s3cret@broker/%2f");
+        assert_eq!(
+            format!("{:?}", broker.tls.as_ref().unwrap()),
+            "verify chain and host against bundled roots"
+        );
+        assert_eq!(
+            config.database.as_ref().unwrap().url.expose(),
+            "postgres://u:Db-s3cret@db/registry?sslmode=verify-full"
+        );
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+
+        let error = parse(&[
+            "/tmp",
+            "--rabbitmq-url",
+            "amqp://h/",
+            "--rabbitmq-url-file",
+            url_path,
+        ])
+        .unwrap_err();
+        assert!(error.to_string().contains("RABBITMQ_URL_FILE") && error.variable == "RABBITMQ_URL");
+        let error = parse(&["/tmp", "--rabbitmq-pass-file", "/nonexistent/pass"]).unwrap_err();
+        assert_eq!(error.variable, "RABBITMQ_PASS_FILE");
+        let pass_file = dir.path().join("pass");
+        std::fs::write(&pass_file, "p@ss\n").unwrap();
+        let legacy = parse(&[
+            "/tmp",
+            "--rabbitmq-host",
+            "h",
+            "--rabbitmq-pass-file",
+            pass_file.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(
+            legacy.broker.unwrap().url.expose(),
+            "amqp://guest:p%40ss@h:5672/%2f"
+        );
+    }
+
     /// Issue 8: `{:?}` of the raw arguments and of the configuration (and of
     /// its parts) can never show a password, whichever way it was given.
     #[test]
@@ -907,5 +1177,23 @@ mod tests {
         assert_eq!(sentinel("/abs/s"), Some(PathBuf::from("/abs/s")));
         assert_eq!(sentinel(""), None);
         assert_eq!(parse_sentinel(None, data_dir).unwrap(), None);
+    }
+
+    #[test]
+    fn rescan_interval_takes_durations_and_zero_turns_it_off() {
+        let interval =
+            |value: &str| parse(&["/tmp", "--rescan-interval", value]).map(|config| config.rescan_interval);
+        assert_eq!(
+            parse(&["/tmp"]).unwrap().rescan_interval,
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(interval("30s").unwrap(), Some(Duration::from_secs(30)));
+        assert_eq!(interval("5m").unwrap(), Some(Duration::from_secs(300)));
+        assert_eq!(interval("1h").unwrap(), Some(Duration::from_secs(3600)));
+        assert_eq!(interval("0").unwrap(), None);
+        for bad in ["soon", "10", "500ms", "1 fortnight"] {
+            let error = interval(bad).unwrap_err();
+            assert_eq!(error.variable, "RESCAN_INTERVAL", "{bad}");
+        }
     }
 }

@@ -73,7 +73,8 @@ pub struct Dispatch {
     pub id: u64,
     pub job: Job,
     pub correlation_id: Uuid,
-    /// Failed attempts so far (for backoff and giving up on hard errors).
+    /// Failed attempts so far (for backoff, and handing the job back as
+    /// refused after hard errors).
     pub attempt: u32,
 }
 
@@ -103,6 +104,10 @@ pub enum Outcome {
     /// The registry cannot be reached: keep the job, and hold all dispatching
     /// for a while (one probe per backoff period, not one retry per path).
     Unavailable,
+    /// The registry kept refusing the job for a reason other than a lost
+    /// connection (read-only, disk full, a statement timeout: the error):
+    /// the settle stage keeps it and retries it later.
+    Refused(String),
     /// The answer to [`Job::MatchMoves`]: these found files are recorded
     /// files that moved.
     Matched(Vec<Moved>),

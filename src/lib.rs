@@ -9,7 +9,9 @@
 //! - [`config`] parses environment and flags once into a [`config::Config`];
 //!   [`filter`] decides which names matter; [`path_text`] turns paths (bytes)
 //!   into the text every stage, the registry and the messages carry, and
-//!   back; [`redact`] keeps passwords out of what we print; [`logging`]
+//!   back; [`redact`] keeps passwords out of what we print; [`tls`] reads
+//!   the certificate files once, at start, into the rustls settings both
+//!   connections use; [`logging`]
 //!   stamps every line with `[instance:dir]` and escapes control characters.
 //! - [`watch`] owns notify and hands [`watch::RawEvent`]s to the settle
 //!   stage. Its callback never blocks: a full channel drops the event and
@@ -52,6 +54,7 @@
 //!   with the observation; a deletion only when that `stat` says gone.
 pub mod config;
 pub mod redact;
+pub mod tls;
 pub mod filter;
 pub mod path_text;
 pub mod logging;

@@ -228,6 +228,7 @@ pub fn broker_settings(config: &Config, broker: &BrokerConfig) -> BrokerSettings
         connect_timeout: BROKER_CONNECT_TIMEOUT,
         confirm_timeout: BROKER_CONFIRM_TIMEOUT,
         heartbeat: BROKER_HEARTBEAT,
+        tls: broker.tls.clone(),
     }
 }
 
@@ -332,6 +333,7 @@ impl Running {
             // created, changed ones modified, and the sweep finds deleted ones.
             initial_scan: config.scan_existing || config.database.is_some(),
             sentinel: config.sentinel.clone(),
+            rescan_interval: config.rescan_interval,
         };
         let channels = SettleChannels {
             raw: raw_receiver,

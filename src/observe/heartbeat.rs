@@ -12,13 +12,12 @@
 //! registry pool, and treats every database error as "try again next turn"
 //! (logged at debug: the registry already reports outages once).
 
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
-use postgres::{Client, NoTls};
+use postgres::Client;
 
 use super::Sources;
 use crate::redact::SecretUrl;
@@ -111,10 +110,12 @@ impl Beat {
         let _ = self.beat();
         let instance_id = self.sources.instance_id.clone();
         let result = self.connected().and_then(|client| {
-            client.execute(
-                "UPDATE instances SET stopped_at = now(), heartbeat_at = now() WHERE instance_id = $1",
-                &[&instance_id],
-            )
+            client
+                .execute(
+                    "UPDATE instances SET stopped_at = now(), heartbeat_at = now() WHERE instance_id = $1",
+                    &[&instance_id],
+                )
+                .map_err(BeatError::from)
         });
         match result {
             Ok(_) => {}
@@ -125,14 +126,13 @@ impl Beat {
         }
     }
 
-    fn connected(&mut self) -> Result<&mut Client, postgres::Error> {
+    fn connected(&mut self) -> Result<&mut Client, BeatError> {
         if self.client.is_none() {
-            let mut config = postgres::Config::from_str(self.settings.url.expose())?;
-            config.connect_timeout(CONNECT_TIMEOUT);
-            if config.get_application_name().is_none() {
-                config.application_name("file-watcher heartbeat");
-            }
-            let mut client = config.connect(NoTls)?;
+            let mut client = crate::registry::postgres::connect_one(
+                &self.settings.url,
+                "file-watcher heartbeat",
+                CONNECT_TIMEOUT,
+            )?;
             let schema = self.settings.schema.replace('"', "\"\"");
             client.batch_execute(&format!("SET search_path TO \"{schema}\""))?;
             self.client = Some(client);
@@ -140,7 +140,7 @@ impl Beat {
         Ok(self.client.as_mut().expect("connected above"))
     }
 
-    fn beat(&mut self) -> Result<(), postgres::Error> {
+    fn beat(&mut self) -> Result<(), BeatError> {
         let counts = Counts::read(&self.sources);
         let instance_id = self.sources.instance_id.clone();
         let registered = self.registered;
@@ -199,6 +199,16 @@ impl Beat {
             .store(outbox.get::<_, f64>(1).max(0.0).to_bits(), Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Why a heartbeat did not land: no connection (TLS and URL problems
+/// included), or a statement that failed.
+#[derive(Debug, thiserror::Error)]
+enum BeatError {
+    #[error(transparent)]
+    Connect(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Query(#[from] postgres::Error),
 }
 
 /// The counts the row carries, as `bigint`s.

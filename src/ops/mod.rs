@@ -10,7 +10,6 @@ pub mod replay;
 pub mod status;
 
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::time::Duration;
 
 use crate::config::{Config, DatabaseConfig};
@@ -74,15 +73,9 @@ pub(crate) fn database(config: &Config) -> Result<(postgres::Client, String), Op
         detail,
     };
     migrate(config, database).map_err(|error| failed(error.to_string()))?;
-    let mut client_config =
-        postgres::Config::from_str(database.url.expose()).map_err(|error| failed(error.to_string()))?;
-    client_config.connect_timeout(Duration::from_secs(5));
-    if client_config.get_application_name().is_none() {
-        client_config.application_name("file-watcher ops");
-    }
-    let mut client = client_config
-        .connect(postgres::NoTls)
-        .map_err(|error| failed(error.to_string()))?;
+    let mut client =
+        crate::registry::postgres::connect_one(&database.url, "file-watcher ops", Duration::from_secs(5))
+            .map_err(|error| failed(error.to_string()))?;
     let schema = schema_name(database).replace('"', "\"\"");
     client
         .batch_execute(&format!("SET search_path TO \"{schema}\""))

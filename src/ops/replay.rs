@@ -79,6 +79,11 @@ pub fn run(config: &Config, args: &ReplayArgs) -> Result<ExitCode, OpsError> {
             "invalid value 0 for --rate: at least 1 message a second".into(),
         ));
     }
+    if args.resume.is_some() && (args.prefix.is_some() || !args.routing_key_prefix.is_empty()) {
+        return Err(OpsError::Other(
+            "--resume goes on with the replay's own --prefix and --routing-key-prefix; give neither".into(),
+        ));
+    }
     let (mut client, database) = super::database(config)?;
     let db_error = |error: postgres::Error| OpsError::Database {
         database: database.clone(),

@@ -146,6 +146,7 @@ impl Settle {
         let now = Instant::now();
         self.in_flight.remove(&done.dispatch.id);
         self.note_done(&done.dispatch.job, &done.outcome);
+        self.note_retried(&done.dispatch.job, &done.outcome);
         let Dispatch {
             job,
             correlation_id,
@@ -178,6 +179,8 @@ impl Settle {
             }
             // Set aside (`note_done`) until its permissions change.
             Outcome::Unreadable(_) => return,
+            // Kept (`refused`) and retried until the registry takes it.
+            Outcome::Refused(reason) => return self.refuse(job, correlation_id, &reason, now),
             Outcome::Changing => (None, true),
             Outcome::Vanished => {
                 if let Job::Check { path, renamed_from } = job {

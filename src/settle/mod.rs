@@ -29,7 +29,14 @@
 //! - `root`: the watchdog, watcher restarts, falling back to polling, and the
 //!   scans that catch up (with what they discover);
 //! - `aside`: files and directories set aside as unreadable, until their
-//!   permissions change.
+//!   permissions change;
+//! - `refused`: changes the registry refused (read-only, disk full), kept
+//!   and retried until it takes them.
+//!
+//! Every `RESCAN_INTERVAL` (and after an overflow, and at start with a
+//! database) a full scan walks the tree: every file is checked against the
+//! registry (only changed ones are hashed), the watches are rebuilt to one
+//! per directory, and whatever is set aside or refused is retried.
 
 mod events;
 mod renames;
@@ -38,6 +45,7 @@ mod pending;
 mod dispatch;
 mod root;
 mod aside;
+mod refused;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -51,6 +59,7 @@ use crossbeam_channel::{never, select, Receiver, Sender};
 use self::aside::Aside;
 use self::dispatch::ReadyItem;
 use self::pending::Entry;
+use self::refused::Refused;
 use self::renames::Pairing;
 use self::root::WATCHDOG_INTERVAL;
 use self::unpaired::Unpaired;
@@ -75,6 +84,8 @@ pub struct SettleOptions {
     pub initial_scan: bool,
     /// Optional file whose absence means the share is not mounted.
     pub sentinel: Option<PathBuf>,
+    /// How often a full scan runs anyway (`RESCAN_INTERVAL`); `None`: never.
+    pub rescan_interval: Option<Duration>,
 }
 
 /// The channels the settle stage reads and writes.
@@ -92,6 +103,10 @@ pub struct SettleChannels {
 const MAX_WAIT: Duration = Duration::from_millis(250);
 /// Raw events handled per pass before timers and dispatch get a turn.
 const RAW_BATCH: usize = 4096;
+/// Pending and ready entries past which the periodic rescan waits, and for
+/// how long (see `Settle::periodic_rescan`).
+const PERIODIC_BUSY: usize = 1024;
+const PERIODIC_POSTPONE: Duration = Duration::from_secs(60);
 /// The target of every log line of the stage, whichever file it comes from:
 /// the one they had before the stage became a folder, so log lines stay
 /// byte-for-byte the same (issue 7). Child modules pass it explicitly.
@@ -138,6 +153,10 @@ pub struct Settle {
     /// Files and directories that could not be read, until their permissions
     /// change (see `aside`); counted in `counters.set_aside`.
     set_aside: HashMap<String, Aside>,
+    /// When the periodic full scan is due (postponed by every full scan).
+    next_rescan: Option<Instant>,
+    /// Changes the registry refused, until it takes them.
+    refused: Refused,
 }
 
 impl Settle {
@@ -174,6 +193,8 @@ impl Settle {
             hold_until: None,
             outage_attempts: 0,
             set_aside: HashMap::new(),
+            next_rescan: None,
+            refused: Refused::default(),
         }
     }
 
@@ -181,6 +202,10 @@ impl Settle {
     pub fn run(mut self) {
         let root = self.options.root.clone();
         self.note_watch_failures(&root, Instant::now());
+        self.next_rescan = self
+            .options
+            .rescan_interval
+            .map(|interval| Instant::now() + interval);
         if self.options.initial_scan {
             self.request_full_scan("start-up reconciliation");
         }
@@ -232,6 +257,10 @@ impl Settle {
             if now >= self.next_watchdog {
                 self.watchdog(now);
             }
+            if self.next_rescan.is_some_and(|at| now >= at) {
+                self.periodic_rescan(now);
+            }
+            self.retry_refused(now, false);
             self.expire_unpaired(now);
             self.start_due_scans(now);
             self.match_held(now);
@@ -247,6 +276,18 @@ impl Settle {
             self.ready.len(),
             self.in_flight.len()
         );
+    }
+
+    /// The periodic full scan, unless one is under way or the last one's
+    /// finds are still being worked through (a catch-up after downtime can
+    /// take longer than the interval): then it comes a little later rather
+    /// than pile a second walk's 100 000 checks onto the first.
+    fn periodic_rescan(&mut self, now: Instant) {
+        if self.full_scan_running || self.pending.len() + self.ready.len() >= PERIODIC_BUSY {
+            self.next_rescan = Some(now + PERIODIC_POSTPONE);
+            return;
+        }
+        self.request_full_scan("periodic rescan, RESCAN_INTERVAL");
     }
 
     /// What the metrics and `/healthz` read, once per loop turn (a few
@@ -289,6 +330,12 @@ impl Settle {
         }
         for (at, _) in &self.delayed_scans {
             next = next.min(*at);
+        }
+        for at in [self.next_rescan, self.refused.next_retry()]
+            .into_iter()
+            .flatten()
+        {
+            next = next.min(at);
         }
         next
     }
@@ -338,6 +385,7 @@ mod tests {
                 max_pending: 1000,
                 initial_scan: false,
                 sentinel: None,
+                rescan_interval: None,
             };
             let channels = SettleChannels {
                 raw,

@@ -7,12 +7,13 @@
 //! rescan.
 
 use std::cmp::Reverse;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use uuid::Uuid;
 
 use super::dispatch::ReadyItem;
 use super::{Settle, LOG_TARGET};
+use crate::path_text;
 
 /// A writer that keeps a file open without writing for this long is taken as
 /// finished anyway (some tools never close, or write through mmap); a later
@@ -43,6 +44,11 @@ pub(super) struct Entry {
     pub(super) ready: bool,
     /// The earliest time a timer for this entry is queued for.
     pub(super) scheduled: Instant,
+    /// Found by a scan, not by an event, while its mtime was this recent:
+    /// at the deadline the file is looked at again, and waits again while
+    /// its mtime keeps moving (see [`Settle::on_found`]). Any event for the
+    /// path clears it: from then on events say when the writer is done.
+    pub(super) found_mtime: Option<SystemTime>,
 }
 
 impl Entry {
@@ -57,6 +63,7 @@ impl Entry {
             correlation_id: Uuid::new_v4(),
             ready: false,
             scheduled: now,
+            found_mtime: None,
         }
     }
 }
@@ -76,6 +83,7 @@ impl Settle {
             entry
         });
         entry.last_activity = now;
+        entry.found_mtime = None;
         entry
     }
 
@@ -148,6 +156,61 @@ impl Settle {
         self.mark_removed(path, now);
     }
 
+    /// A scan found a file that has no pending entry: treated like a
+    /// modification seen now, by a writer that is done, so it is looked at
+    /// one settle time later. When its mtime was within the settle time of
+    /// now (a writer interrupted by a restart, or one whose events an
+    /// overflow lost, may still be at it), its mtime is looked at again at
+    /// that deadline, and it waits again for as long as the mtime keeps
+    /// moving: events may not be coming for it.
+    ///
+    /// Invariant: a discovery never touches an entry that exists (its own
+    /// events decide when it is ready; a close already seen is never undone
+    /// and its wait never lengthened), and never waits for a close, which
+    /// may have come and gone before the walk passed by.
+    pub(super) fn on_found(&mut self, path: String, modified: Option<SystemTime>, now: Instant) {
+        if self.pending.contains_key(&path) {
+            return;
+        }
+        let settle = self.settle_time();
+        let entry = self.touch(path, now);
+        entry.closed = true;
+        let recent = modified.filter(|modified| {
+            SystemTime::now()
+                .duration_since(*modified)
+                .map_or(true, |age| age < settle)
+        });
+        entry.found_mtime = recent;
+    }
+
+    /// At the deadline of a file a scan found while it was recent: `true`
+    /// (and a new deadline one settle time from now) if its mtime moved
+    /// meanwhile.
+    fn still_written(&mut self, path: &str, now: Instant) -> bool {
+        let Some(entry) = self.pending.get_mut(path) else {
+            return false;
+        };
+        let Some(seen) = entry.found_mtime.take() else {
+            return false;
+        };
+        let Some(modified) = std::fs::symlink_metadata(path_text::decode(path))
+            .ok()
+            .and_then(|metadata| metadata.modified().ok())
+        else {
+            return false; // gone or unreadable: the worker finds out
+        };
+        if modified == seen {
+            return false;
+        }
+        log::debug!(
+            target: LOG_TARGET,
+            "{path} was found by a scan and is still being written: waiting for it to settle"
+        );
+        entry.last_activity = now;
+        entry.found_mtime = Some(modified);
+        true
+    }
+
     /// Too much pending: drop it all and let a full scan and sweep recover.
     fn shed_pending(&mut self) {
         log::warn!(
@@ -158,6 +221,7 @@ impl Settle {
         self.pending.clear();
         self.timers.clear();
         self.ready.retain(|item| matches!(item, ReadyItem::Tree { .. }));
+        self.refused.forget_retries();
         self.request_full_scan("too many pending changes");
     }
 
@@ -179,6 +243,14 @@ impl Settle {
                 self.timers.push(Reverse((deadline, path)));
                 continue;
             }
+            if self.still_written(&path, now) {
+                let settle = self.settle_time();
+                let entry = self.pending.get_mut(&path).expect("looked up above");
+                let again = self::deadline(entry, settle);
+                entry.scheduled = again;
+                self.timers.push(Reverse((again, path)));
+                continue;
+            }
             if self.unpaired.holds(&path) {
                 self.hold_back_entry(path, now); // a move may be matched to it (see `unpaired`)
                 continue;
@@ -198,4 +270,64 @@ fn deadline(entry: &Entry, settle: Duration) -> Instant {
     entry
         .not_before
         .map_or(settled, |not_before| not_before.max(settled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::Harness;
+    use super::*;
+    use crate::job::Job;
+
+    fn check(path: &str) -> Job {
+        Job::Check {
+            path: path.to_owned(),
+            renamed_from: None,
+        }
+    }
+
+    #[test]
+    fn a_discovery_never_reopens_an_entry_whose_close_was_seen() {
+        let mut harness = Harness::new();
+        harness.settle.options.settle = Duration::from_secs(1);
+        let path = harness.path("a.flac");
+        std::fs::write(&path, b"x").unwrap();
+        let now = Instant::now();
+        harness.settle.on_closed(path.clone(), now);
+        harness
+            .settle
+            .on_found(path.clone(), Some(SystemTime::now()), now);
+        let entry = &harness.settle.pending[&path];
+        assert!(entry.closed && entry.found_mtime.is_none() && entry.last_activity == now);
+        let jobs = harness.pass();
+        assert_eq!(jobs.len(), 1, "ready one settle time after the close");
+        assert_eq!(jobs[0].job, check(&path));
+    }
+
+    #[test]
+    fn a_recent_file_found_by_a_scan_waits_while_its_mtime_moves() {
+        let mut harness = Harness::new();
+        let settle = Duration::from_secs(1);
+        harness.settle.options.settle = settle;
+        let (recent, old) = (harness.path("recent.flac"), harness.path("old.flac"));
+        std::fs::write(&recent, b"half").unwrap();
+        std::fs::write(&old, b"whole").unwrap();
+        let now = Instant::now();
+        // What the scan saw of `recent` is not what is there now: it moved since.
+        let seen = SystemTime::now() - Duration::from_millis(100);
+        harness.settle.on_found(recent.clone(), Some(seen), now);
+        let long_ago = SystemTime::now() - Duration::from_secs(3600);
+        harness.settle.on_found(old.clone(), Some(long_ago), now);
+        harness.settle.reschedule_touched();
+        // At the deadline: `old` goes, `recent` was written meanwhile and waits again.
+        harness.settle.promote_due(now + settle);
+        harness.settle.dispatch(now + settle);
+        let jobs: Vec<Job> = harness.jobs.try_iter().map(|dispatch| dispatch.job).collect();
+        assert_eq!(jobs, [check(&old)]);
+        // Unchanged one settle time later: it goes.
+        let later = Instant::now() + settle * 2;
+        harness.settle.promote_due(later);
+        harness.settle.dispatch(later);
+        let jobs: Vec<Job> = harness.jobs.try_iter().map(|dispatch| dispatch.job).collect();
+        assert_eq!(jobs, [check(&recent)]);
+    }
 }

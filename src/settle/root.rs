@@ -156,6 +156,10 @@ impl Settle {
     }
 
     pub(super) fn request_full_scan(&mut self, reason: &str) {
+        let now = Instant::now();
+        // Any full scan does what the periodic one would: it waits a whole interval again.
+        self.next_rescan = self.options.rescan_interval.map(|interval| now + interval);
+        self.retry_refused(now, true);
         if self.full_scan_running {
             self.full_scan_again = true;
             return;
@@ -175,11 +179,18 @@ impl Settle {
     pub(super) fn on_discovery(&mut self, discovery: Discovery) {
         let now = Instant::now();
         match discovery {
-            Discovery::File(path) => {
-                // Known pending entries keep their own state; new ones are checked.
-                if !self.pending.contains_key(&path) {
-                    let entry = self.touch(path, now);
-                    entry.closed = true;
+            // Known pending entries keep their own state; new ones are checked.
+            Discovery::File { path, modified } => self.on_found(path, modified, now),
+            // Not watched under this name (new, or renamed while events were
+            // lost): watched now, and walked again once the watch surely exists.
+            Discovery::Directory { path, identity } => {
+                if self
+                    .watcher
+                    .as_ref()
+                    .is_some_and(|watcher| !watcher.is_watched(&path, identity))
+                {
+                    log::debug!(target: LOG_TARGET, "{} was not watched: watching it", path.display());
+                    self.schedule_scan(path, now);
                 }
             }
             Discovery::Unreadable { path, reason } => self.on_unreadable_directory(&path, &reason, now),
@@ -194,6 +205,15 @@ impl Settle {
                 }
                 self.full_scan_running = false;
                 self.retry_set_aside(now);
+                if !failed {
+                    if let Some(watcher) = self.watcher.as_mut() {
+                        let (dropped, watched) = watcher.prune();
+                        log::debug!(
+                            target: LOG_TARGET,
+                            "full scan: {dropped} watches of directories that are gone dropped, {watched} watched"
+                        );
+                    }
+                }
                 log::info!(target: LOG_TARGET, "full scan of {} found {files} files", self.root_text);
                 if failed {
                     log::error!(

@@ -134,7 +134,7 @@ impl Settle {
     /// back while moves wait for them.
     pub(super) fn on_walked(&mut self, discovery: Discovery) {
         match &discovery {
-            Discovery::File(path) if self.holds_back(path) => {
+            Discovery::File { path, .. } if self.holds_back(path) => {
                 self.unpaired.found.insert(path.clone());
             }
             Discovery::Finished { request, .. } if request.kind == ScanKind::Directory => {
@@ -321,7 +321,10 @@ mod tests {
 
     fn walked(harness: &mut Harness, dir: &str, files: &[&str]) {
         for file in files {
-            harness.settle.on_walked(Discovery::File((*file).to_owned()));
+            harness.settle.on_walked(Discovery::File {
+                path: (*file).to_owned(),
+                modified: None,
+            });
         }
         harness.settle.on_walked(Discovery::Finished {
             request: ScanRequest {
@@ -360,7 +363,10 @@ mod tests {
         let (mut harness, a, album) = held_move();
         assert!(jobs(&mut harness).is_empty(), "held, not gone");
         let found = format!("{album}/a.flac");
-        harness.settle.on_walked(Discovery::File(found.clone()));
+        harness.settle.on_walked(Discovery::File {
+            path: found.clone(),
+            modified: None,
+        });
         assert!(
             jobs(&mut harness).is_empty(),
             "neither gone nor created before the walk is done"
@@ -441,7 +447,10 @@ mod tests {
             .settle
             .walk_scheduled(&PathBuf::from(&album), Instant::now());
         let found = format!("{album}/a.flac");
-        harness.settle.on_walked(Discovery::File(found.clone()));
+        harness.settle.on_walked(Discovery::File {
+            path: found.clone(),
+            modified: None,
+        });
         assert_eq!(jobs(&mut harness), [check(&found, None)]);
     }
 

@@ -22,6 +22,8 @@
 pub mod guard;
 pub mod scan;
 
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -31,6 +33,7 @@ use crossbeam_channel::{Sender, TrySendError};
 use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{Event, EventKind, PollWatcher, RecommendedWatcher, RecursiveMode, Watcher as _};
 
+use self::guard::Identity;
 use crate::config::WatchMode;
 use crate::filter::Filter;
 
@@ -202,14 +205,30 @@ fn stall_while_present(file: &Path) {
 /// they are walked, so nothing written into them is missed. Polling watches
 /// the whole tree recursively (it has no watches to spare) and the settle
 /// stage drops events for excluded names.
+///
+/// **Watches follow directories, not names.** notify maps each watch to the
+/// name the directory had when it was watched; when the rename of a
+/// directory is lost (a queue overflow), events inside it keep arriving
+/// under the old name, and a directory created meanwhile has no watch at
+/// all. So the watcher remembers which directory (device, inode) each watch
+/// was made for: a full rescan reports every directory it enters
+/// ([`Watcher::is_watched`] says whether it needs a watch), watching a
+/// directory that is still watched under another name drops that name
+/// first, and [`Watcher::prune`] drops the names whose directory is gone.
+/// Afterwards there is one watch per directory of the tree.
 pub struct Watcher {
     inner: Box<dyn notify::Watcher + Send>,
     mode: WatchMode,
     root: PathBuf,
-    filter: Filter,
+    /// Shared so that a walk can borrow it while the watcher changes.
+    filter: Arc<Filter>,
     /// Directories that could not be watched (permission denied, an I/O
     /// error) since the settle stage last took them, with the reason.
     unwatchable: Vec<(PathBuf, String)>,
+    /// Inotify only: every name watched, and the directory it was watched for.
+    watched: HashMap<PathBuf, Identity>,
+    /// The other way round: which name each watched directory is watched under.
+    names: HashMap<Identity, PathBuf>,
 }
 
 /// The command that raises the inotify watch limit: the one advice every
@@ -271,8 +290,10 @@ impl Watcher {
             inner,
             mode,
             root: root.to_owned(),
-            filter: filter.clone(),
+            filter: Arc::new(filter.clone()),
             unwatchable: Vec::new(),
+            watched: HashMap::new(),
+            names: HashMap::new(),
         };
         match mode {
             WatchMode::Inotify => watcher.watch_tree(root)?,
@@ -291,13 +312,28 @@ impl Watcher {
         if matches!(self.mode, WatchMode::Poll(_)) {
             return Ok(());
         }
-        for entry in scan::tree_walk(&self.root, &self.filter, dir).flatten() {
+        let (root, filter) = (self.root.clone(), Arc::clone(&self.filter));
+        // Each directory is watched as soon as the walk meets it, before the
+        // walk goes into it: a subdirectory made meanwhile raises an event.
+        for entry in scan::tree_walk(&root, &filter, dir).flatten() {
             if !entry.file_type().is_dir() {
                 continue;
             }
-            match self.inner.watch(entry.path(), RecursiveMode::NonRecursive) {
-                Ok(()) => {}
-                Err(error) => match WatchError::from_notify(entry.path(), error) {
+            let Ok(metadata) = entry.metadata() else {
+                continue; // gone meanwhile
+            };
+            let (path, identity) = (entry.into_path(), (metadata.dev(), metadata.ino()));
+            self.forget_other_name(identity, &path);
+            match self.inner.watch(&path, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    if let Some(before) = self.watched.insert(path.clone(), identity) {
+                        if before != identity {
+                            self.names.remove(&before);
+                        }
+                    }
+                    self.names.insert(identity, path);
+                }
+                Err(error) => match WatchError::from_notify(&path, error) {
                     limit @ WatchError::WatchLimit { .. } => return Err(limit),
                     WatchError::Notify { path, source } => match source.kind {
                         notify::ErrorKind::Io(error) if error.kind() != std::io::ErrorKind::NotFound => {
@@ -310,6 +346,70 @@ impl Watcher {
             }
         }
         Ok(())
+    }
+
+    /// True when the directory `identity` at `dir` is watched under that
+    /// name (always true when polling, which covers the whole tree).
+    pub fn is_watched(&self, dir: &Path, identity: Identity) -> bool {
+        matches!(self.mode, WatchMode::Poll(_)) || self.watched.get(dir) == Some(&identity)
+    }
+
+    /// Before `dir` is watched as the directory `identity`: if that
+    /// directory is still watched under another name (it was renamed and
+    /// the event lost), that watch goes first. The kernel keeps one watch
+    /// per directory, so watching the new name would reuse it, and dropping
+    /// the old name later would then drop the new one's watch with it.
+    fn forget_other_name(&mut self, identity: Identity, dir: &Path) {
+        let Some(other) = self
+            .names
+            .get(&identity)
+            .filter(|other| other.as_path() != dir)
+            .cloned()
+        else {
+            return;
+        };
+        log::debug!(
+            target: LOG_TARGET,
+            "{} is now {}: watching it under its new name",
+            other.display(),
+            dir.display()
+        );
+        self.unwatch(&other);
+    }
+
+    /// Stops watching the name `dir` (notify may have dropped it already,
+    /// after a "moved from" or a removal).
+    fn unwatch(&mut self, dir: &Path) {
+        if let Some(identity) = self.watched.remove(dir) {
+            if self.names.get(&identity).is_some_and(|name| name == dir) {
+                self.names.remove(&identity);
+            }
+        }
+        if let Err(error) = self.inner.unwatch(dir) {
+            log::debug!(target: LOG_TARGET, "unwatching {}: {error}", dir.display());
+        }
+    }
+
+    /// After a full rescan: drops the watches of names that are no longer
+    /// the directory they were watched for (removed, renamed away, replaced).
+    /// Returns how many were dropped and how many remain.
+    pub fn prune(&mut self) -> (usize, usize) {
+        let stale: Vec<PathBuf> = self
+            .watched
+            .iter()
+            .filter(|(dir, identity)| {
+                let now = std::fs::symlink_metadata(dir)
+                    .ok()
+                    .filter(std::fs::Metadata::is_dir)
+                    .map(|metadata| (metadata.dev(), metadata.ino()));
+                now != Some(**identity)
+            })
+            .map(|(dir, _)| dir.clone())
+            .collect();
+        for dir in &stale {
+            self.unwatch(dir);
+        }
+        (stale.len(), self.watched.len())
     }
 
     /// The directories that could not be watched since the last call (see
@@ -446,5 +546,39 @@ mod tests {
         )))
         .add_path("/m/a.flac".into())));
         assert_eq!(receiver.len(), 1);
+    }
+
+    #[test]
+    fn watches_follow_directories_renamed_or_removed_while_nobody_looked() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        for name in ["album", "album/disc", "gone"] {
+            std::fs::create_dir(root.join(name)).unwrap();
+        }
+        let identity = |path: &Path| {
+            let metadata = std::fs::metadata(path).unwrap();
+            (metadata.dev(), metadata.ino())
+        };
+        let (sender, _receiver) = bounded(1024);
+        let filter = Filter::new("flac", "").unwrap();
+        let callback = Callback::new(sender, Arc::new(WatchCounters::default()), false);
+        let mut watcher = Watcher::start(&root, WatchMode::Inotify, &filter, callback).unwrap();
+        assert_eq!(watcher.watched.len(), 4);
+        // Renamed and removed, with no event handled: the old names are stale.
+        std::fs::rename(root.join("album"), root.join("renamed")).unwrap();
+        std::fs::remove_dir(root.join("gone")).unwrap();
+        let renamed = root.join("renamed");
+        assert!(!watcher.is_watched(&renamed, identity(&renamed)));
+        watcher.watch_tree(&renamed).unwrap();
+        assert!(watcher.is_watched(&renamed, identity(&renamed)));
+        assert!(watcher.is_watched(&renamed.join("disc"), identity(&renamed.join("disc"))));
+        assert!(
+            !watcher.watched.contains_key(&root.join("album")),
+            "the old name was dropped before the new one was watched"
+        );
+        assert_eq!(watcher.prune(), (1, 3), "the removed directory's watch goes");
+        let mut names: Vec<_> = watcher.watched.keys().cloned().collect();
+        names.sort();
+        assert_eq!(names, [root.clone(), renamed.clone(), renamed.join("disc")]);
     }
 }

@@ -6,13 +6,16 @@
 //! reading, and the walk waits (back-pressure, not memory growth). Symlinks
 //! are not followed; excluded directories are not entered.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use crossbeam_channel::{Receiver, Sender};
 use walkdir::WalkDir;
 
 use crate::filter::Filter;
 use crate::path_text;
+use crate::watch::guard::Identity;
 
 /// The log target these lines had before the layout move, kept so that log
 /// lines (and anyone's filters on them) stay the same.
@@ -37,7 +40,16 @@ pub struct ScanRequest {
 #[derive(Debug)]
 pub enum Discovery {
     /// An announced-kind file exists at this absolute path.
-    File(String),
+    File {
+        path: String,
+        /// Its mtime when the walk saw it (`None` if it could not be read):
+        /// a file written moments ago waits like any other changed file.
+        modified: Option<SystemTime>,
+    },
+    /// A directory the walk entered, and which one it is: the settle stage
+    /// makes sure it is watched under this name (a full rescan rebuilds the
+    /// watches of the whole tree).
+    Directory { path: PathBuf, identity: Identity },
     /// This directory (or entry) could not be read, for a reason other than
     /// having vanished. The settle stage sets it aside and warns, once.
     Unreadable { path: PathBuf, reason: String },
@@ -120,6 +132,16 @@ fn walk(
                 continue;
             }
         };
+        if entry.file_type().is_dir() {
+            if let Ok(metadata) = entry.metadata() {
+                let directory = Discovery::Directory {
+                    path: entry.path().to_owned(),
+                    identity: (metadata.dev(), metadata.ino()),
+                };
+                found.send(directory).map_err(|_| Disconnected)?;
+            }
+            continue;
+        }
         if !entry.file_type().is_file() {
             continue;
         }
@@ -132,7 +154,13 @@ fn walk(
             continue;
         };
         outcome.files += 1;
-        found.send(Discovery::File(text)).map_err(|_| Disconnected)?;
+        let modified = entry
+            .metadata()
+            .ok()
+            .and_then(|metadata| metadata.modified().ok());
+        found
+            .send(Discovery::File { path: text, modified })
+            .map_err(|_| Disconnected)?;
     }
     Ok(outcome)
 }

@@ -28,9 +28,9 @@ use crate::registry::{
 use crate::watch::guard::RootGuard;
 use crate::watch::WatchCounters;
 
-/// Hard (non-connection) registry errors a job survives before it is dropped;
-/// the next full scan picks the file up again.
-const MAX_ATTEMPTS: u32 = 5;
+/// Hard (non-connection) registry errors a job survives before it is handed
+/// back as refused (the settle stage keeps it and retries it later).
+pub(crate) const MAX_ATTEMPTS: u32 = 5;
 /// Rows fetched per page when walking a subtree in the registry.
 const PAGE: usize = 500;
 /// The target of this module's log lines: the one they had before the move to
@@ -46,8 +46,8 @@ pub struct WorkerCounters {
     pub messages_recorded: AtomicU64,
     /// Files that vanished or could not be read while we looked at them.
     pub file_errors: AtomicU64,
-    /// Registry errors other than an outage (the job is retried, then
-    /// dropped); exported with the errors by kind.
+    /// Registry errors other than an outage (the job is retried, then kept
+    /// by the settle stage as refused); exported with the errors by kind.
     pub registry_errors: AtomicU64,
     /// Messages recorded, by event type (slots in [`EventType::ALL`] order).
     pub recorded_by_type: [AtomicU64; EventType::ALL.len()],
@@ -172,7 +172,17 @@ impl Worker {
             }
             Err(error) => {
                 self.counters.registry_errors.fetch_add(1, Ordering::Relaxed);
-                if dispatch.attempt + 1 >= MAX_ATTEMPTS {
+                let kept = !matches!(dispatch.job, Job::Sweep { .. } | Job::MatchMoves { .. });
+                if dispatch.attempt + 1 >= MAX_ATTEMPTS && kept {
+                    // The settle stage warns once per path and retries it.
+                    log::debug!(
+                        target: LOG_TARGET,
+                        "{:?} refused {MAX_ATTEMPTS} times: {error}",
+                        dispatch.job
+                    );
+                    Outcome::Refused(error.to_string())
+                } else if dispatch.attempt + 1 >= MAX_ATTEMPTS {
+                    // A sweep runs again at the next full scan; unmatched moves stay as they are.
                     log::error!(
                         target: LOG_TARGET,
                         "giving up on {:?} after {MAX_ATTEMPTS} attempts: {error}",
@@ -180,8 +190,11 @@ impl Worker {
                     );
                     Outcome::Finished
                 } else {
-                    log::warn!(
+                    // A kept job that keeps failing is warned about once, by the settle stage.
+                    let level = if kept { log::Level::Debug } else { log::Level::Warn };
+                    log::log!(
                         target: LOG_TARGET,
+                        level,
                         "{:?} failed (attempt {}): {error}",
                         dispatch.job,
                         dispatch.attempt + 1

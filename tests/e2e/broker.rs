@@ -41,6 +41,7 @@ fn settings(exchange: &str) -> BrokerSettings {
         connect_timeout: Duration::from_secs(10),
         confirm_timeout: Duration::from_secs(10),
         heartbeat: Duration::from_secs(10),
+        tls: None,
     }
 }
 

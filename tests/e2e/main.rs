@@ -21,6 +21,12 @@
 //! - [`bench`]: `scripts/bench.sh --short` still runs and reports every figure.
 //! - [`hostile_files`]: permissions that change, special files swapped in,
 //!   files rewritten while hashed, huge files, huge and deep directories.
+//! - [`hostile_rescan`]: full rescans rebuild the watches, the periodic one
+//!   hashes nothing unchanged, refused changes are kept, files still being
+//!   written wait.
+//! - [`tls`]: amqps:// and PostgreSQL's sslmode against TLS listeners of the
+//!   test's own, and TLS settings that stop the start.
+//! - [`secrets`]: a known password, run through every mode, never printed.
 //! - [`observe`]: `/metrics`, `/healthz`, `/readyz` and `healthcheck` of a
 //!   running daemon; [`ops`]: `instances`, `status` and `replay`.
 //! - [`deploy`]: the compose stacks, `scripts/stress.sh` with five instances,
@@ -46,6 +52,9 @@ mod hostile_renames;
 mod hostile_outbox;
 mod bench;
 mod hostile_files;
+mod hostile_rescan;
+mod tls;
+mod secrets;
 mod observe;
 mod ops;
 mod deploy;

@@ -48,6 +48,11 @@ pub fn address() -> SocketAddr {
 
 /// The test database's URL, going through `proxy` instead.
 pub fn url_through(proxy: &FaultProxy) -> String {
+    url_at(&proxy.address().to_string())
+}
+
+/// The test database's URL with `authority` (`host:port`) instead of its own.
+pub fn url_at(authority: &str) -> String {
     let config: postgres::Config = database_url().parse().expect("DATABASE_TEST_URL parses");
     let user = config.get_user().unwrap_or("postgres");
     let dbname = config.get_dbname().unwrap_or(user);
@@ -66,7 +71,7 @@ pub fn url_through(proxy: &FaultProxy) -> String {
             format!(":{encoded}")
         })
         .unwrap_or_default();
-    format!("postgres://{user}{password}@{}/{dbname}", proxy.address())
+    format!("postgres://{user}{password}@{authority}/{dbname}")
 }
 
 /// One row of `files`, as the test reads it.

@@ -10,6 +10,8 @@
 //!   PostgreSQL.
 //! - [`proxy`]: [`FaultProxy`], a TCP proxy that cuts, refuses or freezes, so
 //!   one test can have an outage of its own while the others go on.
+//! - [`tls`]: [`TlsProxy`], a TLS listener of a test's own in front of a
+//!   shared server, and [`Pki`], the certificates it presents.
 //! - [`block_on`]: the one place a test blocks on a future (lapin's), always
 //!   raced against a deadline.
 //!
@@ -29,6 +31,7 @@ pub mod broker;
 pub mod daemon;
 pub mod database;
 pub mod proxy;
+pub mod tls;
 
 pub use block_on::{until, within};
 pub use broker::{Delivered, TestBroker};
@@ -37,6 +40,7 @@ pub use daemon::{
 };
 pub use database::{FileRow, TestDatabase};
 pub use proxy::FaultProxy;
+pub use tls::{Pki, TlsProxy};
 
 /// How long any single wait may take. Generous: CI has two cores and builds
 /// other tests at the same time.

@@ -14,7 +14,8 @@ use std::time::Instant;
 use async_io::{Async, Timer};
 use futures_lite::future;
 use lapin::options::ConfirmSelectOptions;
-use lapin::uri::AMQPUri;
+use lapin::tcp::RustlsConnector;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{AsyncTcpStream, Channel, Connection, ConnectionProperties};
 use log::info;
 
@@ -143,6 +144,7 @@ fn open_connection(
         url: attempt.url.clone(),
         source: Box::new(source),
     })?;
+    let tls = (uri.scheme == AMQPScheme::AMQPS).then(|| attempt.settings.client_tls());
     let connecting = {
         let socket = socket.clone();
         let deadline = attempt.deadline;
@@ -155,7 +157,15 @@ fn open_connection(
             async move |uri: AMQPUri, _runtime| {
                 let stream = open_socket(&uri.authority.host, uri.authority.port, deadline).await?;
                 socket.keep(stream.get_ref().try_clone()?);
-                Ok(AsyncTcpStream::Plain(stream))
+                let stream = AsyncTcpStream::Plain(stream);
+                match &tls {
+                    // The handshake is bounded by the same deadline: the
+                    // caller stops waiting and shuts the socket down.
+                    Some(tls) => Ok(stream
+                        .into_rustls(&RustlsConnector::from(tls.config()), &uri.authority.host)
+                        .await?),
+                    None => Ok(stream),
+                }
             },
             properties,
         )

@@ -7,10 +7,11 @@
 
 use std::time::Duration;
 
-use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::uri::AMQPUri;
 
 use super::BrokerError;
 use crate::redact::SecretUrl;
+use crate::tls::{ClientTls, Trust, Verify};
 
 /// Everything [`Broker::connect`](super::Broker::connect) needs; built by
 /// the configuration.
@@ -38,6 +39,20 @@ pub struct BrokerSettings {
     /// Requested AMQP heartbeat. A broker that stops answering (frozen, or
     /// behind a dead network path) is noticed after two intervals.
     pub heartbeat: Duration,
+    /// How `amqps://` is verified (always chain and host name) and the client
+    /// certificate, if any; `None` means the bundled roots and no client
+    /// certificate. Not used for `amqp://`.
+    pub tls: Option<ClientTls>,
+}
+
+impl BrokerSettings {
+    /// The TLS configuration an `amqps://` connection uses.
+    pub(super) fn client_tls(&self) -> ClientTls {
+        self.tls.clone().unwrap_or_else(|| {
+            ClientTls::new(&Trust::bundled(), Verify::Full, None)
+                .expect("a configuration without a client certificate always builds")
+        })
+    }
 }
 
 /// The URI lapin connects to: `settings.url` with our heartbeat unless the URL
@@ -56,12 +71,6 @@ pub(super) fn amqp_uri(settings: &BrokerSettings) -> Result<AMQPUri, BrokerError
                 reason.replace(exposed, &url)
             },
         })?;
-    if uri.scheme == AMQPScheme::AMQPS {
-        return Err(BrokerError::InvalidUrl {
-            url,
-            reason: "amqps:// needs TLS, which this build of file-watcher does not include".to_owned(),
-        });
-    }
     if uri.query.heartbeat.is_none() {
         // Whole seconds, at least one: 0 would mean "whatever the broker wants".
         let seconds = settings.heartbeat.as_secs().clamp(1, u64::from(u16::MAX));
@@ -83,6 +92,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             confirm_timeout: Duration::from_secs(1),
             heartbeat: Duration::from_secs(10),
+            tls: None,
         }
     }
 
@@ -118,9 +128,13 @@ mod tests {
     }
 
     #[test]
-    fn amqps_is_refused_with_a_reason() {
-        let error = amqp_uri(&settings("amqps://user:hunter2@host/%2f")).unwrap_err();
-        assert!(error.to_string().contains("TLS"), "{error}");
-        assert!(!error.to_string().contains("hunter2"), "{error}");
+    fn amqps_is_accepted_with_bundled_roots_by_default() {
+        let settings = settings("amqps://user:hunter2@host/%2f");
+        let uri = amqp_uri(&settings).unwrap();
+        assert_eq!(uri.authority.port, 5671);
+        assert_eq!(
+            format!("{:?}", settings.client_tls()),
+            "verify chain and host against bundled roots"
+        );
     }
 }

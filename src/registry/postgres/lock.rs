@@ -8,9 +8,10 @@ use std::fmt;
 use std::io;
 use std::time::Duration;
 
-use postgres::{Client, NoTls};
+use postgres::Client;
 
 use super::faults::{database_fault, describe, is_connection_loss, name_database};
+use super::pool::Connector;
 use super::PostgresSettings;
 use crate::registry::RegistryError;
 
@@ -26,6 +27,8 @@ const LOCK_APPLICATION_NAME: &str = "file-watcher instance lock";
 pub struct InstanceLock {
     client: Client,
     config: postgres::Config,
+    /// The TLS connector `config` is opened with (`sslmode` is in `config`).
+    connector: Connector,
     /// Text whose `hashtextextended` is the lock key.
     key: String,
     instance_id: String,
@@ -90,13 +93,15 @@ impl InstanceLock {
             let config = settings.client_config(LOCK_APPLICATION_NAME)?;
             Ok((format!("file-watcher instance {schema} {instance_id}"), config))
         };
-        let (key, config) = prepare().map_err(|error| LockError::from_registry(instance_id, error))?;
+        let (key, (config, connector)) =
+            prepare().map_err(|error| LockError::from_registry(instance_id, error))?;
         let database = settings.url.to_string();
-        let client = take_lock(&config, &key, instance_id, &database)?;
+        let client = take_lock(&config, &connector, &key, instance_id, &database)?;
         log::info!("holding the lock for instance id {instance_id} on {database}");
         Ok(InstanceLock {
             client,
             config,
+            connector,
             key,
             instance_id: instance_id.to_owned(),
             database,
@@ -127,7 +132,13 @@ impl InstanceLock {
             self.instance_id,
             describe(&error)
         );
-        self.client = take_lock(&self.config, &self.key, &self.instance_id, &self.database)?;
+        self.client = take_lock(
+            &self.config,
+            &self.connector,
+            &self.key,
+            &self.instance_id,
+            &self.database,
+        )?;
         log::info!("holding the lock for instance id {} again", self.instance_id);
         Ok(())
     }
@@ -169,6 +180,7 @@ impl Drop for InstanceLock {
 /// Opens a dedicated session and takes the lock in it, without waiting.
 fn take_lock(
     config: &postgres::Config,
+    connector: &Connector,
     key: &str,
     instance_id: &str,
     database: &str,
@@ -179,7 +191,9 @@ fn take_lock(
             name_database(database, database_fault(what, error).into()),
         )
     };
-    let mut client = config.connect(NoTls).map_err(|error| failure("connect", error))?;
+    let mut client = config
+        .connect(connector.clone())
+        .map_err(|error| failure("connect", error))?;
     let taken: bool = client
         .query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key])
         .map_err(|error| failure("try the advisory lock", error))?

@@ -83,21 +83,22 @@ mod faults;
 mod lock;
 mod pool;
 mod schema;
+mod tls;
 
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use postgres::NoTls;
 use r2d2::Pool;
 use uuid::Uuid;
 
 pub use lock::{InstanceLock, LockError};
 pub use schema::{Migration, MIGRATIONS};
+pub use tls::{DatabaseTls, SslMode};
 
 use faults::{describe, fault, name_database, query_error};
-use pool::Manager;
+use pool::{Connector, Manager};
 use schema::migrate;
 
 use super::{Applied, Change, FileId, Registry, RegistryError, Row, Stat};
@@ -148,12 +149,19 @@ impl PostgresSettings {
         self.schema.as_deref().unwrap_or(DEFAULT_SCHEMA)
     }
 
-    fn client_config(&self, application_name: &str) -> Result<postgres::Config, RegistryError> {
+    /// The driver's configuration and the TLS connector to open it with
+    /// (see `tls` for how `sslmode` is followed).
+    fn client_config(&self, application_name: &str) -> Result<(postgres::Config, Connector), RegistryError> {
+        let tls = DatabaseTls::from_url(&self.url).map_err(|reason| RegistryError::Query {
+            what: "read the TLS settings of the database URL",
+            detail: format!("{}: {reason}", self.url),
+        })?;
         let mut config =
-            postgres::Config::from_str(self.url.expose()).map_err(|error| RegistryError::Query {
+            postgres::Config::from_str(tls.url.expose()).map_err(|error| RegistryError::Query {
                 what: "parse the database URL",
                 detail: format!("{}: {}", self.url, describe(&error)),
             })?;
+        tls.apply(&mut config);
         config.connect_timeout(self.connect_timeout);
         if config.get_application_name().is_none() {
             config.application_name(application_name);
@@ -162,8 +170,35 @@ impl PostgresSettings {
         // skipping" at every start is not news.
         config
             .notice_callback(|notice| log::debug!("PostgreSQL {}: {}", notice.severity(), notice.message()));
-        Ok(config)
+        log::debug!(
+            "database TLS for {}: sslmode {:?}, {:?}",
+            self.url,
+            tls.mode,
+            tls.client
+        );
+        Ok((config, tls.connector()))
     }
+}
+
+/// One connection of its own, outside the pool, with the same `sslmode`
+/// handling: for the heartbeat and the operator commands. `what` names the
+/// failure ("connect").
+pub fn connect_one(
+    url: &SecretUrl,
+    application_name: &str,
+    connect_timeout: Duration,
+) -> Result<postgres::Client, RegistryError> {
+    let settings = PostgresSettings {
+        url: url.clone(),
+        schema: None,
+        pool_size: 1,
+        connect_timeout,
+    };
+    let (config, connector) = settings.client_config(application_name)?;
+    config.connect(connector).map_err(|error| RegistryError::Query {
+        what: "connect",
+        detail: format!("{url}: {}", describe(&error)),
+    })
 }
 
 /// The registry every instance shares; see the module docs.
@@ -220,7 +255,7 @@ impl PostgresRegistry {
             });
         }
         let database = settings.url.to_string();
-        let config = settings.client_config(APPLICATION_NAME)?;
+        let (config, connector) = settings.client_config(APPLICATION_NAME)?;
 
         // Start-up errors name the database even when they are not about
         // reaching it: a wrong password or a missing database is a setting.
@@ -232,7 +267,7 @@ impl PostgresRegistry {
             other => name_database(&database, other),
         };
         let mut client = config
-            .connect(NoTls)
+            .connect(connector.clone())
             .map_err(|error| at_database(query_error("connect")(error)))?;
         migrate(&mut client, &schema).map_err(at_database)?;
         let path_lock_seed: i64 = client
@@ -244,7 +279,7 @@ impl PostgresRegistry {
             .get(0);
         drop(client);
 
-        let (pool, last_connect_failure) = pool::build(settings, config, &schema, &database);
+        let (pool, last_connect_failure) = pool::build(settings, config, connector, &schema, &database);
         log::info!(
             "registry ready: {database}, schema {schema}, up to {} connections",
             settings.pool_size

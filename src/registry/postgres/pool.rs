@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use postgres::{Client, NoTls};
+use postgres::Client;
 use r2d2::{CustomizeConnection, HandleError, Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 
@@ -16,13 +16,18 @@ use super::schema::quote_identifier;
 use super::{PostgresRegistry, PostgresSettings};
 use crate::registry::RegistryError;
 
-pub(super) type Manager = PostgresConnectionManager<NoTls>;
+/// Every connection is opened through rustls; whether TLS is used at all is
+/// the driver's `sslmode`, set from the URL (see `tls`).
+pub(super) type Connector = tokio_postgres_rustls::MakeRustlsConnect;
+
+pub(super) type Manager = PostgresConnectionManager<Connector>;
 
 /// The pool for `schema`, and where it keeps the last failure to open a
 /// connection. Its connections are opened in the background.
 pub(super) fn build(
     settings: &PostgresSettings,
     config: postgres::Config,
+    connector: Connector,
     schema: &str,
     database: &str,
 ) -> (Pool<Manager>, Arc<Mutex<Option<String>>>) {
@@ -42,7 +47,7 @@ pub(super) fn build(
         }))
         // The migration connection just proved the server reachable;
         // connections are opened in the background from here on.
-        .build_unchecked(PostgresConnectionManager::new(config, NoTls));
+        .build_unchecked(PostgresConnectionManager::new(config, connector));
     (pool, last_connect_failure)
 }
 
