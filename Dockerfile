@@ -1,5 +1,7 @@
 # A static musl binary in an empty (scratch) image: nothing but /file-watcher.
-# No shell, no libc, no certificates to patch: the binary is the whole image.
+# No shell, no libc, no certificate store: the binary is the whole image. TLS
+# trusts Mozilla's roots compiled into it; a private CA is mounted read-only
+# and named by RABBITMQ_CA_FILE or sslrootcert (see OPERATIONS.md, TLS).
 #
 # Where a registry is reachable, build everything inside the image:
 #   DOCKER_BUILDKIT=1 docker build --target self-contained -t file-watcher:local .
