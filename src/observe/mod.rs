@@ -11,6 +11,9 @@
 //!   database connected).
 //! - [`server`] serves both and `/metrics` at `METRICS_ADDR` on one named
 //!   thread (`metrics`), owned and joined by [`Observer`].
+//! - [`systemd`] tells systemd `READY=1` after catch-up and pets its
+//!   watchdog while `/healthz` would pass (thread `systemd`), when a
+//!   `Type=notify` unit runs the daemon.
 //! - [`heartbeat`] keeps this instance's row in the `instances` table fresh
 //!   (thread `heartbeat`), and marks it stopped on a clean exit.
 //!
@@ -21,6 +24,7 @@ pub mod health;
 pub mod heartbeat;
 pub mod metrics;
 pub mod server;
+pub mod systemd;
 
 use std::sync::Arc;
 
@@ -60,10 +64,12 @@ impl std::fmt::Debug for Sources {
     }
 }
 
-/// The metrics server and the heartbeat, each optional; stopping joins both.
+/// The metrics server, the heartbeat and the systemd notifier, each
+/// optional; stopping joins them.
 pub struct Observer {
     server: Option<MetricsServer>,
     heartbeat: Option<Heartbeat>,
+    systemd: Option<systemd::Notifier>,
 }
 
 impl Observer {
@@ -78,15 +84,26 @@ impl Observer {
             Some(listener) => Some(MetricsServer::spawn(listener, sources.clone())?),
             None => None,
         };
+        let systemd = match systemd::wanted() {
+            true => Some(systemd::Notifier::spawn(sources.clone())?),
+            false => None,
+        };
         let heartbeat = match heartbeat {
             Some(settings) => Some(Heartbeat::spawn(settings, sources)?),
             None => None,
         };
-        Ok(Observer { server, heartbeat })
+        Ok(Observer {
+            server,
+            heartbeat,
+            systemd,
+        })
     }
 
     /// Marks the instance stopped (best effort, bounded) and stops serving.
     pub fn stop(self) {
+        if let Some(systemd) = self.systemd {
+            systemd.stop();
+        }
         if let Some(heartbeat) = self.heartbeat {
             heartbeat.stop();
         }

@@ -11,15 +11,27 @@
 //!   describes the file), lost (paths where the registry or the consumer's
 //!   view disagrees with the disk), duplicated (deliveries of a message id
 //!   already delivered). Exits 1 on any loss.
+//! - `quiet`: only the wait of `check`.
+//! - `consume`: reads the queue while a run goes on and writes every delivery,
+//!   with the time it arrived, as one JSON line; `check --consumed` then judges
+//!   those (and whatever is still queued) and adds, per instance, the events,
+//!   their rate and latency (from the file's last write, its `modified_time`,
+//!   to the delivery), deliveries carrying another instance's id (body or
+//!   `x-instance-id` header), and changes announced twice under two message
+//!   ids. Duplicated message ids fail the check too, except for instances
+//!   named with `--may-repeat` (one killed mid-run republishes what it had not
+//!   seen confirmed: at-least-once).
 //! - `cleanup`: deletes the queue, the exchanges and the schema.
 //!
+//! It is the judge of `scripts/chaos.sh` and `scripts/stress.sh`.
 //! Talks to the servers given on the command line only.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_io::Timer;
 use clap::{Parser, Subcommand};
@@ -30,7 +42,7 @@ use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::Value;
 use sha2::Digest;
@@ -58,12 +70,40 @@ enum Step {
         /// Seconds to wait for the registry to agree with the disk.
         #[arg(long, default_value = "120")]
         wait: u64,
-        /// `NAME=DIR`, one per instance.
+        /// `NAME=DIR` (or `NAME=DIR@WATCHED` when the daemon sees DIR as
+        /// WATCHED, as in a container), one per instance.
         #[arg(long = "instance", required = true)]
         instances: Vec<String>,
         /// Also write every delivery, in order, to this file.
         #[arg(long)]
         deliveries: Option<PathBuf>,
+        /// Deliveries already read by `consume` (JSON lines), judged before
+        /// whatever is still in the queue.
+        #[arg(long)]
+        consumed: Option<PathBuf>,
+        /// An instance that may deliver a message id twice (it was killed).
+        #[arg(long = "may-repeat")]
+        may_repeat: Vec<String>,
+        /// `NAME=PEAK_RSS_KB,CPU_SECONDS`, measured by the caller, for the table.
+        #[arg(long = "resources")]
+        resources: Vec<String>,
+    },
+    /// Waits as `check` does, without touching the queue.
+    Quiet {
+        #[arg(long)]
+        schema: String,
+        #[arg(long, default_value = "120")]
+        wait: u64,
+        #[arg(long = "instance", required = true)]
+        instances: Vec<String>,
+    },
+    Consume {
+        /// Where each delivery goes, one JSON line, as it arrives.
+        #[arg(long)]
+        out: PathBuf,
+        /// Stop once this file exists and the queue is empty.
+        #[arg(long)]
+        until: PathBuf,
     },
     Cleanup {
         #[arg(long)]
@@ -160,45 +200,159 @@ struct Delivery {
     file_path: String,
     old_path: String,
     sha256: String,
+    /// `instance_id` of the body.
+    instance: String,
+    /// The `x-instance-id` header.
+    header_instance: String,
+    /// When it arrived here, and the file's last write, in ms since the epoch.
+    received_ms: u64,
+    modified_ms: Option<u64>,
 }
 
-fn drain(arguments: &Arguments) -> Result<Vec<Delivery>, String> {
-    let (connection, channel) = channel(&arguments.rabbitmq_url)?;
-    let mut deliveries = Vec::new();
-    let no_ack = BasicGetOptions { no_ack: true };
-    while let Some(message) = bounded(
-        "read the queue",
-        channel.basic_get(arguments.queue.as_str().into(), no_ack),
-    )?
-    .map_err(|error| format!("read the queue: {error}"))?
-    {
-        let body: Value = serde_json::from_slice(&message.delivery.data)
-            .map_err(|error| format!("a delivery is not JSON: {error}"))?;
+impl Delivery {
+    /// From the JSON line `consume` wrote (or `record` makes of a delivery).
+    fn from_record(record: &Value) -> Delivery {
+        let body = &record["body"];
         let text = |field: &str| body[field].as_str().unwrap_or_default().to_owned();
-        deliveries.push(Delivery {
+        Delivery {
             message_id: text("message_id"),
             event_type: text("event_type"),
             file_path: text("file_path"),
             old_path: text("old_path"),
             sha256: text("sha256_hash"),
-        });
+            instance: text("instance_id"),
+            header_instance: record["header_instance"].as_str().unwrap_or_default().to_owned(),
+            received_ms: record["received_ms"].as_u64().unwrap_or_default(),
+            modified_ms: body["modified_time"]
+                .as_str()
+                .and_then(|time| humantime::parse_rfc3339(time).ok())
+                .map(epoch_ms),
+        }
+    }
+}
+
+fn epoch_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// One message as a JSON line: the time it arrived, its instance header and
+/// its body.
+fn record(message: &lapin::message::BasicGetMessage) -> Result<Value, String> {
+    let body: Value = serde_json::from_slice(&message.delivery.data)
+        .map_err(|error| format!("a delivery is not JSON: {error}"))?;
+    let header_instance = message
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| match headers.inner().get("x-instance-id") {
+            Some(AMQPValue::LongString(text)) => Some(text.to_string()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    Ok(serde_json::json!({
+        "received_ms": epoch_ms(SystemTime::now()),
+        "header_instance": header_instance,
+        "body": body,
+    }))
+}
+
+/// Takes one message off the queue, if there is one.
+fn get(channel: &Channel, queue: &str) -> Result<Option<lapin::message::BasicGetMessage>, String> {
+    let no_ack = BasicGetOptions { no_ack: true };
+    bounded("read the queue", channel.basic_get(queue.into(), no_ack))?
+        .map_err(|error| format!("read the queue: {error}"))
+}
+
+fn drain(arguments: &Arguments) -> Result<Vec<Delivery>, String> {
+    let (connection, channel) = channel(&arguments.rabbitmq_url)?;
+    let mut deliveries = Vec::new();
+    while let Some(message) = get(&channel, &arguments.queue)? {
+        deliveries.push(Delivery::from_record(&record(&message)?));
     }
     let _ = bounded("close", connection.close(200, "drained".into()));
     Ok(deliveries)
 }
 
-/// Announced files below `tree` and their SHA-256.
-fn disk(tree: &Path, filter: &Filter) -> BTreeMap<String, String> {
+/// Reads the queue as messages arrive until `until` exists and the queue is
+/// empty, writing each as a JSON line to `out`.
+fn consume(arguments: &Arguments, out: &Path, until: &Path) -> Result<(), String> {
+    let (connection, channel) = channel(&arguments.rabbitmq_url)?;
+    let file = std::fs::File::create(out).map_err(|error| format!("create {}: {error}", out.display()))?;
+    let mut out_file = std::io::BufWriter::new(file);
+    loop {
+        match get(&channel, &arguments.queue)? {
+            Some(message) => writeln!(out_file, "{}", record(&message)?),
+            None if until.exists() => break,
+            None => {
+                out_file
+                    .flush()
+                    .map_err(|error| format!("write {}: {error}", out.display()))?;
+                std::thread::sleep(Duration::from_millis(10));
+                Ok(())
+            }
+        }
+        .map_err(|error| format!("write {}: {error}", out.display()))?;
+    }
+    out_file
+        .flush()
+        .map_err(|error| format!("write {}: {error}", out.display()))?;
+    let _ = bounded("close", connection.close(200, "consumed".into()));
+    Ok(())
+}
+
+/// What `consume` wrote.
+fn consumed(path: &Path) -> Result<Vec<Delivery>, String> {
+    let file = std::fs::File::open(path).map_err(|error| format!("open {}: {error}", path.display()))?;
+    std::io::BufReader::new(file)
+        .lines()
+        .map(|line| {
+            let line = line.map_err(|error| format!("read {}: {error}", path.display()))?;
+            let value: Value = serde_json::from_str(&line)
+                .map_err(|error| format!("{}: not JSON: {error}", path.display()))?;
+            Ok(Delivery::from_record(&value))
+        })
+        .collect()
+}
+
+/// The `q` quantile (0..=1) of sorted `values`, nearest rank.
+fn quantile(sorted: &[u64], q: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// One watched tree: where it is here, and the path the daemon watches it
+/// under (another one inside a container), which is what its registry rows
+/// and messages name.
+struct Tree {
+    name: String,
+    here: PathBuf,
+    watched: String,
+}
+
+/// Announced files of a tree, by the path the daemon names them with, and
+/// their SHA-256.
+fn disk(tree: &Tree, filter: &Filter) -> BTreeMap<String, String> {
     let mut files = BTreeMap::new();
-    for entry in walkdir::WalkDir::new(tree).into_iter().filter_map(Result::ok) {
-        let Ok(relative) = entry.path().strip_prefix(tree) else {
+    for entry in walkdir::WalkDir::new(&tree.here)
+        .into_iter()
+        .filter_map(Result::ok)
+    {
+        let Ok(relative) = entry.path().strip_prefix(&tree.here) else {
             continue;
         };
         if !entry.file_type().is_file() || !filter.announces(relative) {
             continue;
         }
-        if let (Ok(content), Some(path)) = (std::fs::read(entry.path()), entry.path().to_str()) {
-            files.insert(path.to_owned(), format!("{:x}", sha2::Sha256::digest(&content)));
+        if let (Ok(content), Some(relative)) = (std::fs::read(entry.path()), relative.to_str()) {
+            files.insert(
+                format!("{}/{relative}", tree.watched),
+                format!("{:x}", sha2::Sha256::digest(&content)),
+            );
         }
     }
     files
@@ -242,38 +396,45 @@ fn registered(client: &mut postgres::Client, tree: &str) -> Result<Registered, S
     Ok(registered)
 }
 
-fn check(
-    arguments: &Arguments,
-    schema: &str,
+/// What `check` is asked beyond the trees.
+struct CheckOptions<'a> {
+    schema: &'a str,
     wait: u64,
-    instances: &[String],
-    record: Option<&Path>,
-) -> Result<bool, String> {
-    let filter = Filter::new(DEFAULT_EXTENSIONS, DEFAULT_EXCLUDE).map_err(|error| format!("{error:?}"))?;
-    let instances: Vec<(String, PathBuf)> = instances
+    record_to: Option<&'a Path>,
+    consumed: Option<&'a Path>,
+    may_repeat: &'a [String],
+    /// Instance → (peak RSS in KiB, CPU seconds).
+    resources: HashMap<String, (u64, f64)>,
+}
+
+fn parse_resources(specs: &[String]) -> Result<HashMap<String, (u64, f64)>, String> {
+    specs
         .iter()
         .map(|spec| {
-            let (name, dir) = spec
-                .split_once('=')
-                .ok_or_else(|| format!("--instance {spec:?}: expected NAME=DIR"))?;
-            Ok((name.to_owned(), PathBuf::from(dir)))
+            let parsed = spec.split_once('=').and_then(|(name, values)| {
+                let (rss, cpu) = values.split_once(',')?;
+                Some((name.to_owned(), (rss.parse().ok()?, cpu.parse().ok()?)))
+            });
+            parsed.ok_or_else(|| format!("--resources {spec:?}: expected NAME=PEAK_RSS_KB,CPU_SECONDS"))
         })
-        .collect::<Result<_, String>>()?;
-    let mut client = postgres::Client::connect(&arguments.database_url, postgres::NoTls)
-        .map_err(|error| format!("connect to PostgreSQL: {error}"))?;
-    client
-        .batch_execute(&format!("SET search_path TO \"{schema}\""))
-        .map_err(|error| format!("set search_path: {error}"))?;
+        .collect()
+}
 
-    // Quiet means: every tree's registry agrees with its disk, all published.
+/// Waits up to `wait` seconds until every tree's registry agrees with its
+/// disk and everything is published; says how long it took, or that it did not.
+fn converge(
+    client: &mut postgres::Client,
+    instances: &[Tree],
+    filter: &Filter,
+    wait: u64,
+) -> Result<bool, String> {
     let deadline = Instant::now() + Duration::from_secs(wait);
     let started = Instant::now();
     let converged = loop {
         let mut all = true;
-        for (_, tree) in &instances {
-            let tree_text = tree.to_string_lossy();
-            let registry = registered(&mut client, &tree_text)?;
-            all &= registry.unpublished == 0 && registry.present == disk(tree, &filter);
+        for tree in instances {
+            let registry = registered(client, &tree.watched)?;
+            all &= registry.unpublished == 0 && registry.present == disk(tree, filter);
         }
         if all {
             break true;
@@ -288,9 +449,71 @@ fn check(
     } else {
         println!("NOT quiet after {wait} s: reporting what there is");
     }
+    Ok(converged)
+}
 
-    let deliveries = drain(arguments)?;
-    if let Some(record) = record {
+/// `NAME=DIR` or, for a tree the daemon sees under another path (a
+/// container's bind mount), `NAME=DIR@WATCHED`.
+fn parse_instances(specs: &[String]) -> Result<Vec<Tree>, String> {
+    specs
+        .iter()
+        .map(|spec| {
+            let (name, dir) = spec
+                .split_once('=')
+                .ok_or_else(|| format!("--instance {spec:?}: expected NAME=DIR or NAME=DIR@WATCHED"))?;
+            let (here, watched) = dir.split_once('@').unwrap_or((dir, dir));
+            Ok(Tree {
+                name: name.to_owned(),
+                here: PathBuf::from(here),
+                watched: watched.trim_end_matches('/').to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Connects to the registry in `schema`.
+fn registry_client(arguments: &Arguments, schema: &str) -> Result<postgres::Client, String> {
+    let mut client = postgres::Client::connect(&arguments.database_url, postgres::NoTls)
+        .map_err(|error| format!("connect to PostgreSQL: {error}"))?;
+    client
+        .batch_execute(&format!("SET search_path TO \"{schema}\""))
+        .map_err(|error| format!("set search_path: {error}"))?;
+    Ok(client)
+}
+
+fn announced_filter() -> Result<Filter, String> {
+    Filter::new(DEFAULT_EXTENSIONS, DEFAULT_EXCLUDE).map_err(|error| format!("{error:?}"))
+}
+
+/// `quiet`: only the wait of `check`, leaving the queue alone.
+fn quiet(arguments: &Arguments, schema: &str, wait: u64, instances: &[String]) -> Result<bool, String> {
+    let instances = parse_instances(instances)?;
+    converge(
+        &mut registry_client(arguments, schema)?,
+        &instances,
+        &announced_filter()?,
+        wait,
+    )
+}
+
+fn check(arguments: &Arguments, instances: &[String], options: &CheckOptions) -> Result<bool, String> {
+    let CheckOptions {
+        schema,
+        wait,
+        record_to,
+        ..
+    } = *options;
+    let filter = announced_filter()?;
+    let instances = parse_instances(instances)?;
+    let mut client = registry_client(arguments, schema)?;
+    let converged = converge(&mut client, &instances, &filter, wait)?;
+
+    let mut deliveries = match options.consumed {
+        Some(path) => consumed(path)?,
+        None => Vec::new(),
+    };
+    deliveries.extend(drain(arguments)?);
+    if let Some(record) = record_to {
         let lines: Vec<String> = deliveries
             .iter()
             .map(|delivery| {
@@ -308,25 +531,71 @@ fn check(
             .map_err(|error| format!("write {}: {error}", record.display()))?;
     }
     println!(
-        "{:<14} {:>9} {:>9} {:>10} {:>6} {:>11} {:>12}",
-        "instance", "expected", "recorded", "published", "lost", "duplicated", "unpublished"
+        "{:<14} {:>9} {:>9} {:>10} {:>6} {:>11} {:>12} {:>9} {:>7}",
+        "instance",
+        "expected",
+        "recorded",
+        "published",
+        "lost",
+        "duplicated",
+        "unpublished",
+        "wrong-id",
+        "double"
     );
     let mut ok = converged;
-    for (name, tree) in &instances {
-        let tree_text = tree.to_string_lossy().into_owned();
-        let prefix = format!("{tree_text}/");
+    let mut traffic = Vec::new();
+    for tree in &instances {
+        let name = &tree.name;
+        let prefix = format!("{}/", tree.watched);
         let on_disk = disk(tree, &filter);
-        let registry = registered(&mut client, &tree_text)?;
+        let registry = registered(&mut client, &tree.watched)?;
         // The consumer's view: per path, the content of the last event, or None if gone.
         let mut view: HashMap<&str, Option<&str>> = HashMap::new();
         let mut seen: HashSet<&str> = HashSet::new();
         let mut duplicated = 0;
+        let mut wrong_instance = Vec::new();
+        // A change announced twice: the same content for the same path in two
+        // consecutive deliveries with different message ids.
+        let mut last_content: HashMap<&str, &str> = HashMap::new();
+        let mut double = Vec::new();
+        let mut latencies = Vec::new();
+        let mut events = 0usize;
+        let (mut first_ms, mut last_ms) = (u64::MAX, 0u64);
         for delivery in deliveries
             .iter()
             .filter(|delivery| delivery.file_path.starts_with(&prefix))
         {
             if !seen.insert(&delivery.message_id) {
                 duplicated += 1;
+                continue;
+            }
+            events += 1;
+            if delivery.received_ms > 0 {
+                first_ms = first_ms.min(delivery.received_ms);
+                last_ms = last_ms.max(delivery.received_ms);
+                if let Some(modified) = delivery.modified_ms {
+                    latencies.push(delivery.received_ms.saturating_sub(modified));
+                }
+            }
+            if delivery.instance != *name || delivery.header_instance != *name {
+                wrong_instance.push(format!(
+                    "{}: message {} carries instance {:?} (header {:?})",
+                    delivery.file_path, delivery.message_id, delivery.instance, delivery.header_instance
+                ));
+            }
+            if delivery.event_type == "deleted" {
+                last_content.remove(delivery.file_path.as_str());
+            } else {
+                if matches!(delivery.event_type.as_str(), "renamed" | "moved") {
+                    last_content.remove(delivery.old_path.as_str());
+                }
+                let previous = last_content.insert(&delivery.file_path, &delivery.sha256);
+                if previous == Some(delivery.sha256.as_str()) {
+                    double.push(format!(
+                        "{}: {} (message {}) announces content already announced",
+                        delivery.file_path, delivery.event_type, delivery.message_id
+                    ));
+                }
             }
             match delivery.event_type.as_str() {
                 "deleted" => {
@@ -376,19 +645,57 @@ fn check(
             .map(|line| line.split(": ").next().unwrap_or_default())
             .collect();
         println!(
-            "{:<14} {:>9} {:>9} {:>10} {:>6} {:>11} {:>12}",
+            "{:<14} {:>9} {:>9} {:>10} {:>6} {:>11} {:>12} {:>9} {:>7}",
             name,
             on_disk.len(),
             recorded,
             published,
             lost_paths.len(),
             duplicated,
-            registry.unpublished
+            registry.unpublished,
+            wrong_instance.len(),
+            double.len()
         );
-        for line in lost.iter().take(20) {
+        for line in lost.iter().chain(&wrong_instance).chain(&double).take(20) {
             println!("    {line}");
         }
-        ok &= lost.is_empty();
+        let repeat_allowed = options.may_repeat.contains(name);
+        if duplicated > 0 && !repeat_allowed {
+            println!("    {duplicated} message ids delivered twice by an instance that was never killed");
+        }
+        ok &= lost.is_empty()
+            && wrong_instance.is_empty()
+            && double.is_empty()
+            && (duplicated == 0 || repeat_allowed);
+        latencies.sort_unstable();
+        traffic.push((name.clone(), events, first_ms, last_ms, latencies));
+    }
+    if options.consumed.is_some() {
+        println!();
+        println!(
+            "{:<14} {:>7} {:>9} {:>8} {:>8} {:>9} {:>6}",
+            "instance", "events", "events/s", "p50 ms", "p99 ms", "peak RSS", "CPU s"
+        );
+        for (name, events, first_ms, last_ms, latencies) in &traffic {
+            let span = last_ms.saturating_sub(*first_ms).max(1) as f64 / 1000.0;
+            let show = |value: Option<u64>| value.map_or("-".to_owned(), |value| value.to_string());
+            let (rss, cpu) = options
+                .resources
+                .get(name)
+                .map_or(("-".to_owned(), "-".to_owned()), |(rss, cpu)| {
+                    (format!("{:.1} MB", *rss as f64 / 1024.0), format!("{cpu:.2}"))
+                });
+            println!(
+                "{:<14} {:>7} {:>9.0} {:>8} {:>8} {:>9} {:>6}",
+                name,
+                events,
+                *events as f64 / span,
+                show(quantile(latencies, 0.5)),
+                show(quantile(latencies, 0.99)),
+                rss,
+                cpu
+            );
+        }
     }
     Ok(ok)
 }
@@ -402,7 +709,26 @@ fn main() -> ExitCode {
             wait,
             instances,
             deliveries,
-        } => check(&arguments, schema, *wait, instances, deliveries.as_deref()),
+            consumed,
+            may_repeat,
+            resources,
+        } => parse_resources(resources).and_then(|resources| {
+            let options = CheckOptions {
+                schema,
+                wait: *wait,
+                record_to: deliveries.as_deref(),
+                consumed: consumed.as_deref(),
+                may_repeat,
+                resources,
+            };
+            check(&arguments, instances, &options)
+        }),
+        Step::Quiet {
+            schema,
+            wait,
+            instances,
+        } => quiet(&arguments, schema, *wait, instances),
+        Step::Consume { out, until } => consume(&arguments, out, until).map(|()| true),
         Step::Cleanup { schema } => cleanup(&arguments, schema).map(|()| true),
     };
     match result {

@@ -29,6 +29,8 @@
 //! - [`secrets`]: a known password, run through every mode, never printed.
 //! - [`observe`]: `/metrics`, `/healthz`, `/readyz` and `healthcheck` of a
 //!   running daemon; [`ops`]: `instances`, `status` and `replay`.
+//! - [`deploy`]: the compose stacks, `scripts/stress.sh` with five instances,
+//!   the NAS service unit.
 //!
 //! Tests named `serial_…` stop or restart the shared servers; `scripts/test.sh`
 //! runs them one at a time after all the others.
@@ -55,3 +57,4 @@ mod tls;
 mod secrets;
 mod observe;
 mod ops;
+mod deploy;

@@ -24,7 +24,15 @@ fn serial_chaos_short() {
         .lines()
         .find(|line| line.starts_with("instance "))
         .unwrap_or_else(|| panic!("no summary table:\n{stdout}"));
-    for column in ["expected", "recorded", "published", "lost", "duplicated"] {
+    for column in [
+        "expected",
+        "recorded",
+        "published",
+        "lost",
+        "duplicated",
+        "wrong-id",
+        "double",
+    ] {
         assert!(header.contains(column), "{header}");
     }
     for instance in ["chaos-1", "chaos-2", "chaos-3"] {
@@ -37,13 +45,15 @@ fn serial_chaos_short() {
             .skip(1)
             .map(|number| number.parse().expect("a count"))
             .collect();
-        let [expected, recorded, published, lost, _duplicated, unpublished] = numbers[..] else {
+        let [expected, recorded, published, lost, _duplicated, unpublished, wrong_instance, double] =
+            numbers[..]
+        else {
             panic!("{row}");
         };
         assert!(expected > 0, "{row}");
         assert_eq!(
-            (recorded, published, lost, unpublished),
-            (expected, expected, 0, 0),
+            (recorded, published, lost, unpublished, wrong_instance, double),
+            (expected, expected, 0, 0, 0, 0),
             "{row}"
         );
     }
