@@ -62,7 +62,7 @@ scripts/services.sh
 log "building the release binary"
 cargo build --release --quiet --bin file-watcher --example chaos_check
 binary=target/release/file-watcher
-checker=target/release/examples/chaos_check
+checker_binary=target/release/examples/chaos_check
 
 run_id="chaos_$(date +%s)_$$"
 work=$(mktemp -d /tmp/file-watcher-chaos-XXXXXX)
@@ -80,20 +80,9 @@ cleanup() {
         fi
     done
     scripts/services.sh >/dev/null
-    if [ "$status" -eq 0 ]; then
-        "$checker" --rabbitmq-url "$rabbitmq_url" --database-url "$database_url" \
-            --exchange "$run_id" --queue "$run_id" cleanup --schema "$run_id" >/dev/null 2>&1
-        rm -rf "$work"
-    else
-        log "kept $work (trees, instance logs, consumer.log) and schema $run_id for inspection"
-    fi
+    finish_run
 }
 trap cleanup EXIT
-
-checker() {
-    "$checker" --rabbitmq-url "$rabbitmq_url" --database-url "$database_url" \
-        --exchange "$run_id" --queue "$run_id" "$@"
-}
 
 broker_up() { rabbitmq-diagnostics -q check_port_connectivity >/dev/null 2>&1; }
 broker_down() { ! broker_up; }

@@ -95,42 +95,16 @@ if [ "$extended" -eq 1 ]; then
 fi
 status=1
 compose() { docker-compose --env-file "$work/compose.env" -p "$run_id" -f compose/docker-compose.host.yml "${profile[@]}" "$@"; }
-checker() {
-    "$checker_binary" --rabbitmq-url "$rabbitmq_url" --database-url "$database_url" \
-        --exchange "$run_id" --queue "$run_id" "$@"
-}
 cleanup() {
     set +e
     compose down -t 30 >/dev/null 2>&1
-    touch "$work/consumed.stop"
-    [ -n "${consumer_pid:-}" ] && { kill "$consumer_pid" 2>/dev/null; wait "$consumer_pid" 2>/dev/null; }
-    if [ "$status" -eq 0 ] && [ "$keep" -eq 0 ]; then
-        checker cleanup --schema "$run_id" >/dev/null 2>&1
-        rm -rf "$work"
-    else
-        log "kept $work and schema, exchange and queue $run_id"
-    fi
+    finish_run
 }
 trap cleanup EXIT
 
-{
-    # The image's own non-root user; the trees are made readable to it.
-    echo "PUID=65534"
-    echo "PGID=65534"
-    port=$(( 20000 + RANDOM % 20000 ))
-    for name in music downloads imports podcasts audiobooks; do
-        upper=$(tr '[:lower:]' '[:upper:]' <<<"$name")
-        mkdir -p "$work/$name/albums"
-        echo "${upper}_DIR=$work/$name"
-        echo "${upper}_METRICS_PORT=$port"
-        port=$(( port + 1 ))
-    done
-    echo "HOST_RABBITMQ_URL=$rabbitmq_url"
-    echo "HOST_DATABASE_URL=$database_url"
-    echo "HOST_EXCHANGE=$run_id"
-    echo "HOST_DB_SCHEMA=$run_id"
-} >"$work/compose.env"
-chmod -R a+rX "$work"
+# The trees at $work/<name>, readable by the image's non-root user.
+write_compose_env "$work/compose.env"
+for name in "${names[@]}"; do mkdir -p "$work/$name/albums"; done
 checker declare
 checker consume --out "$work/consumed.jsonl" --until "$work/consumed.stop" &
 consumer_pid=$!

@@ -52,7 +52,7 @@ instance_count=3
 files=1000
 containers=0
 binary=""
-checker=""
+checker_binary=""
 keep=0
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -60,7 +60,7 @@ while [ $# -gt 0 ]; do
         --files) files="$2"; shift 2 ;;
         --containers) containers=1; shift ;;
         --binary) binary="$2"; shift 2 ;;
-        --checker) checker="$2"; shift 2 ;;
+        --checker) checker_binary="$2"; shift 2 ;;
         --keep) keep=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "stress: unknown option $1 (try --help)" >&2; exit 2 ;;
@@ -77,12 +77,12 @@ settle_ms=200
 log() { printf '%s stress: %s\n' "$(date +%H:%M:%S)" "$*"; }
 
 scripts/services.sh >/dev/null
-if [ -z "$binary" ] || [ -z "$checker" ]; then
+if [ -z "$binary" ] || [ -z "$checker_binary" ]; then
     log "building the release binary"
     cargo build --release --locked --quiet --bin file-watcher --example chaos_check
 fi
 binary=${binary:-target/release/file-watcher}
-checker=${checker:-target/release/examples/chaos_check}
+checker_binary=${checker_binary:-target/release/examples/chaos_check}
 
 run_id="stress_$(date +%s)_$$"
 work=$(mktemp -d /tmp/file-watcher-stress-XXXXXX)
@@ -120,21 +120,9 @@ cleanup() {
             fi
         done
     fi
-    touch "$work/consumed.stop"
-    [ -n "$consumer_pid" ] && { kill "$consumer_pid" 2>/dev/null; wait "$consumer_pid" 2>/dev/null; }
-    if [ "$status" -eq 0 ] && [ "$keep" -eq 0 ]; then
-        checker cleanup --schema "$run_id" >/dev/null 2>&1
-        rm -rf "$work"
-    else
-        log "kept $work (trees, instance logs, deliveries) and schema, exchange and queue $run_id"
-    fi
+    finish_run
 }
 trap cleanup EXIT
-
-checker() {
-    "$checker" --rabbitmq-url "$rabbitmq_url" --database-url "$database_url" \
-        --exchange "$run_id" --queue "$run_id" "$@"
-}
 
 # ----- the instances ----------------------------------------------------------
 
@@ -216,7 +204,7 @@ load() {
 
 head -c 65536 /dev/urandom >"$work/shared.flac"
 for name in "${names[@]}"; do
-    tree[$name]="$work/tree-$name"
+    tree[$name]="$work/$name"
     mkdir -p "${tree[$name]}"/{0,1,slow,shared}
 done
 chmod -R a+rX "$work"
@@ -229,21 +217,7 @@ if [ "$containers" -eq 1 ]; then
         log "building the image file-watcher:local"
         scripts/compose-check.sh --build-only
     fi
-    {
-        echo "PUID=65534"
-        echo "PGID=65534"
-        for name in "${all_names[@]}"; do
-            upper=$(tr '[:lower:]' '[:upper:]' <<<"$name")
-            echo "${upper}_DIR=$work/tree-$name"
-            echo "${upper}_METRICS_PORT=$(( 20000 + RANDOM % 20000 ))"
-        done
-        echo "HOST_RABBITMQ_URL=$rabbitmq_url"
-        echo "HOST_DATABASE_URL=$database_url"
-        echo "HOST_EXCHANGE=$run_id"
-        echo "HOST_DB_SCHEMA=$run_id"
-    } >"$work/compose.env"
-    mkdir -p "$work"/tree-{music,downloads,imports,podcasts,audiobooks}
-    chmod -R a+rX "$work"
+    write_compose_env "$work/compose.env"
 fi
 
 for name in "${names[@]}"; do start_instance "$name"; done

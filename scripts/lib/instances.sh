@@ -59,3 +59,53 @@ process_cost() {
     # After the command name: state is field 1, utime 12 and stime 13.
     awk -v rss="${rss:-0}" -v ticks="$ticks" '{ printf "%s %.2f\n", rss, ($12 + $13) / ticks }' <<<"${fields:-x 0 0 0 0 0 0 0 0 0 0 0 0}"
 }
+
+# checker ARGS...: the judge (tests/chaos/check.rs, built as the chaos_check
+# example at $checker_binary) on this run's servers, exchange and queue
+# ($rabbitmq_url, $database_url, $run_id).
+checker() {
+    "$checker_binary" --rabbitmq-url "$rabbitmq_url" --database-url "$database_url" \
+        --exchange "$run_id" --queue "$run_id" "$@"
+}
+
+# finish_run: for an EXIT trap. Stops the consumer ($consumer_pid, if any);
+# then, if the run passed ($status 0) and --keep was not given ($keep),
+# removes its queue, exchanges, schema and $work, and otherwise says what
+# it kept for a post-mortem.
+finish_run() {
+    touch "$work/consumed.stop"
+    if [ -n "${consumer_pid:-}" ]; then
+        kill "$consumer_pid" 2>/dev/null
+        wait "$consumer_pid" 2>/dev/null
+    fi
+    if [ "$status" -eq 0 ] && [ "${keep:-0}" -eq 0 ]; then
+        checker cleanup --schema "$run_id" >/dev/null 2>&1
+        rm -rf "$work"
+    else
+        log "kept $work (trees, logs, deliveries) and schema, exchange and queue $run_id"
+    fi
+}
+
+# write_compose_env FILE: the .env for compose/docker-compose.host.yml that
+# puts every watcher's tree at $work/<name> (created here, readable by the
+# image's user 65534), on this run's exchange and schema, with free-looking
+# metrics ports of its own.
+write_compose_env() {
+    local file=$1 name upper port=$(( 20000 + RANDOM % 20000 ))
+    {
+        echo "PUID=65534"
+        echo "PGID=65534"
+        for name in music downloads imports podcasts audiobooks; do
+            upper=$(tr '[:lower:]' '[:upper:]' <<<"$name")
+            mkdir -p "$work/$name"
+            echo "${upper}_DIR=$work/$name"
+            echo "${upper}_METRICS_PORT=$port"
+            port=$(( port + 1 ))
+        done
+        echo "HOST_RABBITMQ_URL=$rabbitmq_url"
+        echo "HOST_DATABASE_URL=$database_url"
+        echo "HOST_EXCHANGE=$run_id"
+        echo "HOST_DB_SCHEMA=$run_id"
+    } >"$file"
+    chmod -R a+rX "$work"
+}
