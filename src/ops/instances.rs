@@ -90,13 +90,17 @@ pub fn read(client: &mut postgres::Client, stale_after: Duration) -> Result<Vec<
         .collect())
 }
 
-pub fn run(config: &Config, args: &InstancesArgs) -> Result<ExitCode, OpsError> {
+/// Every instance in the database `config` names, read with [`read`].
+pub(super) fn read_all(config: &Config, stale_after: u64) -> Result<Vec<Instance>, OpsError> {
     let (mut client, database) = super::database(config)?;
-    let instances =
-        read(&mut client, Duration::from_secs(args.stale_after)).map_err(|error| OpsError::Database {
-            database,
-            detail: error.to_string(),
-        })?;
+    read(&mut client, Duration::from_secs(stale_after)).map_err(|error| OpsError::Database {
+        database,
+        detail: error.to_string(),
+    })
+}
+
+pub fn run(config: &Config, args: &InstancesArgs) -> Result<ExitCode, OpsError> {
+    let instances = read_all(config, args.stale_after)?;
     if args.json {
         println!(
             "{}",

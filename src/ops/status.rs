@@ -4,9 +4,8 @@
 //! longer than a threshold. Reads only the database.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
-use super::instances::{read, Instance};
+use super::instances::Instance;
 use super::OpsError;
 use crate::config::Config;
 
@@ -23,12 +22,7 @@ pub struct StatusArgs {
 }
 
 pub fn run(config: &Config, args: &StatusArgs) -> Result<ExitCode, OpsError> {
-    let (mut client, database) = super::database(config)?;
-    let instances =
-        read(&mut client, Duration::from_secs(args.stale_after)).map_err(|error| OpsError::Database {
-            database,
-            detail: error.to_string(),
-        })?;
+    let instances = super::instances::read_all(config, args.stale_after)?;
     let problems = problems(&instances, args.pending_after as f64);
     if problems.is_empty() {
         let running = instances
