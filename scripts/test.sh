@@ -10,6 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh
+# The judge of the stress test (tests/e2e/deploy.rs) as a plain binary: the
+# test run below builds examples only inside a test harness.
+cargo build --locked --quiet --example chaos_check
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --locked --all-targets --no-fail-fast -E 'not test(/serial_/)' "$@" || status=$?

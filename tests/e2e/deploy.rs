@@ -371,8 +371,8 @@ fn stress_five_instances_two_hundred_files() {
     let binary = PathBuf::from(env!("CARGO_BIN_EXE_file-watcher"));
     let mut command = Command::new(Path::new(ROOT).join("scripts/stress.sh"));
     command.args(["--instances", "5", "--files", "200"]);
-    // Built with the tests by `--all-targets`; otherwise the script builds it
-    // (a release build: minutes, beside everything else the suite runs).
+    // scripts/test.sh builds the judge before the tests; without it the
+    // script makes a release build of its own (minutes, beside the suite).
     if let Some(checker) = built_example(&binary, "chaos_check", "--rabbitmq-url") {
         command
             .arg("--binary")
