@@ -428,6 +428,11 @@ mod tests {
             self.jobs.try_iter().collect()
         }
 
+        /// The jobs of one [`Harness::pass`].
+        pub(super) fn pass_jobs(&mut self) -> Vec<Job> {
+            self.pass().into_iter().map(|dispatch| dispatch.job).collect()
+        }
+
         pub(super) fn finish(&mut self, dispatch: Dispatch) {
             self.settle.on_done(Done {
                 dispatch,
@@ -539,7 +544,7 @@ mod tests {
             dispatch: check,
             outcome: Outcome::Vanished,
         });
-        let jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        let jobs: Vec<Job> = harness.pass_jobs();
         assert_eq!(
             jobs,
             [Job::Check {
@@ -560,7 +565,7 @@ mod tests {
             dispatch: check,
             outcome: Outcome::Vanished,
         });
-        let jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        let jobs: Vec<Job> = harness.pass_jobs();
         assert_eq!(jobs, [Job::Gone { path }]);
     }
 
@@ -572,7 +577,7 @@ mod tests {
         let (a, b) = (harness.path("a.flac"), harness.path("b.flac"));
         harness.settle.on_rename(a.clone(), b.clone(), Instant::now());
         harness.settle.mark_removed(b.clone(), Instant::now());
-        let mut jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        let mut jobs: Vec<Job> = harness.pass_jobs();
         jobs.sort_by(|one, other| format!("{one:?}").cmp(&format!("{other:?}")));
         assert_eq!(jobs, [Job::Gone { path: a }, Job::Gone { path: b }]);
     }

@@ -338,7 +338,7 @@ mod tests {
         harness
             .settle
             .on_raw(rename(RenameMode::Both, &[&c, &d], Some(2)));
-        let jobs = sorted(harness.pass().into_iter().map(|dispatch| dispatch.job).collect());
+        let jobs = sorted(harness.pass_jobs());
         assert_eq!(jobs, [check(&b, Some(&a)), check(&d, Some(&c))]);
         // Nothing is left waiting to expire into a removal.
         harness
@@ -357,7 +357,7 @@ mod tests {
         harness.settle.expire_unpaired(seen + RENAME_PAIRING / 2);
         assert!(harness.pass().is_empty(), "other events do not end the wait");
         harness.settle.expire_unpaired(Instant::now() + RENAME_PAIRING);
-        let jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        let jobs: Vec<Job> = harness.pass_jobs();
         assert_eq!(jobs, [Job::GoneTree { path: a }], "moved out of the tree");
     }
 
@@ -371,7 +371,7 @@ mod tests {
         harness.settle.on_raw(RawEvent::Fs(
             Event::new(EventKind::Create(CreateKind::File)).add_path(a.clone().into()),
         ));
-        let first: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        let first: Vec<Job> = harness.pass_jobs();
         assert_eq!(first, [Job::GoneTree { path: a }]);
     }
 
@@ -389,7 +389,7 @@ mod tests {
         harness
             .settle
             .on_raw(rename(RenameMode::Both, &[&a, &b], Some(1)));
-        let jobs = sorted(harness.pass().into_iter().map(|dispatch| dispatch.job).collect());
+        let jobs = sorted(harness.pass_jobs());
         assert_eq!(jobs, [check(&b, None), Job::GoneTree { path: a }]);
     }
 
@@ -398,7 +398,7 @@ mod tests {
         let mut harness = Harness::new();
         let (a, b) = (harness.path("a.flac"), harness.path("b.flac"));
         harness.settle.on_raw(rename(RenameMode::Both, &[&a, &b], None));
-        let jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        let jobs: Vec<Job> = harness.pass_jobs();
         assert_eq!(jobs, [check(&b, Some(&a))]);
     }
 
@@ -419,7 +419,7 @@ mod tests {
         );
         harness.settle.on_rename(c.clone(), b.clone(), Instant::now());
         harness.settle.on_rename(a.clone(), b.clone(), Instant::now());
-        let jobs = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        let jobs = harness.pass_jobs();
         assert_eq!(
             sorted(jobs),
             [
@@ -448,7 +448,7 @@ mod tests {
             dispatch: in_flight,
             outcome: Outcome::Changing,
         });
-        let jobs = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        let jobs = harness.pass_jobs();
         assert_eq!(
             sorted(jobs),
             [
@@ -474,7 +474,7 @@ mod tests {
             dispatch: in_flight,
             outcome: Outcome::Changing,
         });
-        let jobs = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        let jobs = harness.pass_jobs();
         assert_eq!(sorted(jobs), [Job::Gone { path: a }, Job::Gone { path: b }]);
     }
 
@@ -490,7 +490,7 @@ mod tests {
         harness.settle.on_rename(a.clone(), b.clone(), Instant::now());
         harness.settle.on_rename(b.clone(), x.clone(), Instant::now());
         harness.settle.on_rename(x, b.clone(), Instant::now());
-        let jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        let jobs: Vec<Job> = harness.pass_jobs();
         assert_eq!(
             jobs,
             [Job::Check {

@@ -427,7 +427,7 @@ mod tests {
         harness
             .settle
             .match_held(Instant::now() + RENAME_PAIRING + HOLD_LIMIT);
-        let jobs: Vec<Job> = harness.pass().into_iter().map(|dispatch| dispatch.job).collect();
+        let jobs: Vec<Job> = harness.pass_jobs();
         assert_eq!(jobs, [Job::GoneTree { path: a }], "the walk never finished");
     }
 
