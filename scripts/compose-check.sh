@@ -131,11 +131,6 @@ for name in "${names[@]}"; do
     mv "$work/$name/single.mp3" "$work/$name/albums/single.mp3"
 done
 
-connections_named() {
-    local connections name
-    connections=$(rabbitmqctl -q list_connections client_properties 2>/dev/null || true)
-    for name in "${names[@]}"; do grep -q "file_watcher_$name\b" <<<"$connections" || return 1; done
-}
 wait_for 30 connections_named || problems+=("the broker does not list every connection as file_watcher_<id>")
 
 checker_args=()
@@ -143,12 +138,8 @@ for name in "${names[@]}"; do checker_args+=(--instance "$name=$work/$name@/data
 checker quiet --schema "$run_id" --wait 60 "${checker_args[@]}" || problems+=("not every file was recorded and published within 60 s")
 
 log "docker-compose stop"
-compose stop -t 30 >>"$work/compose.log" 2>&1
+stop_compose_watchers
 for name in "${names[@]}"; do
-    container=$(compose ps -q "watcher-$name")
-    docker logs "$container" >"$work/$name.log" 2>&1
-    code=$(docker inspect -f '{{.State.ExitCode}}' "$container")
-    [ "$code" -eq 0 ] || problems+=("$name: exited $code")
     grep -q '"level":"ERROR"' "$work/$name.log" && problems+=("$name: ERROR lines in its log")
 done
 compose down -t 30 >>"$work/compose.log" 2>&1
@@ -161,11 +152,4 @@ set +e
 checker check --schema "$run_id" --wait 5 --consumed "$work/consumed.jsonl" "${checker_args[@]}"
 status=$?
 set -e
-for problem in "${problems[@]}"; do echo "problem: $problem"; done
-[ "${#problems[@]}" -eq 0 ] || status=1
-if [ "$status" -eq 0 ]; then
-    log "every container healthy, every message from its own container, every exit 0"
-else
-    log "FAILED"
-fi
-exit "$status"
+conclude "every container healthy, every message from its own container, every exit 0"

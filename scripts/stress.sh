@@ -265,13 +265,7 @@ checker quiet --schema "$run_id" --wait 180 "${checker_args[@]}" || problems+=("
 for name in "${names[@]}"; do account "$name"; done
 log "stopping the instances"
 if [ "$containers" -eq 1 ]; then
-    compose stop -t 30 >>"$work/compose.log" 2>&1
-    for name in "${names[@]}"; do
-        container=$(compose ps -q "watcher-$name")
-        docker logs "$container" >"$work/$name.log" 2>&1
-        code=$(docker inspect -f '{{.State.ExitCode}}' "$container")
-        [ "$code" -eq 0 ] || problems+=("$name: the container exited $code")
-    done
+    stop_compose_watchers
 else
     for name in "${names[@]}"; do
         kill -TERM "${pid[$name]}"
@@ -296,11 +290,4 @@ status=$?
 set -e
 echo
 echo "events by type (all instances): $(awk '{ print $2 }' "$work/deliveries.txt" | sort | uniq -c | awk '{ printf "%s %s  ", $2, $1 }')"
-for problem in "${problems[@]}"; do echo "problem: $problem"; done
-[ "${#problems[@]}" -eq 0 ] || status=1
-if [ "$status" -eq 0 ]; then
-    log "no change lost, duplicated or misattributed; no errors"
-else
-    log "FAILED"
-fi
-exit "$status"
+conclude "no change lost, duplicated or misattributed; no errors"

@@ -109,3 +109,39 @@ write_compose_env() {
     } >"$file"
     chmod -R a+rX "$work"
 }
+
+# stop_compose_watchers: `docker-compose stop` (each watcher drains and exits
+# 0), then every watcher of $names has its log in $work/<name>.log, and each
+# one that exited otherwise is added to $problems.
+stop_compose_watchers() {
+    local name container code
+    compose stop -t 30 >>"$work/compose.log" 2>&1
+    for name in "${names[@]}"; do
+        container=$(compose ps -q "watcher-$name")
+        docker logs "$container" >"$work/$name.log" 2>&1
+        code=$(docker inspect -f '{{.State.ExitCode}}' "$container")
+        [ "$code" -eq 0 ] || problems+=("$name: the container exited $code")
+    done
+}
+
+# connections_named: the broker lists a connection named file_watcher_<id>
+# for every instance id in $names.
+connections_named() {
+    local connections name
+    connections=$(rabbitmqctl -q list_connections client_properties 2>/dev/null || true)
+    for name in "${names[@]}"; do grep -q "file_watcher_$name\b" <<<"$connections" || return 1; done
+}
+
+# conclude SUCCESS_LINE: prints $problems, fails the run ($status) on any,
+# says how it ended, and exits with $status.
+conclude() {
+    local problem
+    for problem in "${problems[@]}"; do echo "problem: $problem"; done
+    [ "${#problems[@]}" -eq 0 ] || status=1
+    if [ "$status" -eq 0 ]; then
+        log "$1"
+    else
+        log "FAILED"
+    fi
+    exit "$status"
+}
