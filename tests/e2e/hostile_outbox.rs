@@ -81,6 +81,14 @@ fn insert_outbox_row(
     .get(0)
 }
 
+/// An outbox row holding `message` as its body, under `message_id` (which a
+/// test may make differ from the body's own).
+fn insert_message(database: &TestDatabase, message_id: Uuid, message: &Message, instance_id: &str) -> i64 {
+    let body = message.to_json();
+    let body = std::str::from_utf8(&body).expect("a message serializes to UTF-8");
+    insert_outbox_row(database, message_id, &message.file_path, body, instance_id)
+}
+
 /// A message as this release writes it, for `path` in `origin`'s tree.
 fn good_message(origin: &Origin, path: &str) -> Message {
     let content = Content {
@@ -162,22 +170,10 @@ fn a_bad_outbox_row_is_set_aside_and_the_rest_flow() {
         &instance,
     );
     let kept = good_message(&origin, &text(&dir.join("kept.flac")));
-    insert_outbox_row(
-        &database,
-        kept.message_id,
-        &kept.file_path,
-        std::str::from_utf8(&kept.to_json()).unwrap(),
-        &instance,
-    );
+    insert_message(&database, kept.message_id, &kept, &instance);
     let misnamed_id = Uuid::new_v4();
     let misnamed_body = good_message(&origin, &text(&dir.join("misnamed.flac")));
-    let misnamed = insert_outbox_row(
-        &database,
-        misnamed_id,
-        &misnamed_body.file_path,
-        std::str::from_utf8(&misnamed_body.to_json()).unwrap(),
-        &instance,
-    );
+    let misnamed = insert_message(&database, misnamed_id, &misnamed_body, &instance);
 
     let daemon = Daemon::builder()
         .with_sinks(&broker, &database)
@@ -242,22 +238,10 @@ fn a_message_the_broker_refuses_is_set_aside() {
 
     let mut huge = good_message(&origin, &text(&dir.join("huge.flac")));
     huge.old_path = Some(format!("{}/{}", text(&dir), "x".repeat(OVER_THE_LIMIT)));
-    let huge_row = insert_outbox_row(
-        &database,
-        huge.message_id,
-        &huge.file_path,
-        std::str::from_utf8(&huge.to_json()).unwrap(),
-        &instance,
-    );
+    let huge_row = insert_message(&database, huge.message_id, &huge, &instance);
     drop(huge.old_path.take());
     let kept = good_message(&origin, &text(&dir.join("kept.flac")));
-    insert_outbox_row(
-        &database,
-        kept.message_id,
-        &kept.file_path,
-        std::str::from_utf8(&kept.to_json()).unwrap(),
-        &instance,
-    );
+    insert_message(&database, kept.message_id, &kept, &instance);
 
     let daemon = Daemon::builder()
         .with_sinks(&broker, &database)
