@@ -24,6 +24,7 @@ use crate::registry::{Health, Registry, RegistryError};
 pub mod stdout;
 pub mod rabbitmq;
 pub mod broker;
+mod window;
 
 /// Messages taken from the outbox per round.
 const BATCH: usize = 256;
@@ -96,6 +97,30 @@ pub trait Sink: Send {
     fn wait_hint(&self) -> Duration {
         Duration::ZERO
     }
+
+    /// The sink's window, when it can keep several batches unconfirmed at
+    /// once (RabbitMQ); `None` when each batch is delivered before the next
+    /// (stdout), or for now (RabbitMQ looking for a message it refuses).
+    fn window(&mut self) -> Option<&mut dyn Window> {
+        None
+    }
+}
+
+/// Batches sent and not yet confirmed, so that the sink never idles while
+/// the publisher waits for confirms or the registry (see [`window`]).
+pub trait Window {
+    /// Sends `batch` after those already in flight, without waiting for
+    /// its confirms. On `Err` nothing in flight is known any more: the
+    /// window is empty, and everything in it is to be sent again.
+    fn send(&mut self, batch: Vec<Message>) -> Result<(), SinkError>;
+
+    /// Waits for the oldest batch in flight and gives it back with what the
+    /// sink did with it (a confirmed prefix, as [`Sink::deliver`] says);
+    /// `None` when nothing is in flight. On `Err` the window is empty.
+    fn confirm_oldest(&mut self) -> Option<Result<(Vec<Message>, Delivery), SinkError>>;
+
+    /// Stops waiting for every batch in flight; they are to be sent again.
+    fn forget(&mut self);
 }
 
 pub struct Publisher {
@@ -239,6 +264,21 @@ impl Publisher {
         loop {
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 return Ok(published);
+            }
+            if self.sink.window().is_some() {
+                match self.drain_window(deadline, &mut published) {
+                    Ok(window::Drained::Empty) => {
+                        if reach_sink && published == 0 && deadline.is_none() && !self.sink.is_connected() {
+                            self.sink.prepare()?;
+                        }
+                        return Ok(published);
+                    }
+                    Ok(window::Drained::Deadline) => return Ok(published),
+                    // The broker closed the channel over the window: find the
+                    // message it refuses, one at a time, at once.
+                    Err(SinkError::Unavailable(_)) if self.sink.window().is_none() => continue,
+                    Err(error) => return Err(error),
+                }
             }
             let batch = self
                 .registry

@@ -16,15 +16,15 @@
 //! fresh connection; a message whose lone publish is refused with 406 is the
 //! one, and goes back to the publisher as [`Refused`] to be set aside.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::broker::{Broker, BrokerError, BrokerSettings, Published};
-use super::{Delivery, PublishCounters, Refused, Sink, SinkError};
+use super::broker::{Broker, BrokerError, BrokerSettings, Published, Sent};
+use super::{Delivery, PublishCounters, Refused, Sink, SinkError, Window};
 use crate::logging;
 use crate::message::Message;
 
@@ -52,6 +52,9 @@ pub struct BrokerSink {
     counters: Arc<PublishCounters>,
     /// Set by the first successful connect: later ones are reconnects.
     connected_once: bool,
+    /// Batches sent through the window, oldest first, with their confirms
+    /// still to come. All on the current connection: a new one starts empty.
+    in_flight: VecDeque<(Vec<Message>, Sent)>,
 }
 
 impl BrokerSink {
@@ -65,6 +68,7 @@ impl BrokerSink {
             one_at_a_time: false,
             counters: Arc::default(),
             connected_once: false,
+            in_flight: VecDeque::new(),
         }
     }
 
@@ -78,6 +82,7 @@ impl BrokerSink {
         if self.broker.as_ref().is_some_and(|broker| !broker.is_usable()) {
             log::warn!(target: LOG_TARGET, "lost the RabbitMQ connection; reconnecting");
             self.broker = None;
+            self.in_flight.clear();
         }
         if self.broker.is_none() {
             if Instant::now() < self.next_connect {
@@ -108,8 +113,10 @@ impl BrokerSink {
         Ok(self.broker.as_mut().expect("connected above"))
     }
 
-    /// Closes the connection after a failed batch; the next call connects again.
+    /// Closes the connection after a failed batch; the next call connects
+    /// again. Whatever was in flight on it is forgotten: its fate is unknown.
     fn drop_connection(&mut self) {
+        self.in_flight.clear();
         if let Some(broker) = self.broker.take() {
             broker.close();
         }
@@ -179,14 +186,10 @@ impl BrokerSink {
         self.one_at_a_time = false;
         Ok(delivery)
     }
-}
 
-impl Sink for BrokerSink {
-    fn prepare(&mut self) -> Result<(), SinkError> {
-        self.connected().map(|_| ())
-    }
-
-    fn deliver(&mut self, messages: &[Message]) -> Result<Delivery, SinkError> {
+    /// A connected broker that is not blocked, or why not. Says once that a
+    /// block was lifted.
+    fn ready(&mut self) -> Result<&mut Broker, SinkError> {
         let broker = self.connected()?;
         if broker.is_blocked() {
             // The broker module warned once, with the broker's reason.
@@ -196,42 +199,68 @@ impl Sink for BrokerSink {
         if std::mem::take(&mut self.blocked) {
             log::info!(target: LOG_TARGET, "RabbitMQ unblocked publishing; resuming");
         }
+        Ok(self.broker.as_mut().expect("connected above"))
+    }
+
+    /// What a failed publish of `messages` (sent, or being confirmed) means
+    /// for them: the broker blocked us (wait), closed the channel over one
+    /// message it refuses (find it, one message at a time), or the outcome
+    /// is unknown (an outage: they are sent again later).
+    fn failed(&mut self, messages: &[Message], error: BrokerError) -> Result<Delivery, SinkError> {
+        if let BrokerError::Blocked { .. } = error {
+            self.blocked = true;
+            return Err(SinkError::Paused("RabbitMQ blocked publishing".into()));
+        }
+        let channel_closed = self.broker.as_ref().is_some_and(Broker::channel_closed_by_broker);
+        self.drop_connection();
+        if (channel_closed || error.refusal().is_some()) && messages.len() > 1 {
+            // Not an outage: look for the message at once, on a new connection.
+            log::warn!(
+                target: LOG_TARGET,
+                "RabbitMQ closed the channel over a batch of {} messages; \
+                 publishing them one at a time to find one it refuses",
+                messages.len()
+            );
+            self.one_at_a_time = true;
+            return self.deliver_one_at_a_time(messages);
+        }
+        match error.refusal() {
+            Some(reason) => Ok(Delivery {
+                confirmed: Vec::new(),
+                refused: Some(Refused {
+                    message_id: messages[0].message_id,
+                    reason: format!("RabbitMQ refused it: {reason}"),
+                }),
+            }),
+            None => Err(SinkError::Unavailable(logging::error_chain(&error))),
+        }
+    }
+}
+
+impl Sink for BrokerSink {
+    fn prepare(&mut self) -> Result<(), SinkError> {
+        self.connected().map(|_| ())
+    }
+
+    fn deliver(&mut self, messages: &[Message]) -> Result<Delivery, SinkError> {
+        self.ready()?;
         if self.one_at_a_time {
             return self.deliver_one_at_a_time(messages);
         }
-        let broker = self.broker.as_mut().expect("connected above");
+        let broker = self.broker.as_mut().expect("ready above");
         match broker.publish(messages) {
             Ok(published) => Ok(Delivery::confirmed(self.confirmed(messages, published))),
-            Err(BrokerError::Blocked { .. }) => {
-                self.blocked = true;
-                Err(SinkError::Paused("RabbitMQ blocked publishing".into()))
-            }
-            Err(error) => {
-                let channel_closed = self.broker.as_ref().is_some_and(Broker::channel_closed_by_broker);
-                self.drop_connection();
-                if (channel_closed || error.refusal().is_some()) && messages.len() > 1 {
-                    // Not an outage: look for the message at once, on a new connection.
-                    log::warn!(
-                        target: LOG_TARGET,
-                        "RabbitMQ closed the channel over a batch of {} messages; \
-                         publishing them one at a time to find one it refuses",
-                        messages.len()
-                    );
-                    self.one_at_a_time = true;
-                    return self.deliver_one_at_a_time(messages);
-                }
-                match error.refusal() {
-                    Some(reason) => Ok(Delivery {
-                        confirmed: Vec::new(),
-                        refused: Some(Refused {
-                            message_id: messages[0].message_id,
-                            reason: format!("RabbitMQ refused it: {reason}"),
-                        }),
-                    }),
-                    None => Err(SinkError::Unavailable(logging::error_chain(&error))),
-                }
-            }
+            Err(error) => self.failed(messages, error),
         }
+    }
+
+    /// Batches go out through the window, except while looking for a
+    /// message the broker refuses: that takes one message at a time.
+    fn window(&mut self) -> Option<&mut dyn Window> {
+        if self.one_at_a_time {
+            return None;
+        }
+        Some(self)
     }
 
     fn is_connected(&self) -> bool {
@@ -246,5 +275,76 @@ impl Sink for BrokerSink {
         } else {
             Duration::ZERO
         }
+    }
+}
+
+impl Window for BrokerSink {
+    fn send(&mut self, batch: Vec<Message>) -> Result<(), SinkError> {
+        // A connection lost under batches in flight is not quietly replaced:
+        // their fate is unknown, and the publisher must start over from them.
+        if !self.in_flight.is_empty() && !self.broker.as_ref().is_some_and(Broker::is_usable) {
+            self.in_flight.clear();
+            return Err(SinkError::Unavailable(
+                "lost the RabbitMQ connection with messages unconfirmed".into(),
+            ));
+        }
+        let sent = match self.ready() {
+            Ok(broker) => broker.send(&batch),
+            Err(error) => {
+                self.in_flight.clear();
+                return Err(error);
+            }
+        };
+        match sent {
+            Ok(sent) => {
+                self.in_flight.push_back((batch, sent));
+                Ok(())
+            }
+            Err(error) => Err(self.window_failed(error)),
+        }
+    }
+
+    fn confirm_oldest(&mut self) -> Option<Result<(Vec<Message>, Delivery), SinkError>> {
+        let (batch, sent) = self.in_flight.pop_front()?;
+        let Some(broker) = self.broker.as_mut() else {
+            self.in_flight.clear();
+            return Some(Err(SinkError::Unavailable("lost the RabbitMQ connection".into())));
+        };
+        Some(match broker.confirms(sent) {
+            Ok(published) => {
+                let delivery = Delivery::confirmed(self.confirmed(&batch, published));
+                Ok((batch, delivery))
+            }
+            Err(error) => Err(self.window_failed(error)),
+        })
+    }
+
+    fn forget(&mut self) {
+        self.in_flight.clear();
+    }
+}
+
+impl BrokerSink {
+    /// What a failed send or confirm means for the window: everything in
+    /// flight is of unknown fate. If the broker closed the channel (over a
+    /// message it refuses, most likely), the sink goes one message at a time
+    /// ([`Sink::window`] says `None`) until the message is found.
+    fn window_failed(&mut self, error: BrokerError) -> SinkError {
+        self.in_flight.clear();
+        if let BrokerError::Blocked { .. } = error {
+            self.blocked = true;
+            return SinkError::Paused("RabbitMQ blocked publishing".into());
+        }
+        let channel_closed = self.broker.as_ref().is_some_and(Broker::channel_closed_by_broker);
+        self.drop_connection();
+        if channel_closed || error.refusal().is_some() {
+            log::warn!(
+                target: LOG_TARGET,
+                "RabbitMQ closed the channel with messages unconfirmed; \
+                 publishing them one at a time to find one it refuses"
+            );
+            self.one_at_a_time = true;
+        }
+        SinkError::Unavailable(logging::error_chain(&error))
     }
 }

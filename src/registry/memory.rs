@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use uuid::Uuid;
 
 use super::plan::{message_for_carried_row, messages_for, plan_present, rebase, Plan};
-use super::{fresh_stat, Applied, Change, Registry, RegistryError, Row, Stat};
+use super::{fresh_stat, Applied, Change, Queued, Registry, RegistryError, Row, Stat};
 use crate::message::{EventType, Message, Origin};
 
 /// Messages kept for a sink that cannot take them (a broker that is down)
@@ -28,8 +28,10 @@ pub struct MemoryRegistry {
 struct State {
     /// Present files by absolute path.
     rows: BTreeMap<String, Row>,
-    /// Recorded, not yet confirmed, oldest first.
-    outbox: VecDeque<Message>,
+    /// Recorded, not yet confirmed, oldest first, with their positions.
+    outbox: VecDeque<Queued>,
+    /// The position the next queued message gets.
+    next_position: u64,
     /// Messages dropped because the outbox was full.
     dropped: u64,
 }
@@ -72,7 +74,11 @@ impl State {
                     );
                 }
             }
-            self.outbox.push_back(message.clone());
+            self.next_position += 1;
+            self.outbox.push_back(Queued {
+                position: self.next_position,
+                message: message.clone(),
+            });
         }
     }
 }
@@ -177,15 +183,19 @@ impl Registry for MemoryRegistry {
             .collect())
     }
 
-    fn outgoing(&self, limit: usize) -> Result<Vec<Message>, RegistryError> {
-        Ok(self.lock().outbox.iter().take(limit).cloned().collect())
+    fn outgoing_after(&self, after: Option<u64>, limit: usize) -> Result<Vec<Queued>, RegistryError> {
+        let state = self.lock();
+        let after = after.unwrap_or(0);
+        let start = state.outbox.partition_point(|queued| queued.position <= after);
+        Ok(state.outbox.range(start..).take(limit).cloned().collect())
     }
 
     fn mark_published(&self, message_ids: &[Uuid]) -> Result<(), RegistryError> {
+        let confirmed: std::collections::HashSet<&Uuid> = message_ids.iter().collect();
         let mut state = self.lock();
         state
             .outbox
-            .retain(|message| !message_ids.contains(&message.message_id));
+            .retain(|queued| !confirmed.contains(&queued.message.message_id));
         Ok(())
     }
 
@@ -195,7 +205,9 @@ impl Registry for MemoryRegistry {
     fn set_aside(&self, message_id: Uuid, reason: &str) -> Result<(), RegistryError> {
         let mut state = self.lock();
         let before = state.outbox.len();
-        state.outbox.retain(|message| message.message_id != message_id);
+        state
+            .outbox
+            .retain(|queued| queued.message.message_id != message_id);
         if state.outbox.len() < before {
             log::error!(
                 "outbox message {message_id} set aside, not published (no database: dropped): {reason}"

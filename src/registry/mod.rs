@@ -257,7 +257,16 @@ pub trait Registry: Send + Sync {
     /// The oldest messages not yet confirmed, in the order they were
     /// recorded, leaving out those set aside. A stored message that cannot be
     /// read back is set aside here (see [`Registry::set_aside`]).
-    fn outgoing(&self, limit: usize) -> Result<Vec<Message>, RegistryError>;
+    fn outgoing(&self, limit: usize) -> Result<Vec<Message>, RegistryError> {
+        let page = self.outgoing_after(None, limit)?;
+        Ok(page.into_iter().map(|queued| queued.message).collect())
+    }
+
+    /// [`Registry::outgoing`] from a place in the outbox on: only messages
+    /// recorded after `after` (a [`Queued::position`] of an earlier page),
+    /// each with its own position, so that a publisher with messages still
+    /// unconfirmed can read on past them.
+    fn outgoing_after(&self, after: Option<u64>, limit: usize) -> Result<Vec<Queued>, RegistryError>;
 
     /// The sink confirmed these messages: drop them from the outbox.
     fn mark_published(&self, message_ids: &[Uuid]) -> Result<(), RegistryError>;
@@ -267,6 +276,16 @@ pub trait Registry: Send + Sync {
     /// once, naming it. The PostgreSQL registry keeps it in its outbox table,
     /// marked, for an operator to look at or requeue.
     fn set_aside(&self, message_id: Uuid, reason: &str) -> Result<(), RegistryError>;
+}
+
+/// A message waiting in the outbox, and its place there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Queued {
+    /// Grows in the order messages were queued (the outbox row's id). Rows
+    /// of concurrent transactions may become visible out of that order, so
+    /// a reader past a position can still find an older one later.
+    pub position: u64,
+    pub message: Message,
 }
 
 /// Whether the database answers, shared by everyone who talks to it, so an
@@ -356,8 +375,8 @@ impl Registry for Deferred {
         self.get()?.present_under(dir, after, limit)
     }
 
-    fn outgoing(&self, limit: usize) -> Result<Vec<Message>, RegistryError> {
-        self.get()?.outgoing(limit)
+    fn outgoing_after(&self, after: Option<u64>, limit: usize) -> Result<Vec<Queued>, RegistryError> {
+        self.get()?.outgoing_after(after, limit)
     }
 
     fn mark_published(&self, message_ids: &[Uuid]) -> Result<(), RegistryError> {

@@ -1,8 +1,10 @@
-//! Publishing one batch under publisher confirms: send it all, wait for
-//! every confirm, then read what the broker said about each message.
+//! Publishing under publisher confirms: send a batch, wait for every
+//! confirm, then read what the broker said about each message.
 //!
 //! Pipelined: every message is sent before the first confirm is awaited, so
-//! a batch costs about one round trip. The whole batch is bounded by the
+//! a batch costs about one round trip; and sending ([`Broker::send`]) is
+//! apart from waiting ([`Broker::confirms`]), so that the publisher can keep
+//! several batches unconfirmed on the channel at once. The whole batch is bounded by the
 //! confirm timeout, stretched by the time its bytes take on a slow link
 //! ([`SLOWEST_LINK_BYTES_PER_SECOND`]): a large message must not time out,
 //! and be retried forever, for its size alone.
@@ -38,6 +40,27 @@ pub struct Published {
     pub unroutable: usize,
 }
 
+/// A batch on the wire: every message sent, their confirms still to come.
+/// [`Broker::confirms`] waits for them. Several may be outstanding at once
+/// (the publisher's window); their confirms arrive in the order sent.
+pub struct Sent {
+    pending: Vec<(Uuid, PublisherConfirm)>,
+    started: Instant,
+    /// The confirm timeout from `started`, stretched by the batch's bytes.
+    deadline: Instant,
+}
+
+impl Sent {
+    /// How many messages the batch holds.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
 impl Broker {
     /// Publishes every message (mandatory, persistent) and waits for all of
     /// their confirms, within `confirm_timeout` plus the time the batch's
@@ -49,24 +72,91 @@ impl Broker {
     /// have been acked); the caller publishes the whole batch again on a new
     /// connection, and consumers may see duplicates with the same `message_id`.
     pub fn publish(&mut self, messages: &[Message]) -> Result<Published, BrokerError> {
+        let sent = self.send(messages)?;
+        self.confirms(sent)
+    }
+
+    /// Sends every message (mandatory, persistent) without waiting for a
+    /// confirm; [`Broker::confirms`] waits for them. Sending is bounded by
+    /// the same deadline as the confirms. An `Err` leaves the fate of this
+    /// batch, and of every batch sent before it and not yet confirmed,
+    /// unknown, as for [`Broker::publish`].
+    pub fn send(&mut self, messages: &[Message]) -> Result<Sent, BrokerError> {
         self.check_ready()?;
-        if messages.is_empty() {
-            return Ok(Published::default());
-        }
         let bodies: Vec<Vec<u8>> = messages.iter().map(Message::to_json).collect();
+        let bytes = bodies.iter().map(Vec::len).sum();
         let started = Instant::now();
-        let confirmations = self.send_and_await_confirms(messages, &bodies, started)?;
-        let published = self.read_confirmations(confirmations);
-        debug!(
-            target: LOG_TARGET,
-            "published {} messages to exchange {} in {} ms ({} nacked, {} unroutable)",
-            published.acked.len(),
-            self.exchange,
-            started.elapsed().as_millis(),
-            published.nacked.len(),
-            published.unroutable
+        let deadline = started + self.confirm_timeout + transfer_allowance(bytes);
+        let sending = send(
+            &self.channel,
+            &self.exchange,
+            messages,
+            &bodies,
+            self.replay.as_deref(),
         );
-        Ok(published)
+        match block_on_until(deadline, sending) {
+            Some(Ok(pending)) => Ok(Sent {
+                pending,
+                started,
+                deadline,
+            }),
+            Some(Err(error)) => {
+                self.abandoned = true;
+                Err(error)
+            }
+            None => Err(self.timed_out(started, messages.len(), 0)),
+        }
+    }
+
+    /// Waits for the confirms of `sent`, until its deadline, and reads what
+    /// the broker said about each message.
+    pub fn confirms(&mut self, sent: Sent) -> Result<Published, BrokerError> {
+        let Sent {
+            pending,
+            started,
+            deadline,
+        } = sent;
+        let total = pending.len();
+        let confirmed = Cell::new(0usize);
+        match block_on_until(deadline, await_confirms(pending, &self.exchange, &confirmed)) {
+            Some(Ok(confirmations)) => {
+                let published = self.read_confirmations(confirmations);
+                debug!(
+                    target: LOG_TARGET,
+                    "published {} messages to exchange {} in {} ms ({} nacked, {} unroutable)",
+                    published.acked.len(),
+                    self.exchange,
+                    started.elapsed().as_millis(),
+                    published.nacked.len(),
+                    published.unroutable
+                );
+                Ok(published)
+            }
+            Some(Err(error)) => {
+                self.abandoned = true;
+                Err(error)
+            }
+            None => Err(self.timed_out(started, total, confirmed.get())),
+        }
+    }
+
+    /// The deadline of a batch passed with `confirmed` of its `total`
+    /// messages confirmed. If the broker stopped reading from us (memory or
+    /// disk alarm), the connection is fine and the batch just waits in it:
+    /// keep the connection, and the caller resends what was not confirmed
+    /// (same message ids) once the broker unblocks. Otherwise the batch's
+    /// fate is unknown and the connection is abandoned.
+    fn timed_out(&mut self, started: Instant, total: usize, confirmed: usize) -> BrokerError {
+        if self.is_blocked() {
+            return self.blocked_error();
+        }
+        self.abandoned = true;
+        BrokerError::ConfirmTimeout {
+            exchange: self.exchange.clone(),
+            waited_ms: started.elapsed().as_millis(),
+            unconfirmed: total - confirmed,
+            total,
+        }
     }
 
     /// Refuses the batch, before sending anything, on a connection that has
@@ -89,49 +179,6 @@ impl Broker {
             reason: self
                 .blocked_reason()
                 .unwrap_or_else(|| "no reason given".to_owned()),
-        }
-    }
-
-    /// Sends the batch and waits for all of its confirms, by `started` plus
-    /// the confirm timeout and the batch's transfer allowance. When that
-    /// fails the batch's fate is unknown and the connection is abandoned,
-    /// unless the broker merely blocked it.
-    fn send_and_await_confirms(
-        &mut self,
-        messages: &[Message],
-        bodies: &[Vec<u8>],
-        started: Instant,
-    ) -> Result<Vec<(Uuid, Confirmation)>, BrokerError> {
-        let bytes = bodies.iter().map(Vec::len).sum();
-        let deadline = started + self.confirm_timeout + transfer_allowance(bytes);
-        let confirmed = Cell::new(0usize);
-        let channel = &self.channel;
-        let exchange = &self.exchange;
-        let replay = self.replay.as_deref();
-        let publishing = async {
-            let pending = send(channel, exchange, messages, bodies, replay).await?;
-            await_confirms(pending, exchange, &confirmed).await
-        };
-        match block_on_until(deadline, publishing) {
-            Some(Ok(confirmations)) => Ok(confirmations),
-            Some(Err(error)) => {
-                self.abandoned = true;
-                Err(error)
-            }
-            // The broker stopped reading from us (memory or disk alarm): the
-            // connection is fine, the batch just waits in it. Keep the
-            // connection; the caller resends what was not confirmed (same
-            // message ids) once the broker unblocks.
-            None if self.is_blocked() => Err(self.blocked_error()),
-            None => {
-                self.abandoned = true;
-                Err(BrokerError::ConfirmTimeout {
-                    exchange: self.exchange.clone(),
-                    waited_ms: started.elapsed().as_millis(),
-                    unconfirmed: messages.len() - confirmed.get(),
-                    total: messages.len(),
-                })
-            }
         }
     }
 

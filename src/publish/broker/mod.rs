@@ -62,7 +62,7 @@ mod connect;
 mod declare;
 mod confirm;
 
-pub use confirm::Published;
+pub use confirm::{Published, Sent};
 pub use declare::{exchange_declarations, ExchangeDeclaration};
 pub use settings::BrokerSettings;
 

@@ -102,7 +102,7 @@ use faults::{describe, fault, name_database, query_error};
 use pool::{Connector, Manager};
 use schema::migrate;
 
-use super::{Applied, Change, FileId, Registry, RegistryError, Row, Stat};
+use super::{Applied, Change, FileId, Queued, Registry, RegistryError, Row, Stat};
 use crate::message::{Message, Origin};
 use crate::redact::SecretUrl;
 
@@ -378,16 +378,18 @@ impl Registry for PostgresRegistry {
     /// another id) once they have waited `ORPHAN_GRACE`, so two instances on
     /// one tree do not both deliver every message. A row whose body cannot be
     /// published as it stands (see [`read_body`]) is set aside on the way.
-    fn outgoing(&self, limit: usize) -> Result<Vec<Message>, RegistryError> {
+    fn outgoing_after(&self, after: Option<u64>, limit: usize) -> Result<Vec<Queued>, RegistryError> {
         let (lower, upper) = tree_bounds(&self.origin.watched_directory);
         let grace = ORPHAN_GRACE.as_secs_f64();
+        let mut after = after.map_or(0, |position| i64::try_from(position).unwrap_or(i64::MAX));
         loop {
             let records = self.read(|client| {
                 client
                     .query(
-                        "SELECT message_id::text, body FROM outbox \
+                        "SELECT id, message_id::text, body FROM outbox \
                          WHERE file_path > $1 AND file_path < $2 AND set_aside_at IS NULL \
                            AND (instance_id = $4 OR created_at < now() - make_interval(secs => $5)) \
+                           AND id > $6 \
                          ORDER BY id LIMIT $3",
                         &[
                             &lower,
@@ -395,25 +397,31 @@ impl Registry for PostgresRegistry {
                             &to_bigint(limit as u64),
                             &self.origin.instance_id,
                             &grace,
+                            &after,
                         ],
                     )
                     .map_err(fault("read the outbox"))
             })?;
-            let mut messages = Vec::with_capacity(records.len());
+            let mut page = Vec::with_capacity(records.len());
             for record in &records {
+                let id: i64 = record.get(0);
+                after = id;
                 let message_id: Uuid = record
-                    .get::<_, &str>(0)
+                    .get::<_, &str>(1)
                     .parse()
                     .expect("PostgreSQL prints a uuid as a UUID");
-                match read_body(message_id, record.get(1)) {
-                    Ok(message) => messages.push(message),
+                match read_body(message_id, record.get(2)) {
+                    Ok(message) => page.push(Queued {
+                        position: id.unsigned_abs(),
+                        message,
+                    }),
                     Err(reason) => self.set_aside(message_id, &reason)?,
                 }
             }
-            // A full batch that was all set aside says nothing about the rows
+            // A full page that was all set aside says nothing about the rows
             // behind it: read on, or the publisher would take the outbox for empty.
-            if !messages.is_empty() || records.len() < limit {
-                return Ok(messages);
+            if !page.is_empty() || records.len() < limit {
+                return Ok(page);
             }
         }
     }
