@@ -96,27 +96,38 @@ impl Publisher {
         published: &mut usize,
     ) -> Result<Drained, SinkError> {
         let mut reread_at = Instant::now() + REREAD_EVERY;
+        // Reading from the start, not yet past what was already sent: the
+        // clock waits until this read is through.
+        let mut rereading = false;
         // The last read found no more rows past `sent.position`.
         let mut caught_up = false;
         loop {
             let past_deadline = deadline.is_some_and(|deadline| Instant::now() >= deadline);
             while !caught_up && !past_deadline && sent.in_flight < WINDOW {
-                if Instant::now() >= reread_at {
+                if !rereading && Instant::now() >= reread_at {
                     sent.position = None;
-                    reread_at = Instant::now() + REREAD_EVERY;
+                    rereading = true;
                 }
                 let page = self
                     .registry
                     .outgoing_after(sent.position, BATCH)
                     .map_err(|error| self.registry_error(error))?;
                 caught_up = page.len() < BATCH;
-                let Some(last) = page.last() else { break };
-                sent.position = Some(last.position);
+                if let Some(last) = page.last() {
+                    sent.position = Some(last.position);
+                }
                 let batch: Vec<Message> = page
                     .into_iter()
                     .map(|Queued { message, .. }| message)
                     .filter(|message| !sent.outstanding.contains(&message.message_id))
                     .collect();
+                if caught_up || !batch.is_empty() {
+                    // Past everything already sent (or at the end): the
+                    // next reread is a while away.
+                    if std::mem::take(&mut rereading) {
+                        reread_at = Instant::now() + REREAD_EVERY;
+                    }
+                }
                 if batch.is_empty() {
                     continue;
                 }
@@ -140,6 +151,7 @@ impl Publisher {
                 }
                 sent.position = None;
                 caught_up = false;
+                rereading = false;
                 reread_at = Instant::now() + REREAD_EVERY;
                 continue;
             };
@@ -163,6 +175,7 @@ impl Publisher {
             sent.outstanding.clear();
             sent.position = None;
             caught_up = false;
+            rereading = false;
             match refused {
                 Some(Refused { message_id, reason }) => {
                     self.counters.set_aside.fetch_add(1, Ordering::Relaxed);
@@ -222,6 +235,8 @@ mod tests {
         queued: Mutex<Vec<Queued>>,
         marks: Mutex<Vec<usize>>,
         late: Mutex<Option<(u64, usize)>>,
+        /// How long each read takes.
+        read_time: Duration,
     }
 
     impl Outbox {
@@ -268,6 +283,7 @@ mod tests {
         }
 
         fn outgoing_after(&self, after: Option<u64>, limit: usize) -> Result<Vec<Queued>, RegistryError> {
+            std::thread::sleep(self.read_time);
             let mut late = self.late.lock().unwrap();
             let hidden = match late.as_mut() {
                 Some((position, reads)) if *reads > 0 => {
@@ -418,5 +434,22 @@ mod tests {
         let sent = sent.lock().unwrap();
         assert_eq!(sent.len(), 2 * BATCH, "each once");
         assert_eq!(sent.last(), Some(&recorded[0]));
+    }
+
+    /// Reading from the start through everything sent can take longer than
+    /// the reread interval: the read still gets past it, instead of starting
+    /// over for ever.
+    #[test]
+    fn a_slow_outbox_is_read_through_all_the_same() {
+        let outbox = Outbox::holding(3 * WINDOW);
+        let mut outbox = Arc::into_inner(outbox).unwrap();
+        // Eight pages of what was sent take longer than one reread interval.
+        outbox.read_time = REREAD_EVERY / 6;
+        let outbox = Arc::new(outbox);
+        let mut publisher = publisher(&outbox, Wire::default());
+        let (done, drained) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || done.send(publisher.drain(None, false).unwrap()));
+        let drained = drained.recv_timeout(Duration::from_secs(60));
+        assert_eq!(drained, Ok(3 * WINDOW));
     }
 }

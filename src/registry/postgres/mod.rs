@@ -383,8 +383,17 @@ impl Registry for PostgresRegistry {
         let grace = ORPHAN_GRACE.as_secs_f64();
         let mut after = after.map_or(0, |position| i64::try_from(position).unwrap_or(i64::MAX));
         loop {
+            // Only a walk of the primary key, in order, reads a page in
+            // time proportional to the page. The outbox fills faster than
+            // autovacuum analyzes it, and with stale statistics the planner
+            // takes every row past `after` for a handful, and sorts them all
+            // (50 ms a page at 70,000 rows instead of 0.2 ms).
             let records = self.read(|client| {
-                client
+                let mut transaction = client.transaction().map_err(fault("begin a transaction"))?;
+                transaction
+                    .batch_execute("SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off")
+                    .map_err(fault("read the outbox in order"))?;
+                let records = transaction
                     .query(
                         "SELECT id, message_id::text, body FROM outbox \
                          WHERE file_path > $1 AND file_path < $2 AND set_aside_at IS NULL \
@@ -400,7 +409,9 @@ impl Registry for PostgresRegistry {
                             &after,
                         ],
                     )
-                    .map_err(fault("read the outbox"))
+                    .map_err(fault("read the outbox"))?;
+                transaction.commit().map_err(fault("commit"))?;
+                Ok(records)
             })?;
             let mut page = Vec::with_capacity(records.len());
             for record in &records {

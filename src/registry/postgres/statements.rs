@@ -117,6 +117,12 @@ impl Transaction<'_> {
         self.inner.execute(&statement, parameters)
     }
 
+    /// Runs `sql` as it stands: the simple protocol, nothing prepared, no
+    /// parameters (settings such as `SET LOCAL`).
+    pub(super) fn batch_execute(&mut self, sql: &str) -> Result<(), postgres::Error> {
+        self.inner.batch_execute(sql)
+    }
+
     pub(super) fn commit(self) -> Result<(), postgres::Error> {
         self.inner.commit()
     }
