@@ -50,6 +50,11 @@ if [[ -f "$tarball" ]]; then
     )
     sed "s|^\[advisories\]|[advisories]\ndb-path = \"$work/db\"|" deny.toml > "$config"
     echo "audit: advisories from the snapshot $tarball"
+    # Offline, cargo-deny reads the metadata of every crate in Cargo.lock,
+    # for every platform (winapi-util too), from cargo's cache; a fresh
+    # machine's build downloaded only this platform's. Fetch the rest first
+    # (a no-op when they are there; skipped, not failed, without registry).
+    cargo fetch --locked --quiet || echo "audit: cargo fetch failed; checking with what is cached"
     exec cargo deny --offline --config "$config" check
 fi
 
