@@ -267,12 +267,7 @@ impl Publisher {
             }
             if self.sink.window().is_some() {
                 match self.drain_window(deadline, &mut published) {
-                    Ok(window::Drained::Empty) => {
-                        if reach_sink && published == 0 && deadline.is_none() && !self.sink.is_connected() {
-                            self.sink.prepare()?;
-                        }
-                        return Ok(published);
-                    }
+                    Ok(window::Drained::Empty) => return self.drained(published, deadline, reach_sink),
                     Ok(window::Drained::Deadline) => return Ok(published),
                     // The broker closed the channel over the window: find the
                     // message it refuses, one at a time, at once.
@@ -285,10 +280,7 @@ impl Publisher {
                 .outgoing(BATCH)
                 .map_err(|error| self.registry_error(error))?;
             if batch.is_empty() {
-                if reach_sink && published == 0 && deadline.is_none() && !self.sink.is_connected() {
-                    self.sink.prepare()?;
-                }
-                return Ok(published);
+                return self.drained(published, deadline, reach_sink);
             }
             self.counters
                 .published
@@ -299,12 +291,9 @@ impl Publisher {
                 .map_err(|error| self.registry_error(error))?;
             published += confirmed.len();
             self.count_confirmed(&batch[..confirmed.len()]);
-            if let Some(Refused { message_id, reason }) = refused {
-                self.counters.set_aside.fetch_add(1, Ordering::Relaxed);
+            if let Some(refused) = refused {
                 // Out of the way, so the messages behind it go next round.
-                self.registry
-                    .set_aside(message_id, &reason)
-                    .map_err(|error| self.registry_error(error))?;
+                self.set_aside(refused)?;
                 continue;
             }
             if confirmed.len() < batch.len() {
@@ -319,6 +308,29 @@ impl Publisher {
 }
 
 impl Publisher {
+    /// The outbox is empty, after `published` messages. With `reach_sink`
+    /// (the last attempts failed) and nothing published, this is the moment
+    /// to try to reach a sink that is not connected.
+    fn drained(
+        &mut self,
+        published: usize,
+        deadline: Option<Instant>,
+        reach_sink: bool,
+    ) -> Result<usize, SinkError> {
+        if reach_sink && published == 0 && deadline.is_none() && !self.sink.is_connected() {
+            self.sink.prepare()?;
+        }
+        Ok(published)
+    }
+
+    /// Sets aside a message the sink refuses for good, and counts it.
+    fn set_aside(&self, Refused { message_id, reason }: Refused) -> Result<(), SinkError> {
+        self.counters.set_aside.fetch_add(1, Ordering::Relaxed);
+        self.registry
+            .set_aside(message_id, &reason)
+            .map_err(|error| self.registry_error(error))
+    }
+
     /// Counts `confirmed` (the batch's confirmed prefix) and their latency
     /// from the file's last write; deletions carry no mtime and are not
     /// timed. One clock read and one parse per message, on this thread only.

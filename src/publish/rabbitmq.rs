@@ -202,18 +202,27 @@ impl BrokerSink {
         Ok(self.broker.as_mut().expect("connected above"))
     }
 
-    /// What a failed publish of `messages` (sent, or being confirmed) means
-    /// for them: the broker blocked us (wait), closed the channel over one
-    /// message it refuses (find it, one message at a time), or the outcome
-    /// is unknown (an outage: they are sent again later).
-    fn failed(&mut self, messages: &[Message], error: BrokerError) -> Result<Delivery, SinkError> {
+    /// The part of a failed publish that does not depend on how it was
+    /// sent. Blocked by the broker: `Err(Paused)`, and the connection is
+    /// kept. Otherwise the connection is dropped, and the answer says
+    /// whether the broker closed the channel over a message it refuses
+    /// rather than the connection failing.
+    fn after_failure(&mut self, error: &BrokerError) -> Result<bool, SinkError> {
         if let BrokerError::Blocked { .. } = error {
             self.blocked = true;
             return Err(SinkError::Paused("RabbitMQ blocked publishing".into()));
         }
         let channel_closed = self.broker.as_ref().is_some_and(Broker::channel_closed_by_broker);
         self.drop_connection();
-        if (channel_closed || error.refusal().is_some()) && messages.len() > 1 {
+        Ok(channel_closed || error.refusal().is_some())
+    }
+
+    /// What a failed publish of `messages` (sent, or being confirmed) means
+    /// for them: the broker blocked us (wait), closed the channel over one
+    /// message it refuses (find it, one message at a time), or the outcome
+    /// is unknown (an outage: they are sent again later).
+    fn failed(&mut self, messages: &[Message], error: BrokerError) -> Result<Delivery, SinkError> {
+        if self.after_failure(&error)? && messages.len() > 1 {
             // Not an outage: look for the message at once, on a new connection.
             log::warn!(
                 target: LOG_TARGET,
@@ -331,13 +340,11 @@ impl BrokerSink {
     /// ([`Sink::window`] says `None`) until the message is found.
     fn window_failed(&mut self, error: BrokerError) -> SinkError {
         self.in_flight.clear();
-        if let BrokerError::Blocked { .. } = error {
-            self.blocked = true;
-            return SinkError::Paused("RabbitMQ blocked publishing".into());
-        }
-        let channel_closed = self.broker.as_ref().is_some_and(Broker::channel_closed_by_broker);
-        self.drop_connection();
-        if channel_closed || error.refusal().is_some() {
+        let refused = match self.after_failure(&error) {
+            Ok(refused) => refused,
+            Err(paused) => return paused,
+        };
+        if refused {
             log::warn!(
                 target: LOG_TARGET,
                 "RabbitMQ closed the channel with messages unconfirmed; \

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::{Delivery, Publisher, Refused, SinkError, BATCH};
+use super::{Delivery, Publisher, SinkError, BATCH};
 use crate::message::Message;
 use crate::registry::Queued;
 
@@ -177,12 +177,7 @@ impl Publisher {
             caught_up = false;
             rereading = false;
             match refused {
-                Some(Refused { message_id, reason }) => {
-                    self.counters.set_aside.fetch_add(1, Ordering::Relaxed);
-                    self.registry
-                        .set_aside(message_id, &reason)
-                        .map_err(|error| self.registry_error(error))?;
-                }
+                Some(refused) => self.set_aside(refused)?,
                 None => {
                     return Err(SinkError::Unavailable(format!(
                         "{unconfirmed} of {} messages were not confirmed",

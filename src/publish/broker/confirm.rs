@@ -50,17 +50,6 @@ pub struct Sent {
     deadline: Instant,
 }
 
-impl Sent {
-    /// How many messages the batch holds.
-    pub fn len(&self) -> usize {
-        self.pending.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
-    }
-}
-
 impl Broker {
     /// Publishes every message (mandatory, persistent) and waits for all of
     /// their confirms, within `confirm_timeout` plus the time the batch's

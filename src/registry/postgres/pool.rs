@@ -43,7 +43,7 @@ pub(super) fn build(
         // without it, after an outage every idle connection the server cut
         // fails once more, each a new "unavailable" and a hold; with batches
         // it costs one round trip per batch.
-        .connection_customizer(Box::new(SearchPath {
+        .connection_customizer(Box::new(SessionSettings {
             statement: format!(
                 "SET search_path TO {}; SET plan_cache_mode = force_custom_plan",
                 quote_identifier(schema)
@@ -120,11 +120,11 @@ impl PostgresRegistry {
 /// statements costs a few microseconds per file, as each serves a batch.
 /// `plan_cache_mode` needs PostgreSQL 12 or later.
 #[derive(Debug)]
-struct SearchPath {
+struct SessionSettings {
     statement: String,
 }
 
-impl CustomizeConnection<Session, postgres::Error> for SearchPath {
+impl CustomizeConnection<Session, postgres::Error> for SessionSettings {
     fn on_acquire(&self, client: &mut Session) -> Result<(), postgres::Error> {
         client.batch_execute(&self.statement)
     }
