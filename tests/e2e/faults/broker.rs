@@ -50,6 +50,9 @@ fn broker_lost_mid_stream_is_caught_up() {
     scenario.remove(&existing[1]);
     during.extend_from_slice(&existing[..2]);
     scenario.wait_held(&during);
+    // Held in the outbox is not yet tried: the broker comes back only once
+    // the daemon has found it gone, or its first reconnect may simply work.
+    daemon.wait_for_stderr("cannot publish now", DEADLINE);
 
     proxy.refuse(false);
     scenario.create("after", 3);
@@ -174,6 +177,7 @@ fn serial_broker_stop_app_start_app() {
     scenario.remove(&existing[1]);
     during.extend_from_slice(&existing[..2]);
     scenario.wait_held(&during);
+    daemon.wait_for_stderr("cannot publish now", DEADLINE);
 
     run("rabbitmqctl", &["-q", "start_app"]);
     wait_until("RabbitMQ is back", Duration::from_secs(60), broker_is_up);
