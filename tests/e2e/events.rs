@@ -8,7 +8,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
@@ -714,15 +714,19 @@ fn events_for_one_path_arrive_in_the_order_they_happened() {
     // A few MiB, so hashing takes a moment and a reordering worker would show.
     let original = vec![1u8; 4 << 20];
     let edited = vec![2u8; 4 << 20];
+    let created = Instant::now();
     create_announced(&daemon, "track.flac", &original);
+    let announced_in = created.elapsed();
 
     // Part of the scenario, not synchronisation: a person edits, then later
     // renames, then later deletes; each step is spaced well beyond SETTLE_MS
-    // plus the time a loaded debug build takes to hash the file, so it is a
-    // change of its own (closer steps are legitimately coalesced: a rename
-    // that lands while the edit is being read folds the edit into it). Nothing
-    // here waits for the daemon.
-    let spacing = Duration::from_millis(SETTLE_MS * 3) + Duration::from_secs(1);
+    // plus the time this debug build takes to hash the file here and now
+    // (twice what announcing the creation took), so it is a change of its
+    // own. Closer steps are legitimately coalesced: a rename that lands
+    // while the edit is being read folds the edit into it, and a deletion
+    // that lands before the rename is recorded leaves only the deletion.
+    // Nothing here waits for the daemon.
+    let spacing = Duration::from_millis(SETTLE_MS * 3) + Duration::from_secs(1) + announced_in * 2;
     write_file(&daemon.path("track.flac"), &edited);
     std::thread::sleep(spacing);
     fs::rename(daemon.path("track.flac"), daemon.path("track renamed.flac")).unwrap();
