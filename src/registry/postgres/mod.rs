@@ -361,8 +361,10 @@ impl Registry for PostgresRegistry {
             _ => prefix,
         };
         self.read(|client| {
+            // A walk of the primary key: the sweep after a catch-up reads
+            // every page of a tree that may have just been imported.
             let records = client
-                .query(
+                .query_in_key_order(
                     "SELECT file_path FROM files \
                      WHERE state = 'present' AND file_path > $1 AND file_path < $2 \
                      ORDER BY file_path LIMIT $3",
@@ -384,17 +386,10 @@ impl Registry for PostgresRegistry {
         let mut after = after.map_or(0, |position| i64::try_from(position).unwrap_or(i64::MAX));
         loop {
             // Only a walk of the primary key, in order, reads a page in
-            // time proportional to the page. The outbox fills faster than
-            // autovacuum analyzes it, and with stale statistics the planner
-            // takes every row past `after` for a handful, and sorts them all
-            // (50 ms a page at 70,000 rows instead of 0.2 ms).
+            // time proportional to the page (see `query_in_key_order`).
             let records = self.read(|client| {
-                let mut transaction = client.transaction().map_err(fault("begin a transaction"))?;
-                transaction
-                    .batch_execute("SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off")
-                    .map_err(fault("read the outbox in order"))?;
-                let records = transaction
-                    .query(
+                client
+                    .query_in_key_order(
                         "SELECT id, message_id::text, body FROM outbox \
                          WHERE file_path > $1 AND file_path < $2 AND set_aside_at IS NULL \
                            AND (instance_id = $4 OR created_at < now() - make_interval(secs => $5)) \
@@ -409,9 +404,7 @@ impl Registry for PostgresRegistry {
                             &after,
                         ],
                     )
-                    .map_err(fault("read the outbox"))?;
-                transaction.commit().map_err(fault("commit"))?;
-                Ok(records)
+                    .map_err(fault("read the outbox"))
             })?;
             let mut page = Vec::with_capacity(records.len());
             for record in &records {

@@ -69,6 +69,26 @@ impl Session {
         self.client.query_opt(&statement, parameters)
     }
 
+    /// Runs a query that walks an index in key order and stops at a `LIMIT`
+    /// (a page of the outbox, of the files under a directory), in a
+    /// transaction of its own in which the planner may not scan the table
+    /// whole or through a bitmap. Tables that fill in seconds (an import)
+    /// are analyzed long after, and with statistics from when they were
+    /// small, the planner takes every row past the page's start for a
+    /// handful and sorts them all: 20–50 ms a page at 100,000 rows instead
+    /// of a fraction of a millisecond.
+    pub(super) fn query_in_key_order(
+        &mut self,
+        sql: &'static str,
+        parameters: Parameters<'_>,
+    ) -> Result<Vec<Row>, postgres::Error> {
+        let mut transaction = self.transaction()?;
+        transaction.batch_execute("SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off")?;
+        let rows = transaction.query(sql, parameters)?;
+        transaction.commit()?;
+        Ok(rows)
+    }
+
     /// Starts a transaction whose statements go through this session's cache.
     pub(super) fn transaction(&mut self) -> Result<Transaction<'_>, postgres::Error> {
         Ok(Transaction {
