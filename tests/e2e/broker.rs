@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use file_watcher::message::{Content, EventType, Message, Origin, SCHEMA_VERSION};
-use file_watcher::publish::broker::{exchange_declarations, Broker, BrokerError, BrokerSettings};
+use file_watcher::publish::broker::{exchange_declarations, Broker, BrokerError, BrokerSettings, FRAME_MAX};
 use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
@@ -432,6 +432,42 @@ fn heartbeat_comes_from_settings_or_from_the_url() {
     settings.url = format!("{}{separator}heartbeat=5", settings.url.expose()).into();
     let broker = Broker::connect(&settings).expect("connects");
     assert_eq!(broker.heartbeat(), Duration::from_secs(5));
+}
+
+/// Frames are kept small (lapin holds 32 of them each way for the life of
+/// the connection); a message larger than several frames, with the longest
+/// watched directory there can be in its content header (which is one frame),
+/// still goes through whole.
+#[test]
+fn messages_larger_than_a_frame_go_through_whole() {
+    let consumer = TestBroker::new();
+    let mut broker = Broker::connect(&settings(consumer.exchange())).expect("connects");
+    assert_eq!(broker.frame_max(), FRAME_MAX);
+
+    let mut message = sample_message(EventType::Renamed);
+    // 4,095 bytes that are not UTF-8, as path text: four characters each.
+    let directory = format!("/{}", "\\xff".repeat(4094));
+    message.watched_directory = directory.clone();
+    let long_name = "n".repeat(3 * FRAME_MAX as usize);
+    message.file_path = format!("{directory}/{long_name}.flac");
+    message.old_path = Some(format!("{directory}/{long_name}.wav"));
+    let published = broker.publish(std::slice::from_ref(&message)).expect("publishes");
+    assert_eq!(published.acked, [message.message_id]);
+
+    let delivery = consumer.wait_for_deliveries(1, DEADLINE).remove(0);
+    assert!(delivery.data.len() > 6 * FRAME_MAX as usize);
+    assert_eq!(delivery.data, message.to_json());
+    let headers = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .expect("headers are set")
+        .inner();
+    assert_eq!(
+        headers["x-watched-directory"],
+        AMQPValue::LongString(directory.as_str().into())
+    );
+    broker.close();
 }
 
 #[test]

@@ -64,7 +64,7 @@ mod confirm;
 
 pub use confirm::{Published, Sent};
 pub use declare::{exchange_declarations, ExchangeDeclaration};
-pub use settings::BrokerSettings;
+pub use settings::{BrokerSettings, FRAME_MAX};
 
 use connect::SocketSlot;
 
@@ -243,6 +243,12 @@ impl Broker {
     /// The body stays exactly the message contract.
     pub fn for_replay(&mut self, routing_key_prefix: &str) {
         self.replay = Some(routing_key_prefix.to_owned());
+    }
+
+    /// The largest frame agreed with the broker, in bytes (the lower of ours,
+    /// [`FRAME_MAX`] unless the URL sets one, and the broker's).
+    pub fn frame_max(&self) -> u32 {
+        self.connection.configuration().frame_max()
     }
 
     /// The heartbeat interval agreed with the broker (the lower of ours and

@@ -57,6 +57,15 @@ impl BrokerSettings {
 
 /// The URI lapin connects to: `settings.url` with our heartbeat unless the URL
 /// asks for its own.
+/// The largest AMQP frame asked for, unless the URL's `frame_max` query
+/// says otherwise. lapin keeps room for 32 frames each way, zero-filled, for
+/// the life of a connection: at RabbitMQ's default of 128 KiB that is 8 MiB,
+/// about half of an idle daemon's resident memory, for messages of under
+/// 1 KiB. A longer body is split over frames. The one frame that cannot be
+/// split, the content header, holds the watched directory, at most 4 × 4,095
+/// bytes of path text (see `path_text`), well under this.
+pub const FRAME_MAX: u32 = 32 * 1024;
+
 pub(super) fn amqp_uri(settings: &BrokerSettings) -> Result<AMQPUri, BrokerError> {
     let url = settings.url.to_string();
     let exposed = settings.url.expose();
@@ -76,6 +85,7 @@ pub(super) fn amqp_uri(settings: &BrokerSettings) -> Result<AMQPUri, BrokerError
         let seconds = settings.heartbeat.as_secs().clamp(1, u64::from(u16::MAX));
         uri.query.heartbeat = Some(u16::try_from(seconds).unwrap_or(u16::MAX));
     }
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
     Ok(uri)
 }
 
@@ -125,6 +135,14 @@ mod tests {
         let mut quick = settings("amqp://127.0.0.1/%2f");
         quick.heartbeat = Duration::from_millis(300);
         assert_eq!(amqp_uri(&quick).unwrap().query.heartbeat, Some(1));
+    }
+
+    #[test]
+    fn frames_are_small_unless_the_url_sets_their_size() {
+        let uri = amqp_uri(&settings("amqp://127.0.0.1/%2f")).unwrap();
+        assert_eq!(uri.query.frame_max, Some(FRAME_MAX));
+        let uri = amqp_uri(&settings("amqp://127.0.0.1/%2f?frame_max=131072")).unwrap();
+        assert_eq!(uri.query.frame_max, Some(131072));
     }
 
     #[test]
