@@ -115,6 +115,8 @@ if [ -n "$binary" ]; then
 elif [ "$musl" = 1 ]; then
     target=x86_64-unknown-linux-musl
     rustup target list --installed | grep -qx "$target" || rustup target add "$target"
+    # ring compiles C for the musl target.
+    command -v musl-gcc >/dev/null 2>&1 || apt-get install -y musl-tools >/dev/null
     cargo build --release --quiet --target "$target" --bin file-watcher
     binary=target/$target/release/file-watcher build=musl
 else
