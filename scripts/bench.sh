@@ -25,6 +25,9 @@
 #   burst       --burst files written one by one into a new directory, stdout mode
 #   memory      stdout mode, settle time of an hour: bytes per watched
 #               directory (--directories) and per pending path (--pending)
+#   steady      --steady-files files rewritten until --steady-events messages
+#               came out, both sinks; RSS warm vs end. First run only (it is
+#               one long measurement, about 3 minutes here)
 #
 # Options, defaults in brackets (--short lowers every count and runs once):
 #   --runs N [3]   --json FILE   --only LIST   --musl   --binary PATH
@@ -34,6 +37,7 @@
 #   --paced-rate N [200] files/s per instance   --paced-seconds S [10]
 #   --import-small N [10000]   --import-large N [100000]   --burst N [100000]
 #   --pending N [100000]   --directories N [1000]   --big MiB [1024]
+#   --steady-files N [10000]   --steady-events N [1000000]
 #   --ceiling-messages N [30000]   --window N [4000]   --postgres-files N [30000]
 #
 # The watched trees are on /dev/shm. Talks to the PostgreSQL (user postgres,
@@ -51,7 +55,7 @@ fail() { echo "bench: $*" >&2; exit 2; }
 runs='' short=0 musl=0 binary='' json='' only=''
 instances='' files='' size_kib='' settle_ms='' paced_rate='' paced_seconds=''
 import_small='' import_large='' burst='' pending='' directories='' big_mib=''
-ceiling_messages='' window='' postgres_files=''
+ceiling_messages='' window='' postgres_files='' steady_files='' steady_events=''
 env_args=() variants=()
 while [ $# -gt 0 ]; do
     [ $# -ge 2 ] || case "$1" in --short|--musl|-h|--help) ;; *) fail "$1 needs a value (try --help)" ;; esac
@@ -77,6 +81,8 @@ while [ $# -gt 0 ]; do
         --ceiling-messages) ceiling_messages=$2; shift 2 ;;
         --window) window=$2; shift 2 ;;
         --postgres-files) postgres_files=$2; shift 2 ;;
+        --steady-files) steady_files=$2; shift 2 ;;
+        --steady-events) steady_events=$2; shift 2 ;;
         --env) env_args+=(--env "$2"); shift 2 ;;
         --variant) variants+=("$2"); shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -89,20 +95,23 @@ if [ "$short" = 1 ]; then
     : "${runs:=1}" "${files:=50}" "${paced_rate:=50}" "${paced_seconds:=1}"
     : "${import_small:=100}" "${import_large:=300}" "${burst:=300}" "${pending:=300}"
     : "${directories:=20}" "${big_mib:=16}" "${ceiling_messages:=500}" "${postgres_files:=500}"
+    : "${steady_files:=50}" "${steady_events:=500}"
 fi
 : "${runs:=3}" "${instances:=3}" "${files:=10000}" "${size_kib:=4}" "${settle_ms:=100}"
 : "${paced_rate:=200}" "${paced_seconds:=10}" "${import_small:=10000}" "${import_large:=100000}"
 : "${burst:=100000}" "${pending:=100000}" "${directories:=1000}" "${big_mib:=1024}"
 : "${ceiling_messages:=30000}" "${window:=4000}" "${postgres_files:=30000}"
+: "${steady_files:=10000}" "${steady_events:=1000000}"
 for setting in runs instances files size_kib settle_ms paced_rate paced_seconds import_small \
-    import_large burst pending directories big_mib ceiling_messages window postgres_files; do
+    import_large burst pending directories big_mib ceiling_messages window postgres_files \
+    steady_files steady_events; do
     value=${!setting}
     case "$value" in ''|*[!0-9]*|0) fail "--${setting//_/-} expects a positive whole number, not '$value'" ;; esac
 done
 for variant in "${variants[@]}"; do
     case "$variant" in [A-Za-z_]*=*) ;; *) fail "--variant expects NAME=VALUE, not '$variant'" ;; esac
 done
-all_scenarios="ceilings,hashing,throughput,variant,paced,import,burst,memory"
+all_scenarios="ceilings,hashing,throughput,variant,paced,import,burst,memory,steady"
 for scenario in ${only//,/ }; do
     case ",$all_scenarios," in *",$scenario,"*) ;; *) fail "--only: unknown scenario '$scenario' (one of $all_scenarios)" ;; esac
 done
@@ -166,6 +175,9 @@ for ((run = 1; run <= runs; run++)); do
     if wanted memory; then
         "$tool" memory "${common[@]}" --directories "$directories" --files "$pending"
     fi
+    if wanted steady && [ "$run" = 1 ]; then
+        "$tool" steady "${common[@]}" --files "$steady_files" --events "$steady_events" --size-kib "$size_kib"
+    fi
 done
 
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -174,7 +186,8 @@ meta=(runs="$runs" short="$short" instances="$instances" files="$files" size_kib
       settle_ms="$settle_ms" paced_rate="$paced_rate" paced_seconds="$paced_seconds"
       import_small="$import_small" import_large="$import_large" burst="$burst" pending="$pending"
       directories="$directories" big_mib="$big_mib" ceiling_messages="$ceiling_messages"
-      window="$window" postgres_files="$postgres_files" binary="$binary ($build)"
+      window="$window" postgres_files="$postgres_files" steady_files="$steady_files"
+      steady_events="$steady_events" binary="$binary ($build)"
       commit="$commit" date="$(date -u +%Y-%m-%dT%H:%M:%SZ)" cpus="$(nproc)" loadavg="$loadavg"
       env="${env_args[*]:-}" variant="${variants[*]:-}" only="$only")
 meta_args=()

@@ -86,6 +86,8 @@ pub struct Arrivals {
     pub unreadable: usize,
     /// Messages for a pair already seen.
     pub duplicates: usize,
+    /// Every message, repeats included, per event type.
+    received: HashMap<String, usize>,
 }
 
 impl Arrivals {
@@ -95,6 +97,7 @@ impl Arrivals {
             self.unreadable += 1;
             return;
         };
+        *self.received.entry(fields.event_type.to_string()).or_default() += 1;
         let key = (fields.event_type.into_owned(), fields.file_path.into_owned());
         if self.first.contains_key(&key) {
             self.duplicates += 1;
@@ -107,6 +110,11 @@ impl Arrivals {
     /// Distinct paths that got a message of this event type.
     pub fn count(&self, event_type: &str) -> usize {
         self.per_event.get(event_type).copied().unwrap_or(0)
+    }
+
+    /// Messages of this event type, repeats for one path included.
+    pub fn received(&self, event_type: &str) -> usize {
+        self.received.get(event_type).copied().unwrap_or(0)
     }
 
     /// When the latest first arrival was.

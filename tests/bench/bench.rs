@@ -19,6 +19,7 @@
 //!   catch-up after a restart.
 //! - [`stdout`]: stdout mode, a burst of files into a new directory, and
 //!   what pending paths and watched directories cost in memory.
+//! - [`steady`]: memory over a million events on a fixed set of files.
 //!
 //! Underneath: [`files`] writes, [`daemon`] runs the real binary,
 //! [`schema`] names and drops a scenario's registry schema, [`amqp`] owns the
@@ -49,6 +50,7 @@ mod ceilings;
 mod load;
 mod import;
 mod stdout;
+mod steady;
 mod report;
 
 /// One run's figures: name → value, the names BENCHMARKS.md lists.
@@ -140,6 +142,17 @@ enum Step {
         directories: usize,
         #[arg(long)]
         files: usize,
+    },
+    /// One instance with both sinks: a fixed set of files rewritten until `events` messages came out.
+    Steady {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        files: usize,
+        #[arg(long)]
+        events: usize,
+        #[arg(long, default_value = "4")]
+        size_kib: usize,
     },
     /// Medians over the runs: prints the table and writes the JSON.
     Report {
@@ -325,6 +338,13 @@ fn main() -> ExitCode {
         } => {
             stdout::memory(common, *directories, *files).and_then(|figures| common.append("memory", &figures))
         }
+        Step::Steady {
+            common,
+            files,
+            events,
+            size_kib,
+        } => steady::run(common, *files, *events, size_kib * 1024)
+            .and_then(|figures| common.append("steady", &figures)),
         Step::Report { results, json, meta } => report::run(results, json, meta),
     };
     match result {

@@ -104,19 +104,21 @@ pub fn write(
 }
 
 /// Rewrites every `every`-th of the `count` files below `root` with new
-/// contents of the same size: a change the daemon must find by hashing.
+/// contents of the same size (`tag` makes them differ from what any other
+/// rewrite wrote): a change the daemon must find by hashing.
 pub fn rewrite(
     root: &Path,
     layout: Layout,
     count: usize,
     size: usize,
     every: usize,
+    tag: &str,
 ) -> Result<Vec<String>, String> {
     let mut content = vec![b'#'; size];
     let mut paths = Vec::new();
     for index in (0..count).step_by(every.max(1)) {
         let path = layout.path(root, index);
-        stamp(&mut content, "rewritten", index);
+        stamp(&mut content, tag, index);
         fs::write(&path, &content).map_err(|error| format!("rewrite {}: {error}", path.display()))?;
         paths.push(path_text(&path)?);
     }

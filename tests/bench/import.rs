@@ -117,7 +117,14 @@ pub fn run(
         daemon.stop()?;
 
         let before = arrivals.read(|arrivals| arrivals.count("modified"));
-        let changed = files::rewrite(&imported, Layout::Albums, count, size, CHANGED_ONE_IN)?;
+        let changed = files::rewrite(
+            &imported,
+            Layout::Albums,
+            count,
+            size,
+            CHANGED_ONE_IN,
+            "rewritten",
+        )?;
         progress(&format!("{label}: restart with {} files changed", changed.len()));
         let restarted = Instant::now();
         let daemon = Daemon::start(&setup(3), None)?;

@@ -281,6 +281,23 @@ fn table(figures: &Figures, meta: &BTreeMap<String, String>) -> String {
         "",
     );
     push(
+        format!(
+            "steady: {} events on {} files, RSS warm → end",
+            meta_text("steady_events", "?"),
+            meta_text("steady_files", "?")
+        ),
+        pair(
+            get("steady_rss_warm_kib").map(mib),
+            get("steady_rss_end_kib").map(mib),
+            "MiB",
+        ),
+        match (get("steady_rss_growth_kib"), get("steady_events_per_s")) {
+            (Some(growth), Some(rate)) => format!("growth {} KiB; at {} ev/s", whole(growth), whole(rate)),
+            _ => String::new(),
+        },
+        "flat",
+    );
+    push(
         format!("memory per pending path ({} files)", meta_text("pending", "?")),
         get("memory_bytes_per_pending_path").map(|value| format!("{} B", whole(value))),
         String::new(),

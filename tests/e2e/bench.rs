@@ -9,7 +9,7 @@ use serde_json::Value;
 
 /// Every figure a full run reports (`--variant` adds `variant_…`, and
 /// `ceiling_openssl_sha256_mb_per_s` needs openssl: neither is listed).
-const FIGURES: [&str; 44] = [
+const FIGURES: [&str; 51] = [
     "ceiling_broker_msgs_per_s",
     "ceiling_broker_body_bytes",
     "ceiling_broker_consumed_msgs_per_s",
@@ -54,6 +54,13 @@ const FIGURES: [&str; 44] = [
     "memory_idle_rss_kib",
     "memory_bytes_per_directory",
     "memory_bytes_per_pending_path",
+    "steady_events",
+    "steady_events_per_s",
+    "steady_rss_warm_kib",
+    "steady_rss_middle_kib",
+    "steady_rss_end_kib",
+    "steady_rss_growth_kib",
+    "steady_peak_rss_kib",
 ];
 
 #[test]
