@@ -41,6 +41,7 @@ impl Settle {
         let now = Instant::now();
         if event.need_rescan() {
             log::warn!(target: LOG_TARGET, "the kernel event queue overflowed: rescanning the tree");
+            self.on_events_lost(now);
             self.request_full_scan("kernel event queue overflow");
             return;
         }

@@ -133,6 +133,9 @@ pub struct Settle {
     delayed_scans: Vec<(Instant, PathBuf)>,
     full_scan_running: bool,
     full_scan_again: bool,
+    /// Events were lost since the last full scan finished: see
+    /// `on_events_lost`.
+    closes_lost: bool,
     /// Entries changed since the last pass (their deadlines may have moved).
     touched: Vec<String>,
     /// The registry was unreachable: dispatch nothing before this.
@@ -192,6 +195,7 @@ impl Settle {
             delayed_scans: Vec::new(),
             full_scan_running: false,
             full_scan_again: false,
+            closes_lost: false,
             touched: Vec::new(),
             hold_until: None,
             outage_attempts: 0,
@@ -254,6 +258,7 @@ impl Settle {
                     "event channel was full: {} events dropped so far; rescanning the tree",
                     self.counters.dropped_events.load(Ordering::Relaxed)
                 );
+                self.on_events_lost(Instant::now());
                 self.request_full_scan("event channel overflow");
             }
             let now = Instant::now();

@@ -136,6 +136,44 @@ impl Settle {
         entry.closed = true;
     }
 
+    /// Events were lost (a queue overflowed), and with them perhaps the
+    /// close of a file whose writer had not closed it yet: otherwise it
+    /// would wait `OPEN_WRITER_TIMEOUT` for a close that never comes. Each
+    /// such entry is taken as closed now and settles the way a file a scan
+    /// finds while recent does: one settle time from now, and for as long
+    /// after that as its mtime keeps moving (`still_written`).
+    ///
+    /// Done again when the rescan that follows is through
+    /// ([`Settle::after_full_scan`]): when our own channel overflows, the
+    /// earlier events of a file whose close was dropped may still be queued
+    /// behind the overflow's notice, and only open it after this.
+    pub(super) fn on_events_lost(&mut self, now: Instant) {
+        self.closes_lost = true;
+        self.take_open_writers_as_closed(now);
+    }
+
+    /// A full scan is through: if events were lost since the last one,
+    /// writers still open may be waiting for closes that were lost.
+    pub(super) fn after_full_scan(&mut self, now: Instant) {
+        if self.closes_lost {
+            self.take_open_writers_as_closed(now);
+            // Another scan follows (more was lost meanwhile): it looks again.
+            self.closes_lost = self.full_scan_again;
+        }
+    }
+
+    fn take_open_writers_as_closed(&mut self, now: Instant) {
+        for (path, entry) in self.pending.iter_mut().filter(|(_, entry)| !entry.closed) {
+            entry.closed = true;
+            entry.last_activity = now;
+            // Gone or unreadable: nothing to wait for, the worker finds out.
+            entry.found_mtime = std::fs::symlink_metadata(path_text::decode(path))
+                .and_then(|metadata| metadata.modified())
+                .ok();
+            self.touched.push(path.clone());
+        }
+    }
+
     /// A file was gone when a worker looked. If a pending rename starts at
     /// it, the rename accounts for it; otherwise it (and where it was renamed
     /// from) is removed, after the usual settle period.
@@ -277,6 +315,90 @@ mod tests {
     use super::super::tests::Harness;
     use super::*;
     use crate::job::Job;
+
+    #[test]
+    fn a_writer_seen_after_a_loss_is_taken_as_closed_once_the_rescan_is_through() {
+        let mut harness = Harness::new();
+        let settle = Duration::from_millis(100);
+        harness.settle.options.settle = settle;
+        let late = harness.path("late.flac");
+        std::fs::write(path_text::decode(&late), b"whole").unwrap();
+        let lost = Instant::now();
+        harness.settle.on_events_lost(lost);
+        // Its write was queued before the notice of the overflow and taken
+        // in after it; its close was among what was dropped.
+        harness.settle.on_write(late.clone(), false, lost);
+        harness.settle.reschedule_touched();
+        harness.settle.promote_due(lost + Duration::from_secs(1));
+        assert!(
+            harness.settle.ready.is_empty(),
+            "an open writer waits for its close"
+        );
+
+        let scanned = Instant::now();
+        harness.settle.after_full_scan(scanned);
+        harness.settle.reschedule_touched();
+        harness.settle.promote_due(scanned + settle);
+        harness.settle.dispatch(scanned + settle);
+        let jobs: Vec<Job> = harness.jobs.try_iter().map(|dispatch| dispatch.job).collect();
+        assert_eq!(
+            jobs,
+            vec![Job::Check {
+                path: late,
+                renamed_from: None
+            }]
+        );
+
+        // Nothing was lost since: a writer still open waits for its close.
+        let open = harness.path("open.flac");
+        let written = Instant::now();
+        harness.settle.on_write(open, false, written);
+        harness.settle.after_full_scan(written);
+        harness.settle.reschedule_touched();
+        harness.settle.promote_due(written + Duration::from_secs(1));
+        assert!(
+            harness.settle.ready.is_empty(),
+            "nothing lost: it waits for its close"
+        );
+    }
+
+    #[test]
+    fn a_writer_whose_close_may_be_lost_settles_once_its_mtime_stops_moving() {
+        let mut harness = Harness::new();
+        let settle = Duration::from_millis(100);
+        harness.settle.options.settle = settle;
+        let open = harness.path("open.flac");
+        std::fs::write(path_text::decode(&open), b"partial").unwrap();
+        let written = Instant::now();
+        harness.settle.on_write(open.clone(), false, written);
+        harness.settle.reschedule_touched();
+        harness.settle.promote_due(written + Duration::from_secs(1));
+        assert!(
+            harness.settle.ready.is_empty(),
+            "an open writer waits for its close"
+        );
+
+        let lost = Instant::now();
+        harness.settle.on_events_lost(lost);
+        harness.settle.reschedule_touched();
+        // Written again after the loss: its mtime moved, so it waits once more.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(path_text::decode(&open), b"partial, and more").unwrap();
+        harness.settle.promote_due(lost + settle);
+        assert!(harness.settle.ready.is_empty(), "its mtime moved since the loss");
+        let settled = lost + settle * 2;
+        harness.settle.promote_due(settled);
+        harness.settle.dispatch(settled);
+        let jobs: Vec<Job> = harness.jobs.try_iter().map(|dispatch| dispatch.job).collect();
+        assert_eq!(
+            jobs,
+            vec![Job::Check {
+                path: open,
+                renamed_from: None
+            }],
+            "settled once its mtime stayed put, not after OPEN_WRITER_TIMEOUT"
+        );
+    }
 
     fn check(path: &str) -> Job {
         Job::Check {

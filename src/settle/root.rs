@@ -204,6 +204,7 @@ impl Settle {
                     return;
                 }
                 self.full_scan_running = false;
+                self.after_full_scan(now);
                 self.retry_set_aside(now);
                 if !failed {
                     if let Some(watcher) = self.watcher.as_mut() {
