@@ -22,7 +22,8 @@
 //! - [`steady`]: memory over a million events on a fixed set of files.
 //!
 //! Underneath: [`files`] writes, [`daemon`] runs the real binary,
-//! [`schema`] names and drops a scenario's registry schema, [`amqp`] owns the
+//! [`schema`] names and drops a scenario's registry schema, [`sinks`] makes
+//! both sinks of a scenario and removes them, [`amqp`] owns the
 //! run's exchange and queue and reads it, [`arrivals`] records what came out
 //! and when, [`stats`] takes percentiles and medians.
 //!
@@ -42,6 +43,7 @@ use clap::{Args, Parser, Subcommand};
 mod files;
 mod daemon;
 mod schema;
+mod sinks;
 mod amqp;
 mod arrivals;
 mod stats;

@@ -17,15 +17,13 @@
 //!   `modified` on the queue, whichever is later.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::amqp::RunBroker;
 use crate::arrivals::{wait_for, Arrivals, Watched};
-use crate::daemon::{cpu_seconds, Daemon, Setup, Sinks};
+use crate::daemon::{cpu_seconds, Daemon, Setup};
 use crate::files::{self, Layout};
 use crate::load::warm_up;
-use crate::schema::Schema;
+use crate::sinks::RunSinks;
 use crate::{progress, run_tag, Common, Deadline, Figures};
 
 /// One file in this many is rewritten for `catchup_changed_s`.
@@ -58,29 +56,21 @@ pub fn run(
         deadline,
     )?;
 
-    let broker = RunBroker::declare(&common.rabbitmq_url, &tag)?;
-    let arrivals = Arc::new(Watched::new(Arrivals::default()));
-    let reader = broker.read_into(Arc::clone(&arrivals))?;
-    let schema = Schema::new(&common.database_url, &format!("bench_{tag}"));
-    let sinks = Sinks {
-        database_url: common.database_url.clone(),
-        schema: schema.name.clone(),
-        rabbitmq_url: common.rabbitmq_url.clone(),
-        exchange: broker.exchange.clone(),
-    };
+    let run_sinks = RunSinks::open(common, &tag)?;
+    let (sinks, arrivals) = (&run_sinks.sinks, &run_sinks.arrivals);
     let setup = |start: usize| Setup {
         binary: &common.binary,
         tree: &tree,
         instance_id: format!("bench-{tag}"),
         settle_ms: common.settle_ms,
-        sinks: Some(&sinks),
+        sinks: Some(sinks),
         env: &env,
         log: directory.join(format!("instance-start-{start}.log")),
     };
     let daemon = Daemon::start(&setup(1), None)?;
     let start_deadline = Deadline::after(Duration::from_secs(120));
     daemon.wait_ready(true, start_deadline)?;
-    warm_up(std::slice::from_ref(&tree), &arrivals, start_deadline)?;
+    warm_up(std::slice::from_ref(&tree), arrivals, start_deadline)?;
 
     progress(&format!("{label}: moving {count} files into the tree"));
     let imported = tree.join("import");
@@ -92,7 +82,7 @@ pub fn run(
     let paths: Vec<String> = (0..count)
         .map(|index| files::path_text(&Layout::Albums.path(&imported, index)))
         .collect::<Result<_, _>>()?;
-    let last = wait_for(&arrivals, "created", before, &paths, deadline)
+    let last = wait_for(arrivals, "created", before, &paths, deadline)
         .map_err(|error| format!("{label}: {error}; the instance's last lines:\n{}", daemon.tail()))?;
     let cpu = cpu_seconds(std::slice::from_ref(&daemon))? - cpu_before;
     let elapsed = last.saturating_duration_since(moved).as_secs_f64().max(1e-9);
@@ -109,7 +99,7 @@ pub fn run(
         let restarted = Instant::now();
         let daemon = Daemon::start(&setup(2), None)?;
         let deadline = Deadline::for_files(count);
-        let reconciled = reconciled_at(&daemon, &tree, 1, &arrivals, common.settle_ms, deadline)?;
+        let reconciled = reconciled_at(&daemon, &tree, 1, arrivals, common.settle_ms, deadline)?;
         figures.insert(
             "catchup_unchanged_s".into(),
             reconciled.saturating_duration_since(restarted).as_secs_f64(),
@@ -129,8 +119,8 @@ pub fn run(
         let restarted = Instant::now();
         let daemon = Daemon::start(&setup(3), None)?;
         let deadline = Deadline::for_files(count);
-        let reconciled = reconciled_at(&daemon, &tree, 2, &arrivals, common.settle_ms, deadline)?;
-        let last = wait_for(&arrivals, "modified", before, &changed, deadline)
+        let reconciled = reconciled_at(&daemon, &tree, 2, arrivals, common.settle_ms, deadline)?;
+        let last = wait_for(arrivals, "modified", before, &changed, deadline)
             .map_err(|error| format!("{label}: {error}; the instance's last lines:\n{}", daemon.tail()))?;
         figures.insert(
             "catchup_changed_s".into(),
@@ -141,9 +131,7 @@ pub fn run(
         );
         daemon.stop()?;
     }
-    reader.stop()?;
-    broker.remove()?;
-    schema.drop_now()?;
+    run_sinks.close()?;
     common.finish(&directory);
     Ok(figures)
 }

@@ -16,14 +16,12 @@
 //! - `rescans`: rescans the instances logged (event queue overflows).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::amqp::RunBroker;
 use crate::arrivals::{wait_for, Arrivals, Watched};
-use crate::daemon::{cpu_seconds, Daemon, Setup, Sinks};
+use crate::daemon::{cpu_seconds, Daemon, Setup};
 use crate::files::{self, Layout, Written};
-use crate::schema::Schema;
+use crate::sinks::RunSinks;
 use crate::stats::percentile;
 use crate::{progress, run_tag, Common, Deadline, Figures};
 
@@ -45,16 +43,8 @@ pub fn run(common: &Common, load: &Load) -> Result<Figures, String> {
     let directory = common.scenario_directory(&load.label)?;
     let tag = run_tag();
     let env = common.daemon_env()?;
-    let broker = RunBroker::declare(&common.rabbitmq_url, &tag)?;
-    let arrivals = Arc::new(Watched::new(Arrivals::default()));
-    let reader = broker.read_into(Arc::clone(&arrivals))?;
-    let schema = Schema::new(&common.database_url, &format!("bench_{tag}"));
-    let sinks = Sinks {
-        database_url: common.database_url.clone(),
-        schema: schema.name.clone(),
-        rabbitmq_url: common.rabbitmq_url.clone(),
-        exchange: broker.exchange.clone(),
-    };
+    let run_sinks = RunSinks::open(common, &tag)?;
+    let (sinks, arrivals) = (&run_sinks.sinks, &run_sinks.arrivals);
     let trees: Vec<PathBuf> = (1..=load.instances)
         .map(|number| directory.join(format!("tree-{number}")))
         .collect();
@@ -66,7 +56,7 @@ pub fn run(common: &Common, load: &Load) -> Result<Figures, String> {
             tree,
             instance_id: format!("bench-{tag}-{}", number + 1),
             settle_ms: common.settle_ms,
-            sinks: Some(&sinks),
+            sinks: Some(sinks),
             env: &env,
             log: directory.join(format!("instance-{}.log", number + 1)),
         };
@@ -76,7 +66,7 @@ pub fn run(common: &Common, load: &Load) -> Result<Figures, String> {
     for daemon in &daemons {
         daemon.wait_ready(true, start_deadline)?;
     }
-    warm_up(&trees, &arrivals, start_deadline)?;
+    warm_up(&trees, arrivals, start_deadline)?;
     std::thread::sleep(IDLE);
     let mut idle_rss = 0;
     for daemon in &daemons {
@@ -100,7 +90,7 @@ pub fn run(common: &Common, load: &Load) -> Result<Figures, String> {
         .flat_map(|writer| writer.files.iter().map(|(path, _)| path.clone()))
         .collect();
     // Before the load, the warm-up files were the only `created` messages.
-    wait_for(&arrivals, "created", trees.len(), &paths, deadline).map_err(|error| {
+    wait_for(arrivals, "created", trees.len(), &paths, deadline).map_err(|error| {
         let tails: Vec<String> = daemons.iter().map(Daemon::tail).collect();
         format!(
             "{}: {error}; the instances' last lines:\n{}",
@@ -139,9 +129,7 @@ pub fn run(common: &Common, load: &Load) -> Result<Figures, String> {
     for daemon in daemons {
         daemon.stop()?;
     }
-    reader.stop()?;
-    broker.remove()?;
-    schema.drop_now()?;
+    run_sinks.close()?;
     common.finish(&directory);
 
     let label = &load.label;

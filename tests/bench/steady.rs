@@ -17,14 +17,12 @@
 //! - `steady_rss_growth_kib`: end − warm (flat memory: about 0);
 //! - `steady_peak_rss_kib`: VmHWM at the end.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::amqp::RunBroker;
-use crate::arrivals::{wait_for, Arrivals, Watched};
-use crate::daemon::{Daemon, Setup, Sinks};
+use crate::arrivals::wait_for;
+use crate::daemon::{Daemon, Setup};
 use crate::files::{self, Layout};
-use crate::schema::Schema;
+use crate::sinks::RunSinks;
 use crate::{progress, run_tag, Common, Deadline, Figures};
 
 pub fn run(common: &Common, count: usize, events: usize, size: usize) -> Result<Figures, String> {
@@ -33,22 +31,14 @@ pub fn run(common: &Common, count: usize, events: usize, size: usize) -> Result<
     let env = common.daemon_env()?;
     let tree = directory.join("tree");
     std::fs::create_dir(&tree).map_err(|error| format!("create {}: {error}", tree.display()))?;
-    let broker = RunBroker::declare(&common.rabbitmq_url, &tag)?;
-    let arrivals = Arc::new(Watched::new(Arrivals::default()));
-    let reader = broker.read_into(Arc::clone(&arrivals))?;
-    let schema = Schema::new(&common.database_url, &format!("bench_{tag}"));
-    let sinks = Sinks {
-        database_url: common.database_url.clone(),
-        schema: schema.name.clone(),
-        rabbitmq_url: common.rabbitmq_url.clone(),
-        exchange: broker.exchange.clone(),
-    };
+    let run_sinks = RunSinks::open(common, &tag)?;
+    let (sinks, arrivals) = (&run_sinks.sinks, &run_sinks.arrivals);
     let setup = Setup {
         binary: &common.binary,
         tree: &tree,
         instance_id: format!("bench-{tag}"),
         settle_ms: common.settle_ms,
-        sinks: Some(&sinks),
+        sinks: Some(sinks),
         env: &env,
         log: directory.join("instance.log"),
     };
@@ -59,7 +49,7 @@ pub fn run(common: &Common, count: usize, events: usize, size: usize) -> Result<
     let deadline = Deadline::for_files(count);
     let written = files::write(&root, Layout::Albums, count, size, None, &tag, deadline)?;
     let paths: Vec<String> = written.files.into_iter().map(|(path, _)| path).collect();
-    wait_for(&arrivals, "created", 0, &paths, deadline)
+    wait_for(arrivals, "created", 0, &paths, deadline)
         .map_err(|error| format!("steady: {error}; the instance's last lines:\n{}", daemon.tail()))?;
 
     let rounds = events.div_ceil(count).max(1);
@@ -101,9 +91,7 @@ pub fn run(common: &Common, count: usize, events: usize, size: usize) -> Result<
     let received = arrivals.read(|arrivals| arrivals.received("modified"));
     let peak = daemon.memory()?.peak;
     daemon.stop()?;
-    reader.stop()?;
-    broker.remove()?;
-    schema.drop_now()?;
+    run_sinks.close()?;
     common.finish(&directory);
 
     let warm = resident[warm_round - 1];
