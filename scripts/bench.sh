@@ -3,7 +3,7 @@
 # a confirmed message, how much memory that takes, and what the broker, the
 # database and `sha256sum` can do on the same machine in the same run.
 #
-#   scripts/bench.sh                      # everything, 3 runs, medians (about 15 minutes)
+#   scripts/bench.sh                      # everything, 3 runs, medians (about 20 minutes)
 #   scripts/bench.sh --runs 1 --files 2000 --import-large 20000 --burst 20000
 #   scripts/bench.sh --musl               # the static musl build users ship
 #   scripts/bench.sh --variant NAME=VALUE # also the throughput run with NAME=VALUE set
