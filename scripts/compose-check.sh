@@ -59,6 +59,8 @@ fi
 # ----- the binary and the image -----------------------------------------------
 target=x86_64-unknown-linux-musl
 rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"
+# ring and jemalloc compile C for the musl target.
+command -v musl-gcc >/dev/null 2>&1 || apt-get install -y musl-tools >/dev/null
 log "building the static binary"
 cargo build --release --locked --quiet --target "$target" --bin file-watcher
 binary=target/$target/release/file-watcher

@@ -1,5 +1,20 @@
 //! The binary: parse flags, set up logging, run the pipeline until a signal.
 
+/// The static musl build allocates through jemalloc: musl's own allocator
+/// takes one global lock, and under a burst of events a third of the
+/// daemon's time went to waiting for it (see BENCHMARKS.md).
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, read at its start: one arena and no per-thread
+/// caches, which keep an idle daemon under 10 MiB (each arena and cache
+/// costs memory, with a dozen threads) and still leave no lock to wait on
+/// that shows in a burst.
+#[cfg(target_env = "musl")]
+#[export_name = "_rjem_malloc_conf"]
+static ALLOCATOR_SETTINGS: &[u8; 23] = b"narenas:1,tcache:false\0";
+
 use std::process::ExitCode;
 
 use clap::Parser;
