@@ -426,10 +426,15 @@ mod tests {
         /// One pass of the loop's bookkeeping, far enough in the future that
         /// every settle deadline has passed.
         pub(super) fn pass(&mut self) -> Vec<Dispatch> {
-            let later = Instant::now() + Duration::from_secs(1);
+            self.pass_at(Instant::now() + Duration::from_secs(1))
+        }
+
+        /// One pass of the loop's bookkeeping as if it were `at`: the jobs
+        /// it dispatched.
+        pub(super) fn pass_at(&mut self, at: Instant) -> Vec<Dispatch> {
             self.settle.reschedule_touched();
-            self.settle.promote_due(later);
-            self.settle.dispatch(later);
+            self.settle.promote_due(at);
+            self.settle.dispatch(at);
             self.jobs.try_iter().collect()
         }
 

@@ -167,9 +167,7 @@ impl Settle {
             entry.closed = true;
             entry.last_activity = now;
             // Gone or unreadable: nothing to wait for, the worker finds out.
-            entry.found_mtime = std::fs::symlink_metadata(path_text::decode(path))
-                .and_then(|metadata| metadata.modified())
-                .ok();
+            entry.found_mtime = modified_time(path);
             self.touched.push(path.clone());
         }
     }
@@ -231,10 +229,7 @@ impl Settle {
         let Some(seen) = entry.found_mtime.take() else {
             return false;
         };
-        let Some(modified) = std::fs::symlink_metadata(path_text::decode(path))
-            .ok()
-            .and_then(|metadata| metadata.modified().ok())
-        else {
+        let Some(modified) = modified_time(path) else {
             return false; // gone or unreadable: the worker finds out
         };
         if modified == seen {
@@ -299,6 +294,14 @@ impl Settle {
     }
 }
 
+/// The mtime of the file at `path` (not following a symlink); `None` when it
+/// is gone or cannot be read.
+fn modified_time(path: &str) -> Option<SystemTime> {
+    std::fs::symlink_metadata(path_text::decode(path))
+        .and_then(|metadata| metadata.modified())
+        .ok()
+}
+
 /// When an entry is ready: quiet for the settle time after the writer closed
 /// it (or for `OPEN_WRITER_TIMEOUT` while it stays open), and not before a
 /// retry's backoff.
@@ -314,35 +317,45 @@ fn deadline(entry: &Entry, settle: Duration) -> Instant {
 mod tests {
     use super::super::tests::Harness;
     use super::*;
-    use crate::job::Job;
+    use crate::job::{Dispatch, Job};
+
+    /// A harness whose settle time is 100 ms.
+    fn settling_harness() -> Harness {
+        let mut harness = Harness::new();
+        harness.settle.options.settle = Duration::from_millis(100);
+        harness
+    }
+
+    /// A file at `name` written now and still open, which waits for its
+    /// close: its path, and when it was written.
+    fn open_writer(harness: &mut Harness, name: &str) -> (String, Instant) {
+        let path = harness.path(name);
+        std::fs::write(path_text::decode(&path), b"partial").unwrap();
+        let written = Instant::now();
+        harness.settle.on_write(path.clone(), false, written);
+        assert!(
+            harness.pass_at(written + Duration::from_secs(1)).is_empty(),
+            "an open writer waits for its close"
+        );
+        (path, written)
+    }
+
+    fn jobs(dispatches: Vec<Dispatch>) -> Vec<Job> {
+        dispatches.into_iter().map(|dispatch| dispatch.job).collect()
+    }
 
     #[test]
     fn a_writer_seen_after_a_loss_is_taken_as_closed_once_the_rescan_is_through() {
-        let mut harness = Harness::new();
-        let settle = Duration::from_millis(100);
-        harness.settle.options.settle = settle;
-        let late = harness.path("late.flac");
-        std::fs::write(path_text::decode(&late), b"whole").unwrap();
-        let lost = Instant::now();
-        harness.settle.on_events_lost(lost);
+        let mut harness = settling_harness();
+        harness.settle.on_events_lost(Instant::now());
         // Its write was queued before the notice of the overflow and taken
         // in after it; its close was among what was dropped.
-        harness.settle.on_write(late.clone(), false, lost);
-        harness.settle.reschedule_touched();
-        harness.settle.promote_due(lost + Duration::from_secs(1));
-        assert!(
-            harness.settle.ready.is_empty(),
-            "an open writer waits for its close"
-        );
+        let (late, _) = open_writer(&mut harness, "late.flac");
 
         let scanned = Instant::now();
         harness.settle.after_full_scan(scanned);
-        harness.settle.reschedule_touched();
-        harness.settle.promote_due(scanned + settle);
-        harness.settle.dispatch(scanned + settle);
-        let jobs: Vec<Job> = harness.jobs.try_iter().map(|dispatch| dispatch.job).collect();
         assert_eq!(
-            jobs,
+            jobs(harness.pass_at(scanned + harness.settle.options.settle)),
             vec![Job::Check {
                 path: late,
                 renamed_from: None
@@ -350,48 +363,30 @@ mod tests {
         );
 
         // Nothing was lost since: a writer still open waits for its close.
-        let open = harness.path("open.flac");
-        let written = Instant::now();
-        harness.settle.on_write(open, false, written);
+        let (_, written) = open_writer(&mut harness, "open.flac");
         harness.settle.after_full_scan(written);
-        harness.settle.reschedule_touched();
-        harness.settle.promote_due(written + Duration::from_secs(1));
         assert!(
-            harness.settle.ready.is_empty(),
+            harness.pass_at(written + Duration::from_secs(1)).is_empty(),
             "nothing lost: it waits for its close"
         );
     }
 
     #[test]
     fn a_writer_whose_close_may_be_lost_settles_once_its_mtime_stops_moving() {
-        let mut harness = Harness::new();
-        let settle = Duration::from_millis(100);
-        harness.settle.options.settle = settle;
-        let open = harness.path("open.flac");
-        std::fs::write(path_text::decode(&open), b"partial").unwrap();
-        let written = Instant::now();
-        harness.settle.on_write(open.clone(), false, written);
-        harness.settle.reschedule_touched();
-        harness.settle.promote_due(written + Duration::from_secs(1));
-        assert!(
-            harness.settle.ready.is_empty(),
-            "an open writer waits for its close"
-        );
-
+        let mut harness = settling_harness();
+        let settle = harness.settle.options.settle;
+        let (open, _) = open_writer(&mut harness, "open.flac");
         let lost = Instant::now();
         harness.settle.on_events_lost(lost);
-        harness.settle.reschedule_touched();
         // Written again after the loss: its mtime moved, so it waits once more.
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(path_text::decode(&open), b"partial, and more").unwrap();
-        harness.settle.promote_due(lost + settle);
-        assert!(harness.settle.ready.is_empty(), "its mtime moved since the loss");
-        let settled = lost + settle * 2;
-        harness.settle.promote_due(settled);
-        harness.settle.dispatch(settled);
-        let jobs: Vec<Job> = harness.jobs.try_iter().map(|dispatch| dispatch.job).collect();
+        assert!(
+            harness.pass_at(lost + settle).is_empty(),
+            "its mtime moved since the loss"
+        );
         assert_eq!(
-            jobs,
+            jobs(harness.pass_at(lost + settle * 2)),
             vec![Job::Check {
                 path: open,
                 renamed_from: None
