@@ -26,8 +26,8 @@
 #   memory      stdout mode, settle time of an hour: bytes per watched
 #               directory (--directories) and per pending path (--pending)
 #   steady      --steady-files files rewritten until --steady-events messages
-#               came out, both sinks; RSS warm vs end. First run only (it is
-#               one long measurement, about 3 minutes here)
+#               came out, both sinks; RSS warm, middle, end. First run only
+#               (it is one long measurement, about 10 minutes here)
 #
 # Options, defaults in brackets (--short lowers every count and runs once):
 #   --runs N [3]   --json FILE   --only LIST   --musl   --binary PATH
@@ -124,7 +124,7 @@ if [ -n "$binary" ]; then
 elif [ "$musl" = 1 ]; then
     target=x86_64-unknown-linux-musl
     rustup target list --installed | grep -qx "$target" || rustup target add "$target"
-    # ring compiles C for the musl target.
+    # ring and jemalloc compile C for the musl target.
     command -v musl-gcc >/dev/null 2>&1 || apt-get install -y musl-tools >/dev/null
     cargo build --release --quiet --target "$target" --bin file-watcher
     binary=target/$target/release/file-watcher build=musl

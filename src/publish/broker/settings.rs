@@ -55,8 +55,6 @@ impl BrokerSettings {
     }
 }
 
-/// The URI lapin connects to: `settings.url` with our heartbeat unless the URL
-/// asks for its own.
 /// The largest AMQP frame asked for, unless the URL's `frame_max` query
 /// says otherwise. lapin keeps room for 32 frames each way, zero-filled, for
 /// the life of a connection: at RabbitMQ's default of 128 KiB that is 8 MiB,
@@ -66,6 +64,8 @@ impl BrokerSettings {
 /// bytes of path text (see `path_text`), well under this.
 pub const FRAME_MAX: u32 = 32 * 1024;
 
+/// The URI lapin connects to: `settings.url` with our heartbeat and
+/// [`FRAME_MAX`], unless the URL asks for its own.
 pub(super) fn amqp_uri(settings: &BrokerSettings) -> Result<AMQPUri, BrokerError> {
     let url = settings.url.to_string();
     let exposed = settings.url.expose();
