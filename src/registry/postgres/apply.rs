@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use super::faults::{fault, Fault};
 use super::statements::Transaction;
-use super::{row_from_record, to_bigint, to_bigint_bits, tree_bounds, PostgresRegistry};
+use super::{present_rows, row_from_record, to_bigint, to_bigint_bits, tree_bounds, PostgresRegistry};
 use crate::message::{EventType, Message};
 use crate::registry::plan::{message_for_carried_row, messages_for, plan_present, rebase, Plan};
 use crate::registry::{fresh_stat, Applied, Change, Observed, RegistryError, Row};
@@ -262,14 +262,14 @@ impl PostgresRegistry {
             return Ok(Applied::Recorded(Vec::new()));
         }
         let new_paths: Vec<&str> = carried.iter().map(|(_, path)| path.as_str()).collect();
+        // Every row at the new paths is locked, a deleted file's too (it is
+        // about to be overwritten); `state` is read rather than filtered on,
+        // as in `present_rows`.
         let occupied: Vec<String> = transaction
-            .query(
-                "SELECT file_path FROM files WHERE file_path = ANY($1) AND state = 'present' \
-                 ORDER BY file_path FOR UPDATE",
-                &[&new_paths],
-            )
+            .query(LOCK_NEW_PATHS, &[&new_paths])
             .map_err(fault("lock the rows at the new paths"))?
             .iter()
+            .filter(|record| record.get::<_, bool>(1))
             .map(|record| record.get(0))
             .collect();
 
@@ -484,17 +484,22 @@ fn file_paths(change: &Change) -> Option<Vec<&str>> {
     }
 }
 
+/// Locks the rows at a batch of paths in path order, for [`present_rows`].
+pub(super) const LOCK_ROWS: &str = "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, \
+     device, inode, state = 'present' FROM files WHERE file_path = ANY($1) ORDER BY file_path FOR UPDATE";
+
+/// Locks the rows at the paths a directory rename moves rows to, in path
+/// order, and says which describe present files.
+pub(super) const LOCK_NEW_PATHS: &str =
+    "SELECT file_path, state = 'present' FROM files WHERE file_path = ANY($1) ORDER BY file_path FOR UPDATE";
+
+/// Locks the rows at `paths` in path order (a deleted file's too: the
+/// batch is about to write them) and returns those of present files.
 fn load_present(transaction: &mut Transaction<'_>, paths: &[&str]) -> Result<Vec<Row>, Fault> {
-    Ok(transaction
-        .query(
-            "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, device, inode FROM files \
-             WHERE file_path = ANY($1) AND state = 'present' ORDER BY file_path FOR UPDATE",
-            &[&paths],
-        )
-        .map_err(fault("lock the file rows"))?
-        .iter()
-        .map(row_from_record)
-        .collect())
+    let records = transaction
+        .query(LOCK_ROWS, &[&paths])
+        .map_err(fault("lock the file rows"))?;
+    Ok(present_rows(&records))
 }
 
 /// Same content, fresher `stat`: the stat columns only. No message went out,

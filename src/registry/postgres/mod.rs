@@ -334,13 +334,9 @@ impl Registry for PostgresRegistry {
     fn lookup_all(&self, paths: &[&str]) -> Result<Vec<Row>, RegistryError> {
         self.read(|client| {
             let records = client
-                .query(
-                    "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, device, inode \
-                     FROM files WHERE file_path = ANY($1) AND state = 'present'",
-                    &[&paths],
-                )
+                .query(LOOK_UP_ROWS, &[&paths])
                 .map_err(fault("look up the file rows"))?;
-            Ok(records.iter().map(row_from_record).collect())
+            Ok(present_rows(&records))
         })
     }
 
@@ -445,13 +441,7 @@ impl Registry for PostgresRegistry {
             // Rows are locked in path order, like everywhere else, so two
             // publishers and the workers cannot wait on each other in a cycle.
             transaction
-                .execute(
-                    "UPDATE files SET published_at = now() WHERE file_path IN ( \
-                         SELECT file_path FROM files \
-                         WHERE published_at IS NULL AND message_id = ANY($1::text[]::uuid[]) \
-                         ORDER BY file_path FOR UPDATE)",
-                    &[&ids],
-                )
+                .execute(MARK_ROWS_PUBLISHED, &[&ids])
                 .map_err(fault("mark file rows published"))?;
             Ok(())
         })
@@ -498,6 +488,34 @@ fn read_body(message_id: Uuid, body: &str) -> Result<Message, String> {
         ));
     }
     Ok(message)
+}
+
+/// The rows at a batch of paths, for [`present_rows`].
+const LOOK_UP_ROWS: &str = "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, \
+     device, inode, state = 'present' FROM files WHERE file_path = ANY($1)";
+
+/// Marks the rows whose latest message is among `$1` published, locking
+/// them in path order.
+const MARK_ROWS_PUBLISHED: &str = "UPDATE files SET published_at = now() WHERE file_path IN ( \
+     SELECT file_path FROM files \
+     WHERE published_at IS NULL AND message_id = ANY($1::text[]::uuid[]) \
+     ORDER BY file_path FOR UPDATE)";
+
+/// The rows of a batch lookup by path that describe present files.
+///
+/// Such lookups select every row at the paths and a ninth column, `state =
+/// 'present'`, instead of filtering on `state` in SQL: a table that filled
+/// in seconds has no statistics yet, and the planner, taking `state =
+/// 'present'` to match a handful of rows, answered it through the partial
+/// index `files_present_sha256`, reading every present row of the table
+/// for each batch of a few hundred paths (BENCHMARKS.md, "Lookups that read
+/// the whole table"). Without that condition only the primary key serves.
+pub(super) fn present_rows(records: &[postgres::Row]) -> Vec<Row> {
+    records
+        .iter()
+        .filter(|record| record.get::<_, bool>(8))
+        .map(row_from_record)
+        .collect()
 }
 
 fn row_from_record(record: &postgres::Row) -> Row {
@@ -558,6 +576,104 @@ mod tests {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         };
         assert!(!format!("{settings:?}").contains("secret"));
+    }
+
+    /// The batch statements, planned by a pooled session on a `files` table
+    /// of 20,000 rows written in one go and never analyzed (as after an
+    /// import, for the minute or so before autovacuum gets to it): each
+    /// reads the index made for its keys, not the whole table and not
+    /// `files_present_sha256`. Either would make every batch cost more as
+    /// the table grows. Against the PostgreSQL the tests use
+    /// (`DATABASE_TEST_URL`), in a schema of its own.
+    #[test]
+    fn batch_statements_find_their_rows_by_key_in_a_table_without_statistics() {
+        let url = std::env::var("DATABASE_TEST_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let schema = format!("t_plans_{}", Uuid::new_v4().simple());
+        let settings = PostgresSettings {
+            url: SecretUrl::new(&url),
+            schema: Some(schema.clone()),
+            pool_size: 1,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        };
+        let origin = Origin {
+            instance_id: "plans".into(),
+            watched_directory: "/m".into(),
+        };
+        let registry = PostgresRegistry::connect(&settings, origin).expect("connect to the test database");
+        let explain = |sql: &str, array: &str| -> String {
+            registry
+                .read(|session| {
+                    let plan = session
+                        .simple_query(&format!("EXPLAIN {}", sql.replace("$1", array)))
+                        .map_err(fault("explain"))?;
+                    Ok(plan
+                        .iter()
+                        .filter_map(|message| match message {
+                            postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n"))
+                })
+                .expect("explain a statement")
+        };
+        registry
+            .read(|session| {
+                session
+                    .batch_execute(
+                        "INSERT INTO files (file_path, state, sha256, xxh128, size_bytes, mtime_ns, \
+                             ctime_ns, last_event, instance_id, watched_directory, message_id, \
+                             published_at, device, inode) \
+                         SELECT '/m/album' || i / 100 || '/track' || i || '.flac', 'present', \
+                             md5(i::text) || md5(i::text), md5(i::text), 4096, i, i, 'created', \
+                             'plans', '/m', md5(i::text)::uuid, \
+                             CASE WHEN i <= 19000 THEN now() END, 1, i \
+                         FROM generate_series(1, 20000) AS i",
+                    )
+                    .map_err(fault("fill the files table"))
+            })
+            .expect("fill the files table");
+
+        let paths: Vec<String> = (1..=256)
+            .map(|i| format!("/m/album{}/track{}.flac", i * 70 / 100, i * 70))
+            .collect();
+        let paths = format!("'{{{}}}'", paths.join(","));
+        for (name, sql) in [
+            ("LOOK_UP_ROWS", LOOK_UP_ROWS),
+            ("LOCK_ROWS", apply::LOCK_ROWS),
+            ("LOCK_NEW_PATHS", apply::LOCK_NEW_PATHS),
+        ] {
+            let plan = explain(sql, &paths);
+            assert!(
+                plan.contains("files_pkey")
+                    && !plan.contains("Seq Scan")
+                    && !plan.contains("files_present_sha256"),
+                "{name} does not look its rows up by primary key:\n{plan}"
+            );
+        }
+        let ids: String = registry
+            .read(|session| {
+                session
+                    .query_one(
+                        "SELECT array_agg(message_id)::text FROM files WHERE published_at IS NULL",
+                        &[],
+                    )
+                    .map_err(fault("read the unpublished rows' message ids"))
+            })
+            .expect("read the message ids")
+            .get(0);
+        let plan = explain(MARK_ROWS_PUBLISHED, &format!("'{ids}'"));
+        assert!(
+            plan.contains("files_unpublished") && !plan.contains("Seq Scan"),
+            "MARK_ROWS_PUBLISHED does not find its rows through files_unpublished:\n{plan}"
+        );
+
+        let mut client =
+            connect_one(&settings.url, "file-watcher test", DEFAULT_CONNECT_TIMEOUT).expect("connect");
+        client
+            .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+            .expect("drop the test schema");
     }
 
     #[test]

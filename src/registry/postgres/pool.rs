@@ -45,7 +45,7 @@ pub(super) fn build(
         // it costs one round trip per batch.
         .connection_customizer(Box::new(SessionSettings {
             statement: format!(
-                "SET search_path TO {}; SET plan_cache_mode = force_custom_plan",
+                "SET search_path TO {}; SET plan_cache_mode = force_custom_plan; SET enable_seqscan = off",
                 quote_identifier(schema)
             ),
         }))
@@ -119,6 +119,15 @@ impl PostgresRegistry {
 /// forced and 14 s with custom ones (BENCHMARKS.md). Planning these
 /// statements costs a few microseconds per file, as each serves a batch.
 /// `plan_cache_mode` needs PostgreSQL 12 or later.
+///
+/// Why no sequential scans: every statement of the daemon's finds its rows
+/// by key (a batch of paths or message ids, a page in key order), and for
+/// the minute or so before autovacuum first analyzes a table that is filling
+/// (an import, a new schema) the planner has no statistics and reckons that
+/// a few hundred keys cost as much as reading the whole table. It then read
+/// `files` whole for each batch, a cost that grows with the table. The
+/// setting only makes a sequential scan the last resort: a statement with
+/// no index to use still scans.
 #[derive(Debug)]
 struct SessionSettings {
     statement: String,
