@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use super::faults::{fault, Fault};
 use super::statements::Transaction;
-use super::{present_rows, row_from_record, to_bigint, to_bigint_bits, tree_bounds, PostgresRegistry};
+use super::{present_rows, to_bigint, to_bigint_bits, tree_bounds, PostgresRegistry};
 use crate::message::{EventType, Message};
 use crate::registry::plan::{message_for_carried_row, messages_for, plan_present, rebase, Plan};
 use crate::registry::{fresh_stat, Applied, Change, Observed, RegistryError, Row};
@@ -243,17 +243,10 @@ impl PostgresRegistry {
         correlation_id: Uuid,
     ) -> Result<Applied, Fault> {
         let (lower, upper) = tree_bounds(from);
-        let sources: Vec<Row> = transaction
-            .query(
-                "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, device, inode FROM files \
-                 WHERE state = 'present' AND file_path > $1 AND file_path < $2 \
-                 ORDER BY file_path FOR UPDATE",
-                &[&lower, &upper],
-            )
-            .map_err(fault("lock the rows under the renamed directory"))?
-            .iter()
-            .map(row_from_record)
-            .collect();
+        let records = transaction
+            .query(LOCK_UNDER, &[&lower, &upper])
+            .map_err(fault("lock the rows under the renamed directory"))?;
+        let sources: Vec<Row> = present_rows(&records);
         let carried: Vec<(Row, String)> = sources
             .into_iter()
             .filter_map(|row| rebase(&row.path, from, to).map(|new_path| (row, new_path)))
@@ -483,6 +476,14 @@ fn file_paths(change: &Change) -> Option<Vec<&str>> {
         Change::DirectoryRenamed { .. } => None,
     }
 }
+
+/// Locks the rows under a renamed directory (between `$1` and `$2`) in path
+/// order, for [`present_rows`]: the tombstones too, as `state = 'present'` in
+/// the condition would have the planner read every present row through
+/// `files_present_sha256`.
+pub(super) const LOCK_UNDER: &str = "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, \
+     device, inode, state = 'present' FROM files WHERE file_path > $1 AND file_path < $2 \
+     ORDER BY file_path FOR UPDATE";
 
 /// Locks the rows at a batch of paths in path order, for [`present_rows`].
 pub(super) const LOCK_ROWS: &str = "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, \

@@ -360,12 +360,7 @@ impl Registry for PostgresRegistry {
             // A walk of the primary key: the sweep after a catch-up reads
             // every page of a tree that may have just been imported.
             let records = client
-                .query_in_key_order(
-                    "SELECT file_path FROM files \
-                     WHERE state = 'present' AND file_path > $1 AND file_path < $2 \
-                     ORDER BY file_path LIMIT $3",
-                    &[&lower, &upper, &to_bigint(limit as u64)],
-                )
+                .query_in_key_order(PRESENT_UNDER, &[&lower, &upper, &to_bigint(limit as u64)])
                 .map_err(fault("list present files under a directory"))?;
             Ok(records.iter().map(|record| record.get(0)).collect())
         })
@@ -490,6 +485,12 @@ fn read_body(message_id: Uuid, body: &str) -> Result<Message, String> {
     Ok(message)
 }
 
+/// A page of the present paths between `$1` and `$2`, for the sweep; run
+/// with [`Session::query_in_key_order`](statements::Session::query_in_key_order).
+const PRESENT_UNDER: &str = "SELECT file_path FROM files \
+     WHERE state = 'present' AND file_path > $1 AND file_path < $2 \
+     ORDER BY file_path LIMIT $3";
+
 /// The rows at a batch of paths, for [`present_rows`].
 const LOOK_UP_ROWS: &str = "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, \
      device, inode, state = 'present' FROM files WHERE file_path = ANY($1)";
@@ -601,11 +602,17 @@ mod tests {
             watched_directory: "/m".into(),
         };
         let registry = PostgresRegistry::connect(&settings, origin).expect("connect to the test database");
-        let explain = |sql: &str, array: &str| -> String {
+        // `in_key_order`: as `Session::query_in_key_order` runs it.
+        let explain = |sql: &str, in_key_order: bool| -> String {
+            let settings = if in_key_order {
+                "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off;"
+            } else {
+                ""
+            };
             registry
                 .read(|session| {
                     let plan = session
-                        .simple_query(&format!("EXPLAIN {}", sql.replace("$1", array)))
+                        .simple_query(&format!("BEGIN; {settings} EXPLAIN {sql}; COMMIT"))
                         .map_err(fault("explain"))?;
                     Ok(plan
                         .iter()
@@ -639,12 +646,23 @@ mod tests {
             .map(|i| format!("/m/album{}/track{}.flac", i * 70 / 100, i * 70))
             .collect();
         let paths = format!("'{{{}}}'", paths.join(","));
-        for (name, sql) in [
-            ("LOOK_UP_ROWS", LOOK_UP_ROWS),
-            ("LOCK_ROWS", apply::LOCK_ROWS),
-            ("LOCK_NEW_PATHS", apply::LOCK_NEW_PATHS),
+        let range = |sql: &str| {
+            sql.replace("$1", "'/m/album1/'")
+                .replace("$2", "'/m/album10'")
+                .replace("$3", "500")
+        };
+        for (name, sql, in_key_order) in [
+            ("LOOK_UP_ROWS", LOOK_UP_ROWS.replace("$1", &paths), false),
+            ("LOCK_ROWS", apply::LOCK_ROWS.replace("$1", &paths), false),
+            (
+                "LOCK_NEW_PATHS",
+                apply::LOCK_NEW_PATHS.replace("$1", &paths),
+                false,
+            ),
+            ("LOCK_UNDER", range(apply::LOCK_UNDER), false),
+            ("PRESENT_UNDER", range(PRESENT_UNDER), true),
         ] {
-            let plan = explain(sql, &paths);
+            let plan = explain(&sql, in_key_order);
             assert!(
                 plan.contains("files_pkey")
                     && !plan.contains("Seq Scan")
@@ -663,7 +681,7 @@ mod tests {
             })
             .expect("read the message ids")
             .get(0);
-        let plan = explain(MARK_ROWS_PUBLISHED, &format!("'{ids}'"));
+        let plan = explain(&MARK_ROWS_PUBLISHED.replace("$1", &format!("'{ids}'")), false);
         assert!(
             plan.contains("files_unpublished") && !plan.contains("Seq Scan"),
             "MARK_ROWS_PUBLISHED does not find its rows through files_unpublished:\n{plan}"
