@@ -10,6 +10,9 @@
 //! and be retried forever, for its size alone.
 
 use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use lapin::message::BasicReturnMessage;
@@ -210,6 +213,15 @@ fn transfer_allowance(bytes: usize) -> Duration {
 /// Sends every message (mandatory, persistent, all with one timestamp) with
 /// its body (`bodies`, in the same order) without waiting for a confirm;
 /// returns each message's pending confirm.
+///
+/// lapin's `basic_publish` queues a message's frames and then waits until
+/// its I/O thread has written them. Awaited one after the other, every
+/// message cost two thread switches (the publisher parks, the I/O thread
+/// wakes, writes one message, wakes the publisher): a third of the
+/// publisher's and the I/O thread's time went to the scheduler. All the
+/// publishes of a batch are therefore run together ([`in_order`]): each one
+/// queues its frames on its first poll, in message order, and the I/O
+/// thread writes the whole batch at once.
 async fn send(
     channel: &Channel,
     exchange: &str,
@@ -220,8 +232,7 @@ async fn send(
     let timestamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |since_epoch| since_epoch.as_secs());
-    let mut pending = Vec::with_capacity(messages.len());
-    for (message, body) in messages.iter().zip(bodies) {
+    let publishes = messages.iter().zip(bodies).map(|(message, body)| async move {
         let routing_key = match replay {
             Some(prefix) => format!("{prefix}{}", message.routing_key()),
             None => message.routing_key(),
@@ -250,9 +261,39 @@ async fn send(
                 routing_key,
                 source: Box::new(source),
             })?;
-        pending.push((message.message_id, confirm));
-    }
-    Ok(pending)
+        Ok((message.message_id, confirm))
+    });
+    // The first error in message order; the batch's fate is unknown then
+    // whichever it is.
+    in_order(publishes.collect()).await.into_iter().collect()
+}
+
+/// Runs `futures` together and returns their outputs in order. Each pass
+/// polls every unfinished one in order, so the first poll of each comes
+/// before the first poll of the next: for publishes, their frames are
+/// queued in message order.
+async fn in_order<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    // Everything before this index is finished.
+    let mut finished = 0;
+    std::future::poll_fn(|context| {
+        for (future, output) in futures[finished..].iter_mut().zip(&mut outputs[finished..]) {
+            if output.is_none() {
+                if let Poll::Ready(value) = future.as_mut().poll(context) {
+                    *output = Some(value);
+                }
+            }
+        }
+        while outputs.get(finished).is_some_and(Option::is_some) {
+            finished += 1;
+        }
+        if finished < outputs.len() {
+            return Poll::Pending;
+        }
+        Poll::Ready(outputs.drain(..).flatten().collect())
+    })
+    .await
 }
 
 /// Waits for the confirms in publish order, counting them in `confirmed` so
@@ -321,6 +362,37 @@ fn properties(message: &Message, timestamp: u64) -> BasicProperties {
 mod tests {
     use super::*;
     use crate::message::{EventType, Origin};
+
+    /// Started in order, every one before any finishes; finished in any
+    /// order; returned in order.
+    #[test]
+    fn in_order_starts_every_future_before_any_finishes() {
+        let log = std::cell::RefCell::new(Vec::new());
+        let futures: Vec<_> = (0..5usize)
+            .map(|index| {
+                let log = &log;
+                async move {
+                    log.borrow_mut().push(format!("start {index}"));
+                    // The first finishes last.
+                    for _ in 0..(5 - index) {
+                        futures_lite::future::yield_now().await;
+                    }
+                    log.borrow_mut().push(format!("end {index}"));
+                    index * 10
+                }
+            })
+            .collect();
+        let outputs = futures_lite::future::block_on(in_order(futures));
+        assert_eq!(
+            *log.borrow(),
+            [
+                "start 0", "start 1", "start 2", "start 3", "start 4", "end 4", "end 3", "end 2", "end 1",
+                "end 0"
+            ]
+        );
+        assert_eq!(outputs, vec![0, 10, 20, 30, 40]);
+        assert!(futures_lite::future::block_on(in_order(Vec::<std::future::Ready<u8>>::new())).is_empty());
+    }
 
     #[test]
     fn large_batches_get_time_for_their_bytes() {
