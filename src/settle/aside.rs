@@ -99,7 +99,7 @@ impl Settle {
         match self.set_aside.get(&path) {
             Some(Aside::Directory) => self.schedule_scan(path_text::decode(&path).into_owned(), now),
             // A pending entry has events of its own that decide when it is ready.
-            _ if self.pending.contains_key(&path) => {}
+            _ if self.pending.contains_key(&*path) => {}
             Some(Aside::File) => self.on_closed(path, now),
             None => {
                 let key = Key::File(path.clone());

@@ -24,7 +24,7 @@ const DISPATCH_WINDOW: usize = 1024;
 #[derive(Debug)]
 pub(super) enum ReadyItem {
     /// The pending entry at this path.
-    Path(String),
+    Path(super::PathKey),
     /// A subtree operation, with its retry state.
     Tree {
         job: Job,
@@ -175,10 +175,12 @@ impl Settle {
                 let entry = self.pending.get(path).filter(|entry| entry.ready)?;
                 let job = match entry.state {
                     State::Changed => Job::Check {
-                        path: path.clone(),
+                        path: path.to_string(),
                         renamed_from: entry.renamed_from.clone(),
                     },
-                    State::Removed => Job::Gone { path: path.clone() },
+                    State::Removed => Job::Gone {
+                        path: path.to_string(),
+                    },
                 };
                 Some((job, entry.correlation_id, entry.attempt, entry.not_before))
             }
@@ -248,7 +250,7 @@ impl Settle {
         };
         match job {
             Job::Check { path, renamed_from } => {
-                let fresher = self.pending.contains_key(&path);
+                let fresher = self.pending.contains_key(&*path);
                 let entry = self.touch(path.clone(), now);
                 if !fresher {
                     entry.state = State::Changed;
@@ -277,7 +279,7 @@ impl Settle {
                 }
             }
             Job::Gone { path } => {
-                let fresher = self.pending.contains_key(&path);
+                let fresher = self.pending.contains_key(&*path);
                 let entry = self.touch(path, now);
                 if !fresher {
                     // `Changing` here means the file is back: look at it as a change.

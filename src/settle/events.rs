@@ -114,7 +114,7 @@ impl Settle {
                 for path in paths {
                     if path == self.root_text {
                         self.watchdog(now);
-                    } else if self.announces(&path) || self.pending.contains_key(&path) {
+                    } else if self.announces(&path) || self.pending.contains_key(&*path) {
                         self.mark_removed(path, now);
                     }
                 }

@@ -112,14 +112,20 @@ const PERIODIC_POSTPONE: Duration = Duration::from_secs(60);
 /// byte-for-byte the same (issue 7). Child modules pass it explicitly.
 const LOG_TARGET: &str = module_path!();
 
+/// A pending path, stored once: the entry's key, its timers, the list of
+/// entries touched in a pass and the ready queue share one allocation. With
+/// every pending path held twice or three times as a `String` of its own,
+/// 100,000 pending paths took 351 bytes each (BENCHMARKS.md).
+type PathKey = Arc<str>;
+
 pub struct Settle {
     options: SettleOptions,
     root_text: String,
     channels: SettleChannels,
     counters: Arc<WatchCounters>,
-    pending: HashMap<String, Entry>,
+    pending: HashMap<PathKey, Entry>,
     /// When to look at an entry next (lazy: validated against the entry).
-    timers: BinaryHeap<Reverse<(Instant, String)>>,
+    timers: BinaryHeap<Reverse<(Instant, PathKey)>>,
     ready: VecDeque<ReadyItem>,
     in_flight: HashMap<u64, Vec<Key>>,
     /// Every key of `in_flight`, kept as jobs leave and come back.
@@ -137,7 +143,7 @@ pub struct Settle {
     /// `on_events_lost`.
     closes_lost: bool,
     /// Entries changed since the last pass (their deadlines may have moved).
-    touched: Vec<String>,
+    touched: Vec<PathKey>,
     /// The registry was unreachable: dispatch nothing before this.
     hold_until: Option<Instant>,
     /// Consecutive unreachable answers, for the hold's backoff.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use uuid::Uuid;
 
 use super::dispatch::ReadyItem;
-use super::{Settle, LOG_TARGET};
+use super::{PathKey, Settle, LOG_TARGET};
 use crate::path_text;
 
 /// A writer that keeps a file open without writing for this long is taken as
@@ -73,11 +73,17 @@ impl Settle {
     /// `now`. Callers change it in place; `reschedule_touched` then makes sure
     /// a timer fires at its (possibly earlier) deadline.
     pub(super) fn touch(&mut self, path: String, now: Instant) -> &mut Entry {
-        if !self.pending.contains_key(&path) && self.pending.len() >= self.options.max_pending {
-            self.shed_pending();
-        }
-        self.touched.push(path.clone());
-        let entry = self.pending.entry(path).or_insert_with(|| {
+        let key = match self.pending.get_key_value(path.as_str()) {
+            Some((key, _)) => PathKey::clone(key),
+            None => {
+                if self.pending.len() >= self.options.max_pending {
+                    self.shed_pending();
+                }
+                PathKey::from(path)
+            }
+        };
+        self.touched.push(PathKey::clone(&key));
+        let entry = self.pending.entry(key).or_insert_with(|| {
             let mut entry = Entry::new(State::Changed, now);
             entry.scheduled = now + OPEN_WRITER_TIMEOUT * 2; // no timer queued yet
             entry
@@ -92,7 +98,7 @@ impl Settle {
     pub(super) fn reschedule_touched(&mut self) {
         let settle = self.settle_time();
         for path in std::mem::take(&mut self.touched) {
-            let Some(entry) = self.pending.get_mut(&path) else {
+            let Some(entry) = self.pending.get_mut(&*path) else {
                 continue;
             };
             let deadline = deadline(entry, settle);
@@ -123,12 +129,12 @@ impl Settle {
     pub(super) fn mark_removed(&mut self, path: String, now: Instant) {
         if let Some(from) = self
             .pending
-            .get(&path)
+            .get(path.as_str())
             .and_then(|entry| entry.renamed_from.clone())
         {
             // It was renamed here and never recorded here: the old name goes,
             // and so does whatever was recorded here before the rename replaced it.
-            self.pending.remove(&path);
+            self.pending.remove(&*path);
             self.mark_removed(from, now);
         }
         let entry = self.touch(path, now);
@@ -181,7 +187,7 @@ impl Settle {
                 .values()
                 .any(|entry| entry.renamed_from.as_deref() == Some(candidate))
         };
-        if self.pending.contains_key(&path) || claimed(&path) {
+        if self.pending.contains_key(&*path) || claimed(&path) {
             return;
         }
         if let Some(from) = renamed_from {
@@ -205,7 +211,7 @@ impl Settle {
     /// and its wait never lengthened), and never waits for a close, which
     /// may have come and gone before the walk passed by.
     pub(super) fn on_found(&mut self, path: String, modified: Option<SystemTime>, now: Instant) {
-        if self.pending.contains_key(&path) {
+        if self.pending.contains_key(&*path) {
             return;
         }
         let settle = self.settle_time();
@@ -264,7 +270,7 @@ impl Settle {
                 break;
             }
             let Reverse((_, path)) = self.timers.pop().expect("peeked");
-            let Some(entry) = self.pending.get(&path) else {
+            let Some(entry) = self.pending.get(&*path) else {
                 continue; // dispatched or dropped since
             };
             if entry.ready {
@@ -272,13 +278,13 @@ impl Settle {
             }
             let deadline = deadline(entry, self.settle_time());
             if deadline > now {
-                self.pending.get_mut(&path).expect("looked up above").scheduled = deadline;
+                self.pending.get_mut(&*path).expect("looked up above").scheduled = deadline;
                 self.timers.push(Reverse((deadline, path)));
                 continue;
             }
             if self.still_written(&path, now) {
                 let settle = self.settle_time();
-                let entry = self.pending.get_mut(&path).expect("looked up above");
+                let entry = self.pending.get_mut(&*path).expect("looked up above");
                 let again = self::deadline(entry, settle);
                 entry.scheduled = again;
                 self.timers.push(Reverse((again, path)));
@@ -288,7 +294,7 @@ impl Settle {
                 self.hold_back_entry(path, now); // a move may be matched to it (see `unpaired`)
                 continue;
             }
-            self.pending.get_mut(&path).expect("looked up above").ready = true;
+            self.pending.get_mut(&*path).expect("looked up above").ready = true;
             self.ready.push_back(ReadyItem::Path(path));
         }
     }
@@ -413,7 +419,7 @@ mod tests {
         harness
             .settle
             .on_found(path.clone(), Some(SystemTime::now()), now);
-        let entry = &harness.settle.pending[&path];
+        let entry = &harness.settle.pending[path.as_str()];
         assert!(entry.closed && entry.found_mtime.is_none() && entry.last_activity == now);
         let jobs = harness.pass();
         assert_eq!(jobs.len(), 1, "ready one settle time after the close");

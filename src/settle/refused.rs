@@ -193,7 +193,7 @@ impl Settle {
             let attempt = MAX_ATTEMPTS - 1;
             match job {
                 // A pending entry for the path is newer news: it goes instead.
-                Job::Check { .. } | Job::Gone { .. } if self.pending.contains_key(&path) => {}
+                Job::Check { .. } | Job::Gone { .. } if self.pending.contains_key(&*path) => {}
                 Job::Check { path, renamed_from } => {
                     let entry = self.touch(path, now);
                     entry.closed = true;
@@ -203,7 +203,7 @@ impl Settle {
                 }
                 Job::Gone { path } => {
                     self.mark_removed(path.clone(), now);
-                    if let Some(entry) = self.pending.get_mut(&path) {
+                    if let Some(entry) = self.pending.get_mut(&*path) {
                         entry.correlation_id = correlation_id;
                         entry.attempt = attempt;
                     }

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::dispatch::ReadyItem;
 use super::pending::State;
-use super::{Settle, LOG_TARGET};
+use super::{PathKey, Settle, LOG_TARGET};
 use crate::job::Job;
 use crate::path_text;
 use crate::registry::rebase;
@@ -165,7 +165,7 @@ impl Settle {
         }
         match (self.announces(&from), self.announces(&to)) {
             (true, true) => {
-                let carried = self.pending.remove(&from);
+                let carried = self.pending.remove(&*from);
                 let renamed_from = carried
                     .as_ref()
                     .map_or(Some(from.clone()), |entry| {
@@ -219,29 +219,30 @@ impl Settle {
         // Pending entries below the old name follow it. The registry moves the
         // rows of recorded files itself (RenameDirectory), so only renames that
         // started below the old name are rebased, not created.
-        let moved: Vec<String> = self
+        let moved: Vec<PathKey> = self
             .pending
             .keys()
             .filter(|path| rebase(path, &from, "").is_some())
             .cloned()
             .collect();
         for old_path in moved {
-            let mut entry = self.pending.remove(&old_path).expect("key listed above");
+            let mut entry = self.pending.remove(&*old_path).expect("key listed above");
             if let Some(renamed_from) = &entry.renamed_from {
                 if let Some(rebased) = rebase(renamed_from, &from, &to) {
                     entry.renamed_from = Some(rebased);
                 }
             }
-            let new_path = rebase(&old_path, &from, &to).expect("filtered above");
+            let new_path = PathKey::from(rebase(&old_path, &from, &to).expect("filtered above"));
             entry.ready = false;
             entry.scheduled = now + self.settle_time();
-            self.timers.push(Reverse((entry.scheduled, new_path.clone())));
+            self.timers
+                .push(Reverse((entry.scheduled, PathKey::clone(&new_path))));
             self.pending.insert(new_path, entry);
         }
         for item in self.ready.iter_mut() {
             if let ReadyItem::Path(path) = item {
                 if let Some(rebased) = rebase(path, &from, &to) {
-                    *path = rebased;
+                    *path = rebased.into();
                 }
             }
         }
@@ -265,14 +266,14 @@ impl Settle {
 
     /// `path` (a file or a directory) is no longer in the tree.
     pub(super) fn on_tree_gone(&mut self, path: String, now: Instant) {
-        let below: Vec<String> = self
+        let below: Vec<PathKey> = self
             .pending
             .keys()
-            .filter(|pending| **pending == path || rebase(pending, &path, "").is_some())
+            .filter(|pending| &***pending == path.as_str() || rebase(pending, &path, "").is_some())
             .cloned()
             .collect();
         for pending in below {
-            let entry = self.pending.remove(&pending).expect("key listed above");
+            let entry = self.pending.remove(&*pending).expect("key listed above");
             if let Some(original) = entry.renamed_from {
                 if original != path && rebase(&original, &path, "").is_none() {
                     self.mark_removed(original, now);

@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use super::dispatch::ReadyItem;
 use super::pending::State;
-use super::{Settle, LOG_TARGET};
+use super::{PathKey, Settle, LOG_TARGET};
 use crate::job::{Job, Moved};
 use crate::watch::scan::{Discovery, ScanKind};
 
@@ -229,11 +229,11 @@ impl Settle {
             log::debug!(target: LOG_TARGET, "{} was moved to {to} (matched by device and inode)", held.path);
             // The name it left may have held another recorded file that the
             // rename onto it replaced.
-            if held.path != held.origin && !self.pending.contains_key(&held.path) {
+            if held.path != held.origin && !self.pending.contains_key(&*held.path) {
                 self.on_tree_gone(held.path, now);
             }
             self.unpaired.found.remove(&to);
-            let known = self.pending.contains_key(&to);
+            let known = self.pending.contains_key(&*to);
             let entry = self.touch(to, now);
             if !known {
                 entry.state = State::Changed;
@@ -258,7 +258,7 @@ impl Settle {
             self.mark_removed(held.origin, now);
         }
         // A file made at the name since is news of its own, not this move's.
-        if !self.pending.contains_key(&held.path) {
+        if !self.pending.contains_key(&*held.path) {
             self.on_tree_gone(held.path, now);
         }
     }
@@ -266,18 +266,20 @@ impl Settle {
     /// Finds no longer held back become ordinary pending entries again.
     fn release_found(&mut self, found: Vec<String>) {
         for path in found {
-            if let Some(entry) = self.pending.get_mut(&path) {
-                // `promote_due` dropped its timer while it was held.
-                entry.scheduled = Instant::now() + HOLD_LIMIT;
-                self.touched.push(path);
-            }
+            let Some((key, _)) = self.pending.get_key_value(path.as_str()) else {
+                continue;
+            };
+            let key = PathKey::clone(key);
+            // `promote_due` dropped its timer while it was held.
+            self.pending.get_mut(&*key).expect("looked up above").scheduled = Instant::now() + HOLD_LIMIT;
+            self.touched.push(key);
         }
     }
 
     /// `promote_due` found a held-back entry due: look again later (a match
     /// releases it sooner).
-    pub(super) fn hold_back_entry(&mut self, path: String, now: Instant) {
-        if let Some(entry) = self.pending.get_mut(&path) {
+    pub(super) fn hold_back_entry(&mut self, path: PathKey, now: Instant) {
+        if let Some(entry) = self.pending.get_mut(&*path) {
             entry.scheduled = now + HOLD_LIMIT;
             self.timers.push(Reverse((entry.scheduled, path)));
         }
