@@ -122,7 +122,7 @@ impl Settle {
                 let lone_key = self
                     .pending
                     .get(path)
-                    .is_some_and(|entry| entry.ready && entry.renamed_from.is_none());
+                    .is_some_and(|entry| entry.ready && entry.renamed_from().is_none());
                 if lone_key && (self.held.holds_file(path) || blocked.holds_file(path)) {
                     skipped.push(item);
                     continue;
@@ -176,13 +176,13 @@ impl Settle {
                 let job = match entry.state {
                     State::Changed => Job::Check {
                         path: path.to_string(),
-                        renamed_from: entry.renamed_from.clone(),
+                        renamed_from: entry.renamed_from().cloned(),
                     },
                     State::Removed => Job::Gone {
                         path: path.to_string(),
                     },
                 };
-                Some((job, entry.correlation_id, entry.attempt, entry.not_before))
+                Some((job, entry.correlation_id, entry.attempt(), entry.not_before()))
             }
             ReadyItem::Tree {
                 job,
@@ -258,12 +258,12 @@ impl Settle {
                     entry.correlation_id = correlation_id;
                 }
                 // The rename was not recorded yet: whatever came later, it still has to be.
-                let replaced = match (&entry.renamed_from, renamed_from) {
+                let replaced = match (entry.renamed_from(), renamed_from) {
                     // Removed since, before it was recorded here: the name
                     // it came from goes too (as in `mark_removed`).
                     (None, Some(from)) if entry.state == State::Removed => Some(from),
                     (None, renamed_from) => {
-                        entry.renamed_from = renamed_from;
+                        entry.set_renamed_from(renamed_from);
                         None
                     }
                     // Another rename onto this path came meanwhile: the file
@@ -272,8 +272,8 @@ impl Settle {
                     (Some(later), Some(earlier)) if *later != earlier && earlier != path => Some(earlier),
                     (Some(_), _) => None,
                 };
-                entry.not_before = retry_after;
-                entry.attempt = if changing { 0 } else { attempt + 1 };
+                entry.set_not_before(retry_after);
+                entry.set_attempt(if changing { 0 } else { attempt + 1 });
                 if let Some(earlier) = replaced {
                     self.mark_removed(earlier, now);
                 }
@@ -287,8 +287,8 @@ impl Settle {
                     entry.closed = true;
                     entry.correlation_id = correlation_id;
                 }
-                entry.not_before = retry_after;
-                entry.attempt = if changing { 0 } else { attempt + 1 };
+                entry.set_not_before(retry_after);
+                entry.set_attempt(if changing { 0 } else { attempt + 1 });
             }
             job @ (Job::GoneTree { .. }
             | Job::RenameDirectory { .. }

@@ -113,9 +113,10 @@ const PERIODIC_POSTPONE: Duration = Duration::from_secs(60);
 const LOG_TARGET: &str = module_path!();
 
 /// A pending path, stored once: the entry's key, its timers, the list of
-/// entries touched in a pass and the ready queue share one allocation. With
-/// every pending path held twice or three times as a `String` of its own,
-/// 100,000 pending paths took 351 bytes each (BENCHMARKS.md).
+/// entries touched in a pass and the ready queue share one allocation
+/// rather than each holding a `String` of its own. With the entry's 64
+/// bytes (`pending::Entry`), a pending path costs about 280 bytes
+/// (BENCHMARKS.md).
 type PathKey = Arc<str>;
 
 pub struct Settle {

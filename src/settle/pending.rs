@@ -27,28 +27,39 @@ pub(super) enum State {
 }
 
 /// One path's change, from the first event until it is dispatched.
+///
+/// Kept small (64 bytes): a burst or an import keeps one per file pending,
+/// and the map's slots are most of the memory a pending path costs. What
+/// few entries need (a rename's origin, a retry, a scan's mtime) lives in
+/// [`Rare`], allocated only for them.
 #[derive(Debug)]
 pub(super) struct Entry {
     pub(super) state: State,
     /// The writer is done with it: closed after writing, renamed into place,
     /// removed, discovered by a scan, or (poll mode) always.
     pub(super) closed: bool,
-    pub(super) last_activity: Instant,
-    /// Where the file was when it was last recorded, if it got here by rename.
-    pub(super) renamed_from: Option<String>,
-    /// Not before this instant (a retry's backoff).
-    pub(super) not_before: Option<Instant>,
-    pub(super) attempt: u32,
-    pub(super) correlation_id: Uuid,
     /// Already in the ready queue.
     pub(super) ready: bool,
+    pub(super) last_activity: Instant,
     /// The earliest time a timer for this entry is queued for.
     pub(super) scheduled: Instant,
+    pub(super) correlation_id: Uuid,
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of an [`Entry`] that most entries never set.
+#[derive(Debug, Default)]
+struct Rare {
+    /// Where the file was when it was last recorded, if it got here by rename.
+    renamed_from: Option<String>,
+    /// Not before this instant (a retry's backoff).
+    not_before: Option<Instant>,
+    attempt: u32,
     /// Found by a scan, not by an event, while its mtime was this recent:
     /// at the deadline the file is looked at again, and waits again while
     /// its mtime keeps moving (see [`Settle::on_found`]). Any event for the
     /// path clears it: from then on events say when the writer is done.
-    pub(super) found_mtime: Option<SystemTime>,
+    found_mtime: Option<SystemTime>,
 }
 
 impl Entry {
@@ -56,15 +67,74 @@ impl Entry {
         Entry {
             state,
             closed: false,
-            last_activity: now,
-            renamed_from: None,
-            not_before: None,
-            attempt: 0,
-            correlation_id: Uuid::new_v4(),
             ready: false,
+            last_activity: now,
             scheduled: now,
-            found_mtime: None,
+            correlation_id: Uuid::new_v4(),
+            rare: None,
         }
+    }
+
+    /// `Rare`, allocated now if `needed` (a value to store); `None` when
+    /// it is not there and nothing needs storing.
+    fn rare(&mut self, needed: bool) -> Option<&mut Rare> {
+        if needed && self.rare.is_none() {
+            self.rare = Some(Box::default());
+        }
+        self.rare.as_deref_mut()
+    }
+
+    /// Where the file was when it was last recorded, if it got here by rename.
+    pub(super) fn renamed_from(&self) -> Option<&String> {
+        self.rare.as_ref()?.renamed_from.as_ref()
+    }
+
+    pub(super) fn set_renamed_from(&mut self, renamed_from: Option<String>) {
+        if let Some(rare) = self.rare(renamed_from.is_some()) {
+            rare.renamed_from = renamed_from;
+        }
+    }
+
+    pub(super) fn into_renamed_from(self) -> Option<String> {
+        self.rare?.renamed_from
+    }
+
+    /// Not before this instant (a retry's backoff).
+    pub(super) fn not_before(&self) -> Option<Instant> {
+        self.rare.as_ref()?.not_before
+    }
+
+    pub(super) fn set_not_before(&mut self, not_before: Option<Instant>) {
+        if let Some(rare) = self.rare(not_before.is_some()) {
+            rare.not_before = not_before;
+        }
+    }
+
+    /// Attempts made at it so far (retries of a job that failed).
+    pub(super) fn attempt(&self) -> u32 {
+        self.rare.as_ref().map_or(0, |rare| rare.attempt)
+    }
+
+    pub(super) fn set_attempt(&mut self, attempt: u32) {
+        if let Some(rare) = self.rare(attempt != 0) {
+            rare.attempt = attempt;
+        }
+    }
+
+    /// Found by a scan while its mtime was this recent (see [`Rare`]).
+    #[cfg(test)]
+    pub(super) fn found_mtime(&self) -> Option<SystemTime> {
+        self.rare.as_ref()?.found_mtime
+    }
+
+    pub(super) fn set_found_mtime(&mut self, found_mtime: Option<SystemTime>) {
+        if let Some(rare) = self.rare(found_mtime.is_some()) {
+            rare.found_mtime = found_mtime;
+        }
+    }
+
+    fn take_found_mtime(&mut self) -> Option<SystemTime> {
+        self.rare.as_mut()?.found_mtime.take()
     }
 }
 
@@ -89,7 +159,7 @@ impl Settle {
             entry
         });
         entry.last_activity = now;
-        entry.found_mtime = None;
+        entry.set_found_mtime(None);
         entry
     }
 
@@ -130,7 +200,7 @@ impl Settle {
         if let Some(from) = self
             .pending
             .get(path.as_str())
-            .and_then(|entry| entry.renamed_from.clone())
+            .and_then(|entry| entry.renamed_from().cloned())
         {
             // It was renamed here and never recorded here: the old name goes,
             // and so does whatever was recorded here before the rename replaced it.
@@ -173,7 +243,7 @@ impl Settle {
             entry.closed = true;
             entry.last_activity = now;
             // Gone or unreadable: nothing to wait for, the worker finds out.
-            entry.found_mtime = modified_time(path);
+            entry.set_found_mtime(modified_time(path));
             self.touched.push(path.clone());
         }
     }
@@ -185,7 +255,7 @@ impl Settle {
         let claimed = |candidate: &str| {
             self.pending
                 .values()
-                .any(|entry| entry.renamed_from.as_deref() == Some(candidate))
+                .any(|entry| entry.renamed_from().map(String::as_str) == Some(candidate))
         };
         if self.pending.contains_key(&*path) || claimed(&path) {
             return;
@@ -222,7 +292,7 @@ impl Settle {
                 .duration_since(*modified)
                 .map_or(true, |age| age < settle)
         });
-        entry.found_mtime = recent;
+        entry.set_found_mtime(recent);
     }
 
     /// At the deadline of a file a scan found while it was recent: `true`
@@ -232,7 +302,7 @@ impl Settle {
         let Some(entry) = self.pending.get_mut(path) else {
             return false;
         };
-        let Some(seen) = entry.found_mtime.take() else {
+        let Some(seen) = entry.take_found_mtime() else {
             return false;
         };
         let Some(modified) = modified_time(path) else {
@@ -246,7 +316,7 @@ impl Settle {
             "{path} was found by a scan and is still being written: waiting for it to settle"
         );
         entry.last_activity = now;
-        entry.found_mtime = Some(modified);
+        entry.set_found_mtime(Some(modified));
         true
     }
 
@@ -315,7 +385,7 @@ fn deadline(entry: &Entry, settle: Duration) -> Instant {
     let quiet = if entry.closed { settle } else { OPEN_WRITER_TIMEOUT };
     let settled = entry.last_activity + quiet;
     entry
-        .not_before
+        .not_before()
         .map_or(settled, |not_before| not_before.max(settled))
 }
 
@@ -324,6 +394,27 @@ mod tests {
     use super::super::tests::Harness;
     use super::*;
     use crate::job::{Dispatch, Job};
+
+    /// What every pending path costs besides its text (BENCHMARKS.md).
+    #[test]
+    fn an_entry_takes_64_bytes_and_stores_the_rare_parts_only_when_set() {
+        assert_eq!(std::mem::size_of::<Entry>(), 64);
+        let now = Instant::now();
+        let mut entry = Entry::new(State::Changed, now);
+        entry.set_renamed_from(None);
+        entry.set_not_before(None);
+        entry.set_attempt(0);
+        entry.set_found_mtime(None);
+        assert!(entry.rare.is_none(), "nothing to store, nothing allocated");
+        entry.set_attempt(2);
+        entry.set_renamed_from(Some("/m/a.flac".into()));
+        assert_eq!(
+            (entry.attempt(), entry.renamed_from().map(String::as_str)),
+            (2, Some("/m/a.flac"))
+        );
+        assert_eq!((entry.not_before(), entry.found_mtime()), (None, None));
+        assert_eq!(entry.into_renamed_from().as_deref(), Some("/m/a.flac"));
+    }
 
     /// A harness whose settle time is 100 ms.
     fn settling_harness() -> Harness {
@@ -420,7 +511,7 @@ mod tests {
             .settle
             .on_found(path.clone(), Some(SystemTime::now()), now);
         let entry = &harness.settle.pending[path.as_str()];
-        assert!(entry.closed && entry.found_mtime.is_none() && entry.last_activity == now);
+        assert!(entry.closed && entry.found_mtime().is_none() && entry.last_activity == now);
         let jobs = harness.pass();
         assert_eq!(jobs.len(), 1, "ready one settle time after the close");
         assert_eq!(jobs[0].job, check(&path));

@@ -197,15 +197,15 @@ impl Settle {
                 Job::Check { path, renamed_from } => {
                     let entry = self.touch(path, now);
                     entry.closed = true;
-                    entry.renamed_from = renamed_from;
+                    entry.set_renamed_from(renamed_from);
                     entry.correlation_id = correlation_id;
-                    entry.attempt = attempt;
+                    entry.set_attempt(attempt);
                 }
                 Job::Gone { path } => {
                     self.mark_removed(path.clone(), now);
                     if let Some(entry) = self.pending.get_mut(&*path) {
                         entry.correlation_id = correlation_id;
-                        entry.attempt = attempt;
+                        entry.set_attempt(attempt);
                     }
                 }
                 job => self.ready.push_back(ReadyItem::Tree {

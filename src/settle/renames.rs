@@ -169,7 +169,7 @@ impl Settle {
                 let renamed_from = carried
                     .as_ref()
                     .map_or(Some(from.clone()), |entry| {
-                        entry.renamed_from.clone().or(Some(from.clone()))
+                        entry.renamed_from().cloned().or(Some(from.clone()))
                     })
                     .filter(|original| *original != to);
                 let correlation_id = carried.map(|entry| entry.correlation_id);
@@ -177,7 +177,7 @@ impl Settle {
                 let entry = self.touch(to, now);
                 entry.state = State::Changed;
                 entry.closed = true;
-                entry.renamed_from = renamed_from;
+                entry.set_renamed_from(renamed_from);
                 if let Some(correlation_id) = correlation_id {
                     entry.correlation_id = correlation_id;
                 }
@@ -200,10 +200,13 @@ impl Settle {
         let earlier = self
             .pending
             .get(to)
-            .and_then(|entry| entry.renamed_from.clone())
+            .and_then(|entry| entry.renamed_from().cloned())
             .filter(|earlier| Some(earlier.as_str()) != origin && earlier != to);
         if let Some(earlier) = earlier {
-            self.pending.get_mut(to).expect("looked up above").renamed_from = None;
+            self.pending
+                .get_mut(to)
+                .expect("looked up above")
+                .set_renamed_from(None);
             self.mark_removed(earlier, now);
         }
     }
@@ -227,10 +230,11 @@ impl Settle {
             .collect();
         for old_path in moved {
             let mut entry = self.pending.remove(&*old_path).expect("key listed above");
-            if let Some(renamed_from) = &entry.renamed_from {
-                if let Some(rebased) = rebase(renamed_from, &from, &to) {
-                    entry.renamed_from = Some(rebased);
-                }
+            if let Some(rebased) = entry
+                .renamed_from()
+                .and_then(|renamed_from| rebase(renamed_from, &from, &to))
+            {
+                entry.set_renamed_from(Some(rebased));
             }
             let new_path = PathKey::from(rebase(&old_path, &from, &to).expect("filtered above"));
             entry.ready = false;
@@ -274,7 +278,7 @@ impl Settle {
             .collect();
         for pending in below {
             let entry = self.pending.remove(&*pending).expect("key listed above");
-            if let Some(original) = entry.renamed_from {
+            if let Some(original) = entry.into_renamed_from() {
                 if original != path && rebase(&original, &path, "").is_none() {
                     self.mark_removed(original, now);
                 }

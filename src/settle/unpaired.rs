@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::dispatch::ReadyItem;
-use super::pending::State;
+use super::pending::{Entry, State};
 use super::{PathKey, Settle, LOG_TARGET};
 use crate::job::{Job, Moved};
 use crate::watch::scan::{Discovery, ScanKind};
@@ -115,7 +115,7 @@ impl Settle {
         let origin = self
             .pending
             .remove(path)
-            .and_then(|entry| entry.renamed_from)
+            .and_then(Entry::into_renamed_from)
             .unwrap_or_else(|| path.to_owned());
         log::debug!(
             target: LOG_TARGET,
@@ -163,7 +163,7 @@ impl Settle {
             && self
                 .pending
                 .get(path)
-                .is_none_or(|entry| !entry.ready && entry.renamed_from.is_none())
+                .is_none_or(|entry| !entry.ready && entry.renamed_from().is_none())
     }
 
     /// Once a held move's walks are done, sends one job that matches every
@@ -239,8 +239,8 @@ impl Settle {
                 entry.state = State::Changed;
                 entry.closed = true;
             }
-            if entry.renamed_from.is_none() {
-                entry.renamed_from = Some(from);
+            if entry.renamed_from().is_none() {
+                entry.set_renamed_from(Some(from));
             }
         }
         for held in ready {
