@@ -224,12 +224,13 @@ impl Drop for QueueReader {
     }
 }
 
-/// Messages published together: the daemon's batch (`BATCH`).
+/// Messages published together (at most): the daemon's batch (`BATCH`).
 const PUBLISH_GROUP: usize = 256;
 
 /// Publishes `bodies` to `exchange` as the daemon does (persistent,
 /// mandatory, routing key `file.created`, the daemon's properties and
-/// headers), keeping at most `window` unconfirmed; returns when the first
+/// headers), in groups of up to [`PUBLISH_GROUP`], keeping at most `window`
+/// unconfirmed; returns when the first
 /// publish started and when the last confirm came. Fails on a nack or a return.
 pub fn publish_windowed(
     url: &str,
@@ -250,7 +251,13 @@ pub fn publish_windowed(
         // Groups of messages published together, as the daemon publishes a
         // batch: each publish waits until lapin's I/O thread has written its
         // frames, so one at a time would cost two thread switches each.
-        for (group, chunk) in bodies.chunks(PUBLISH_GROUP).enumerate() {
+        // (Order within a group does not matter here; the daemon keeps it.)
+        let group_size = PUBLISH_GROUP.min(window);
+        for (group, chunk) in bodies.chunks(group_size).enumerate() {
+            while unconfirmed.len() + chunk.len() > window {
+                let oldest = unconfirmed.pop_front().expect("the window is not empty");
+                acked(oldest.await)?;
+            }
             let publishes = chunk.iter().enumerate().map(|(offset, body)| {
                 channel.basic_publish(
                     exchange.into(),
@@ -260,15 +267,11 @@ pub fn publish_windowed(
                         immediate: false,
                     },
                     body,
-                    properties(group * PUBLISH_GROUP + offset),
+                    properties(group * group_size + offset),
                 )
             });
             for confirm in futures_util::future::join_all(publishes).await {
                 unconfirmed.push_back(confirm.map_err(|error| format!("publish: {error}"))?);
-            }
-            while unconfirmed.len() >= window {
-                let oldest = unconfirmed.pop_front().expect("the window is not empty");
-                acked(oldest.await)?;
             }
         }
         while let Some(confirm) = unconfirmed.pop_front() {
