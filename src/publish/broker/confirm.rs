@@ -136,8 +136,11 @@ impl Broker {
     /// messages confirmed. If the broker stopped reading from us (memory or
     /// disk alarm), the connection is fine and the batch just waits in it:
     /// keep the connection, and the caller resends what was not confirmed
-    /// (same message ids) once the broker unblocks. Otherwise the batch's
-    /// fate is unknown and the connection is abandoned.
+    /// (same message ids) once the broker unblocks. As a batch is queued in
+    /// lapin whole (see `send`), the messages of it that were still queued
+    /// go out when the broker unblocks *and* again with the resend:
+    /// consumers see those twice, with the same `message_id`. Otherwise the
+    /// batch's fate is unknown and the connection is abandoned.
     fn timed_out(&mut self, started: Instant, total: usize, confirmed: usize) -> BrokerError {
         if self.is_blocked() {
             return self.blocked_error();
@@ -222,6 +225,13 @@ fn transfer_allowance(bytes: usize) -> Duration {
 /// publishes of a batch are therefore run together ([`in_order`]): each one
 /// queues its frames on its first poll, in message order, and the I/O
 /// thread writes the whole batch at once.
+///
+/// Per-path order rests on lapin queuing a message's frames (and taking its
+/// delivery tag) before the first point at which `basic_publish` can wait,
+/// as 4.12 does (`Channel::send_method_frame_with_body`). Check it again
+/// when upgrading lapin; `tests/e2e/broker.rs`
+/// (`batches_are_confirmed_and_delivered_in_order`) checks the order of
+/// what arrives.
 async fn send(
     channel: &Channel,
     exchange: &str,

@@ -6,13 +6,18 @@
 //! rows. `apply` runs one READ COMMITTED transaction per change:
 //! - a file change takes `pg_advisory_xact_lock` on a 64-bit hash of each path
 //!   it touches, in byte order of the paths (so two changes never wait on each
-//!   other in a cycle), then locks the present rows `FOR UPDATE`, and only then
+//!   other in a cycle), then locks the rows at those paths `FOR UPDATE` (a
+//!   deleted file's tombstone too: the change is about to write it), and only then
 //!   takes the fresh `stat` the decision rests on. Whoever comes second sees
 //!   the first one's row, so one change observed by two instances produces one
 //!   message;
-//! - a directory rename locks the rows it carries, and the present rows at
-//!   their new paths, with `SELECT … ORDER BY file_path FOR UPDATE` (row locks:
-//!   a tree of ten thousand files would not fit in the advisory lock table).
+//! - a directory rename locks the rows under the old name (tombstones
+//!   included; it carries the present ones) and the rows at their new paths,
+//!   with `SELECT … ORDER BY file_path FOR UPDATE` (row locks: a tree of ten
+//!   thousand files would not fit in the advisory lock table). The
+//!   tombstones make a rename of a directory with a long history of deleted
+//!   files slower; the daemon never prunes them (see the registry's module
+//!   docs for the operator's query that does).
 //!   A file *created* at a new path by another instance while the rename runs
 //!   has no row to lock yet; the rename then overwrites it without a `deleted`
 //!   first. Consumers see `created` then `moved` for the same path, which
@@ -96,8 +101,8 @@ impl PostgresRegistry {
     }
 
     /// Records file changes (`Present`, `Gone`; no two on one path) in one
-    /// transaction: their paths locked in byte order with one statement, their
-    /// present rows locked with another; then, with the paths held, the fresh
+    /// transaction: their paths locked in byte order with one statement, the
+    /// rows at them (tombstones too) with another; then, with the paths held, the fresh
     /// `stat` of each decides it; then every row, tombstone and outbox
     /// message is written with one multi-row statement per table. A change
     /// whose file changed again (`Applied::Changed`) or could not be looked

@@ -83,6 +83,8 @@ impl Session {
         parameters: Parameters<'_>,
     ) -> Result<Vec<Row>, postgres::Error> {
         let mut transaction = self.transaction()?;
+        // Pooled sessions already have `enable_seqscan = off` (`pool.rs`);
+        // said again so that this holds whatever the session's settings.
         transaction.batch_execute("SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off")?;
         let rows = transaction.query(sql, parameters)?;
         transaction.commit()?;
