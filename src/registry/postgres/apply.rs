@@ -486,13 +486,18 @@ fn file_paths(change: &Change) -> Option<Vec<&str>> {
 /// order, for [`present_rows`]: the tombstones too, as `state = 'present'` in
 /// the condition would have the planner read every present row through
 /// `files_present_sha256`.
-pub(super) const LOCK_UNDER: &str = "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, \
-     device, inode, state = 'present' FROM files WHERE file_path > $1 AND file_path < $2 \
-     ORDER BY file_path FOR UPDATE";
+pub(super) const LOCK_UNDER: &str = concat!(
+    "SELECT ",
+    row_columns!(),
+    " FROM files WHERE file_path > $1 AND file_path < $2 ORDER BY file_path FOR UPDATE"
+);
 
 /// Locks the rows at a batch of paths in path order, for [`present_rows`].
-pub(super) const LOCK_ROWS: &str = "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, \
-     device, inode, state = 'present' FROM files WHERE file_path = ANY($1) ORDER BY file_path FOR UPDATE";
+pub(super) const LOCK_ROWS: &str = concat!(
+    "SELECT ",
+    row_columns!(),
+    " FROM files WHERE file_path = ANY($1) ORDER BY file_path FOR UPDATE"
+);
 
 /// Locks the rows at the paths a directory rename moves rows to, in path
 /// order, and says which describe present files.

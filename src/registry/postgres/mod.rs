@@ -78,6 +78,16 @@
 //! [`redact_url`](crate::redact::redact_url) and is exposed only to the
 //! client's configuration; PostgreSQL's own messages never include it.
 
+/// The columns of a batch read of `files` rows: those `row_from_record`
+/// reads, in its order, then `state = 'present'`, which `present_rows`
+/// reads. A macro so that `concat!` can build the statements (`const`s) of
+/// this module and of `apply` from it.
+macro_rules! row_columns {
+    () => {
+        "file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, device, inode, state = 'present'"
+    };
+}
+
 mod apply;
 mod faults;
 mod lock;
@@ -492,8 +502,7 @@ const PRESENT_UNDER: &str = "SELECT file_path FROM files \
      ORDER BY file_path LIMIT $3";
 
 /// The rows at a batch of paths, for [`present_rows`].
-const LOOK_UP_ROWS: &str = "SELECT file_path, size_bytes, mtime_ns, ctime_ns, sha256, xxh128, \
-     device, inode, state = 'present' FROM files WHERE file_path = ANY($1)";
+const LOOK_UP_ROWS: &str = concat!("SELECT ", row_columns!(), " FROM files WHERE file_path = ANY($1)");
 
 /// Marks the rows whose latest message is among `$1` published, locking
 /// them in path order.
@@ -605,15 +614,11 @@ mod tests {
         let registry = PostgresRegistry::connect(&settings, origin).expect("connect to the test database");
         // `in_key_order`: as `Session::query_in_key_order` runs it.
         let explain = |sql: &str, in_key_order: bool| -> String {
-            let settings = if in_key_order {
-                "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off;"
-            } else {
-                ""
-            };
+            let settings = if in_key_order { statements::KEY_ORDER } else { "" };
             registry
                 .read(|session| {
                     let plan = session
-                        .simple_query(&format!("BEGIN; {settings} EXPLAIN {sql}; COMMIT"))
+                        .simple_query(&format!("BEGIN; {settings}; EXPLAIN {sql}; COMMIT"))
                         .map_err(fault("explain"))?;
                     Ok(plan
                         .iter()

@@ -24,6 +24,11 @@ use r2d2::ManageConnection;
 
 type Parameters<'a> = &'a [&'a (dyn ToSql + Sync)];
 
+/// The settings of [`Session::query_in_key_order`]'s transaction. Pooled
+/// sessions already have `enable_seqscan = off` (`pool.rs`); said again so
+/// that this holds whatever the session's settings.
+pub(super) const KEY_ORDER: &str = "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off";
+
 /// A connection and the statements prepared on it.
 pub(super) struct Session {
     client: Client,
@@ -72,7 +77,7 @@ impl Session {
     /// Runs a query that walks an index in key order and stops at a `LIMIT`
     /// (a page of the outbox, of the files under a directory), in a
     /// transaction of its own in which the planner may not scan the table
-    /// whole or through a bitmap. Tables that fill in seconds (an import)
+    /// whole or through a bitmap ([`KEY_ORDER`]). Tables that fill in seconds (an import)
     /// are analyzed long after, and with statistics from when they were
     /// small, the planner takes every row past the page's start for a
     /// handful and sorts them all: 20–50 ms a page at 100,000 rows instead
@@ -83,9 +88,7 @@ impl Session {
         parameters: Parameters<'_>,
     ) -> Result<Vec<Row>, postgres::Error> {
         let mut transaction = self.transaction()?;
-        // Pooled sessions already have `enable_seqscan = off` (`pool.rs`);
-        // said again so that this holds whatever the session's settings.
-        transaction.batch_execute("SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off")?;
+        transaction.batch_execute(KEY_ORDER)?;
         let rows = transaction.query(sql, parameters)?;
         transaction.commit()?;
         Ok(rows)
