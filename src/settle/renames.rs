@@ -273,7 +273,7 @@ impl Settle {
         let below: Vec<PathKey> = self
             .pending
             .keys()
-            .filter(|pending| &***pending == path.as_str() || rebase(pending, &path, "").is_some())
+            .filter(|pending| pending[..] == path[..] || rebase(pending, &path, "").is_some())
             .cloned()
             .collect();
         for pending in below {

@@ -230,8 +230,8 @@ const PUBLISH_GROUP: usize = 256;
 /// Publishes `bodies` to `exchange` as the daemon does (persistent,
 /// mandatory, routing key `file.created`, the daemon's properties and
 /// headers), in groups of up to [`PUBLISH_GROUP`], keeping at most `window`
-/// unconfirmed; returns when the first
-/// publish started and when the last confirm came. Fails on a nack or a return.
+/// unconfirmed; returns when the first publish started and when the last
+/// confirm came. Fails on a nack or a return.
 pub fn publish_windowed(
     url: &str,
     exchange: &str,
