@@ -429,6 +429,58 @@ fn a_batch_commits_every_change_but_the_one_whose_file_changed() {
     assert_eq!(queued, [text(&created), text(&gone), text(&to)]);
 }
 
+/// Marking a batch published writes each row's new version on the row's own
+/// page and no index entry (a HOT update), for rows recorded together and
+/// marked together, as the workers and the publisher do: a page keeps room
+/// for a second version of every row on it, and no index holds
+/// `published_at` (migration 6). Read from the table's statistics, which a
+/// session reports when it ends.
+#[test]
+fn marking_a_recorded_batch_published_is_a_hot_update() {
+    const FILES: usize = 256;
+    let fixture = Fixture::new();
+    let root = fixture.root();
+    let registry = fixture.registry(&root, "one");
+    let paths: Vec<PathBuf> = (0..FILES)
+        .map(|i| root.join(format!("album{}/track{i:03}.flac", i / 16)))
+        .collect();
+    for path in &paths {
+        write(path, &format!("{}", path.display()));
+    }
+    let batch: Vec<(Change, Uuid)> = paths
+        .iter()
+        .map(|path| (present(path, None), Uuid::new_v4()))
+        .collect();
+    let ids: Vec<Uuid> = registry
+        .apply_all(&batch)
+        .into_iter()
+        .flat_map(|answer| recorded(answer.expect("apply")))
+        .map(|message| message.message_id)
+        .collect();
+    assert_eq!(ids.len(), FILES);
+    registry.mark_published(&ids).expect("mark the batch published");
+    drop(registry);
+
+    let schema = fixture.schema().to_owned();
+    let (updated, hot) = fixture.database.wait_until(
+        "the registry's sessions to report their updates",
+        LOCK_WAIT,
+        |database| {
+            let record = &database.query(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables \
+                 WHERE schemaname = $1 AND relname = 'files'",
+                &[&schema],
+            )[0];
+            let counts: (i64, i64) = (record.get(0), record.get(1));
+            (counts.0 >= FILES as i64).then_some(counts)
+        },
+    );
+    assert_eq!((updated, hot), (FILES as i64, FILES as i64));
+    assert!(paths
+        .iter()
+        .all(|path| fixture.row(path).unwrap().published_at.is_some()));
+}
+
 #[test]
 fn stale_observation_never_overwrites_a_newer_one() {
     let fixture = Fixture::new();

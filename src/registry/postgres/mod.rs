@@ -44,9 +44,13 @@
 //! SELECT file_path FROM files WHERE sha256 = $1 AND state = 'present' ORDER BY file_path;
 //! ```
 //!
-//! Changes whose message has not been confirmed yet (index `files_unpublished`):
+//! Changes whose message has not been confirmed yet: the outbox holds them
+//! in order; the file rows say the same, but no index serves
+//! `published_at` (an index on it would keep the published mark from being
+//! a HOT update, migration 6), so this reads the whole table:
 //!
 //! ```sql
+//! SELECT message_id, file_path, created_at FROM outbox ORDER BY id;
 //! SELECT file_path, last_event, message_id, updated_at FROM files WHERE published_at IS NULL;
 //! ```
 //!
@@ -505,7 +509,8 @@ const PRESENT_UNDER: &str = "SELECT file_path FROM files \
 const LOOK_UP_ROWS: &str = concat!("SELECT ", row_columns!(), " FROM files WHERE file_path = ANY($1)");
 
 /// Marks the rows whose latest message is among `$1` published, locking
-/// them in path order.
+/// them in path order. Found through `files_message_id`; a HOT update, as
+/// no index holds `published_at` (migration 6).
 const MARK_ROWS_PUBLISHED: &str = "UPDATE files SET published_at = now() WHERE file_path IN ( \
      SELECT file_path FROM files \
      WHERE published_at IS NULL AND message_id = ANY($1::text[]::uuid[]) \
@@ -691,8 +696,8 @@ mod tests {
             .get(0);
         let plan = explain(&MARK_ROWS_PUBLISHED.replace("$1", &format!("'{ids}'")), false);
         assert!(
-            plan.contains("files_unpublished") && !plan.contains("Seq Scan"),
-            "MARK_ROWS_PUBLISHED does not find its rows through files_unpublished:\n{plan}"
+            plan.contains("files_message_id") && !plan.contains("Seq Scan"),
+            "MARK_ROWS_PUBLISHED does not find its rows through files_message_id:\n{plan}"
         );
 
         // Rows of deleted files at the paths are read, and left out.
