@@ -45,7 +45,8 @@ pub(super) fn build(
         // it costs one round trip per batch.
         .connection_customizer(Box::new(SessionSettings {
             statement: format!(
-                "SET search_path TO {}; SET plan_cache_mode = force_custom_plan; SET enable_seqscan = off",
+                "SET search_path TO {}; SET plan_cache_mode = force_custom_plan; \
+                 SET enable_seqscan = off; SET enable_bitmapscan = off",
                 quote_identifier(schema)
             ),
         }))
@@ -128,6 +129,17 @@ impl PostgresRegistry {
 /// `files` whole for each batch, a cost that grows with the table. The
 /// setting only makes a sequential scan the last resort: a statement with
 /// no index to use still scans.
+///
+/// Why no bitmap scans: the pages read in key order (the outbox from a
+/// position, the present files under a directory for the sweep) stop at a
+/// `LIMIT`. On a table that filled faster than it was analyzed, the planner
+/// answered them with a bitmap scan of every row past the page's start and
+/// a sort, 20–50 ms a page at 100,000 rows; a walk of the index in order
+/// reads about the page. Every other statement looks rows up by key, where
+/// an index scan serves as well. Set for the session rather than around each
+/// page (`SET LOCAL` in a transaction of its own), which took four round
+/// trips per read of the outbox instead of one (BENCHMARKS.md, "Round trips
+/// at a trickle").
 #[derive(Debug)]
 struct SessionSettings {
     statement: String,

@@ -24,11 +24,6 @@ use r2d2::ManageConnection;
 
 type Parameters<'a> = &'a [&'a (dyn ToSql + Sync)];
 
-/// The settings of [`Session::query_in_key_order`]'s transaction. Pooled
-/// sessions already have `enable_seqscan = off` (`pool.rs`); said again so
-/// that this holds whatever the session's settings.
-pub(super) const KEY_ORDER: &str = "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off";
-
 /// A connection and the statements prepared on it.
 pub(super) struct Session {
     client: Client,
@@ -72,26 +67,6 @@ impl Session {
     ) -> Result<Option<Row>, postgres::Error> {
         let statement = self.statements.get(sql, |sql| self.client.prepare(sql))?;
         self.client.query_opt(&statement, parameters)
-    }
-
-    /// Runs a query that walks an index in key order and stops at a `LIMIT`
-    /// (a page of the outbox, of the files under a directory), in a
-    /// transaction of its own in which the planner may not scan the table
-    /// whole or through a bitmap ([`KEY_ORDER`]). Tables that fill in seconds (an import)
-    /// are analyzed long after, and with statistics from when they were
-    /// small, the planner takes every row past the page's start for a
-    /// handful and sorts them all: 20–50 ms a page at 100,000 rows instead
-    /// of a fraction of a millisecond.
-    pub(super) fn query_in_key_order(
-        &mut self,
-        sql: &'static str,
-        parameters: Parameters<'_>,
-    ) -> Result<Vec<Row>, postgres::Error> {
-        let mut transaction = self.transaction()?;
-        transaction.batch_execute(KEY_ORDER)?;
-        let rows = transaction.query(sql, parameters)?;
-        transaction.commit()?;
-        Ok(rows)
     }
 
     /// Starts a transaction whose statements go through this session's cache.
@@ -140,12 +115,6 @@ impl Transaction<'_> {
     ) -> Result<u64, postgres::Error> {
         let statement = self.statements.get(sql, |sql| self.inner.prepare(sql))?;
         self.inner.execute(&statement, parameters)
-    }
-
-    /// Runs `sql` as it stands: the simple protocol, nothing prepared, no
-    /// parameters (settings such as `SET LOCAL`).
-    pub(super) fn batch_execute(&mut self, sql: &str) -> Result<(), postgres::Error> {
-        self.inner.batch_execute(sql)
     }
 
     pub(super) fn commit(self) -> Result<(), postgres::Error> {
