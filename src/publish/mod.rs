@@ -213,7 +213,7 @@ impl Publisher {
             let deadline = stopping.then(|| Instant::now() + final_drain);
             // A connection lost while idle is made again at once, so that
             // `/readyz` (and the first message after) need not wait for it.
-            match self.drain(deadline, failures > 0 || !connected) {
+            match self.drain(&wake, deadline, failures > 0 || !connected) {
                 Ok(published) => {
                     if published > 0 {
                         if failures > 0 {
@@ -258,15 +258,21 @@ impl Publisher {
     /// Publishes until the outbox is empty (or the deadline passes); returns
     /// how many messages the sink confirmed. With `reach_sink` (the last
     /// attempts failed), an empty outbox is the moment to try to reach a
-    /// sink that is not connected.
-    fn drain(&mut self, deadline: Option<Instant>, reach_sink: bool) -> Result<usize, SinkError> {
+    /// sink that is not connected. `wake` carries the workers' nudges, which
+    /// tell the window whether reading the outbox again can find anything.
+    fn drain(
+        &mut self,
+        wake: &Receiver<()>,
+        deadline: Option<Instant>,
+        reach_sink: bool,
+    ) -> Result<usize, SinkError> {
         let mut published = 0;
         loop {
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 return Ok(published);
             }
             if self.sink.window().is_some() {
-                match self.drain_window(deadline, &mut published) {
+                match self.drain_window(wake, deadline, &mut published) {
                     Ok(window::Drained::Empty) => return self.drained(published, deadline, reach_sink),
                     Ok(window::Drained::Deadline) => return Ok(published),
                     // The broker closed the channel over the window: find the
@@ -424,7 +430,8 @@ mod tests {
             health: Arc::new(Health::default()),
             counters: Arc::default(),
         };
-        assert_eq!(publisher.drain(None, false).unwrap(), 2);
+        let (_nudge, wake) = crossbeam_channel::bounded(1);
+        assert_eq!(publisher.drain(&wake, None, false).unwrap(), 2);
         assert!(registry.outgoing(10).unwrap().is_empty());
     }
 

@@ -23,11 +23,20 @@
 //! passed; the publisher therefore reads from the start of the outbox again
 //! whenever the window empties and at least every [`REREAD_EVERY`],
 //! skipping what it already sent.
+//!
+//! Reads that can find nothing are skipped. The workers nudge the publisher
+//! (`wake`) after every commit that queued a message, and a read takes the
+//! nudge waiting when it starts: a read sees every commit before it. So
+//! once the reads have caught up, the outbox is read on only if a nudge is
+//! waiting, and read from its start when the window empties only if a
+//! nudge came since the last read from the start. At a trickle (a file now
+//! and then) a message costs one read and one mark, not three reads.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Receiver;
 use uuid::Uuid;
 
 use super::{Delivery, Publisher, SinkError, BATCH};
@@ -55,6 +64,9 @@ struct Sent {
     in_flight: usize,
     /// Where the next read of the outbox starts; `None` at its start.
     position: Option<u64>,
+    /// A read past the start took a nudge since the last read from the
+    /// start: a message committed meanwhile may sit behind `position`.
+    behind: bool,
 }
 
 /// How a windowed drain ended.
@@ -70,13 +82,15 @@ impl Publisher {
     /// `deadline` passes, adding what was confirmed (and marked) to
     /// `published`. On `Err`, what was confirmed is marked first (if the
     /// registry lets it), and the rest is left in the outbox.
+    /// `wake` is the workers' nudge (see the module docs).
     pub(super) fn drain_window(
         &mut self,
+        wake: &Receiver<()>,
         deadline: Option<Instant>,
         published: &mut usize,
     ) -> Result<Drained, SinkError> {
         let mut sent = Sent::default();
-        let outcome = self.fill_and_confirm(deadline, &mut sent, published);
+        let outcome = self.fill_and_confirm(wake, deadline, &mut sent, published);
         if outcome.is_err() {
             if let Some(window) = self.sink.window() {
                 window.forget();
@@ -91,6 +105,7 @@ impl Publisher {
 
     fn fill_and_confirm(
         &mut self,
+        wake: &Receiver<()>,
         deadline: Option<Instant>,
         sent: &mut Sent,
         published: &mut usize,
@@ -107,6 +122,13 @@ impl Publisher {
                 if !rereading && Instant::now() >= reread_at {
                     sent.position = None;
                     rereading = true;
+                }
+                // This read sees whatever the nudge waiting now was for.
+                let nudged = wake.try_recv().is_ok();
+                if sent.position.is_none() {
+                    sent.behind = false;
+                } else if nudged {
+                    sent.behind = true;
                 }
                 let page = self
                     .registry
@@ -146,7 +168,10 @@ impl Publisher {
                 if past_deadline {
                     return Ok(Drained::Deadline);
                 }
-                if caught_up && sent.position.is_none() {
+                // Caught up, and either the last read was from the start
+                // and found nothing, or nothing was committed since the
+                // last read from the start.
+                if caught_up && (sent.position.is_none() || (!sent.behind && wake.is_empty())) {
                     return Ok(Drained::Empty);
                 }
                 sent.position = None;
@@ -164,8 +189,11 @@ impl Publisher {
                 self.mark(sent, published)?;
             }
             if unconfirmed == 0 {
-                // Room in the window: look for what was recorded meanwhile.
-                caught_up = false;
+                // Room in the window: read on if something was recorded
+                // meanwhile (or the last page was full).
+                if !wake.is_empty() {
+                    caught_up = false;
+                }
                 continue;
             }
             // Not confirmed whole: everything sent after it goes again later.
@@ -217,45 +245,78 @@ mod tests {
     use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};
 
+    use crossbeam_channel::Sender;
+
     use super::*;
     use crate::message::{EventType, Origin};
     use crate::publish::{Sink, Window};
     use crate::registry::{Applied, Change, Health, Registry, RegistryError, Row};
 
-    /// An outbox and nothing else; it records every marking, and can keep
-    /// one message out of sight for a number of reads, as a transaction
-    /// that commits late would.
-    #[derive(Default)]
+    /// An outbox and nothing else; it records every marking and counts the
+    /// reads, and can keep one message out of sight for a number of reads,
+    /// as a transaction that commits late would (which then nudges the
+    /// publisher, as a worker does after its commit).
     struct Outbox {
         queued: Mutex<Vec<Queued>>,
         marks: Mutex<Vec<usize>>,
+        reads: Mutex<usize>,
         late: Mutex<Option<(u64, usize)>>,
         /// How long each read takes.
         read_time: Duration,
+        nudge: Sender<()>,
+        wake: Receiver<()>,
+    }
+
+    impl Default for Outbox {
+        fn default() -> Outbox {
+            let (nudge, wake) = crossbeam_channel::bounded(1);
+            Outbox {
+                queued: Mutex::default(),
+                marks: Mutex::default(),
+                reads: Mutex::default(),
+                late: Mutex::default(),
+                read_time: Duration::ZERO,
+                nudge,
+                wake,
+            }
+        }
     }
 
     impl Outbox {
         fn holding(count: usize) -> Arc<Outbox> {
+            let outbox = Outbox::default();
+            for _ in 0..count {
+                outbox.record();
+            }
+            let _ = outbox.wake.try_recv();
+            Arc::new(outbox)
+        }
+
+        /// Queues one more message and nudges the publisher, as a worker does.
+        fn record(&self) {
+            let mut queued = self.queued.lock().unwrap();
+            let position = queued.last().map_or(1, |last| last.position + 1);
             let origin = Origin {
                 instance_id: "window".into(),
                 watched_directory: "/music".into(),
             };
-            let queued = (1..=count as u64)
-                .map(|position| Queued {
-                    position,
-                    message: origin.message(
-                        EventType::Deleted,
-                        &format!("/music/{position:05}.flac"),
-                        None,
-                        Uuid::new_v4(),
-                        None,
-                    ),
-                })
-                .collect();
-            Arc::new(Outbox {
-                queued: Mutex::new(queued),
-                ..Outbox::default()
-            })
+            queued.push(Queued {
+                position,
+                message: origin.message(
+                    EventType::Deleted,
+                    &format!("/music/{position:05}.flac"),
+                    None,
+                    Uuid::new_v4(),
+                    None,
+                ),
+            });
+            let _ = self.nudge.try_send(());
+        }
+
+        /// Drains `publisher` as its thread would after a nudge.
+        fn drain(&self, publisher: &mut Publisher) -> Result<usize, SinkError> {
+            let _ = self.wake.try_recv();
+            publisher.drain(&self.wake, None, false)
         }
 
         fn ids(&self) -> Vec<Uuid> {
@@ -279,10 +340,15 @@ mod tests {
 
         fn outgoing_after(&self, after: Option<u64>, limit: usize) -> Result<Vec<Queued>, RegistryError> {
             std::thread::sleep(self.read_time);
+            *self.reads.lock().unwrap() += 1;
             let mut late = self.late.lock().unwrap();
             let hidden = match late.as_mut() {
                 Some((position, reads)) if *reads > 0 => {
                     *reads -= 1;
+                    if *reads == 0 {
+                        // Committed now; seen from the next read on.
+                        let _ = self.nudge.try_send(());
+                    }
                     Some(*position)
                 }
                 _ => None,
@@ -309,7 +375,9 @@ mod tests {
     }
 
     /// A broker in a box: keeps what is sent, confirms the oldest batch when
-    /// asked, nacks the messages in `nack` (once each).
+    /// asked, nacks the messages in `nack` (once each); while it confirms
+    /// the first `recording` batches, a worker records one more message in
+    /// `outbox`.
     #[derive(Default)]
     struct Wire {
         in_flight: VecDeque<Vec<Message>>,
@@ -318,6 +386,8 @@ mod tests {
         /// The most messages unconfirmed at once.
         most_in_flight: Arc<Mutex<usize>>,
         nack: HashSet<Uuid>,
+        recording: usize,
+        outbox: Option<Arc<Outbox>>,
     }
 
     impl Sink for Wire {
@@ -345,6 +415,10 @@ mod tests {
 
         fn confirm_oldest(&mut self) -> Option<Result<(Vec<Message>, Delivery), SinkError>> {
             let batch = self.in_flight.pop_front()?;
+            if let (Some(outbox), 1..) = (&self.outbox, self.recording) {
+                self.recording -= 1;
+                outbox.record();
+            }
             let confirmed = batch
                 .iter()
                 .map(|message| message.message_id)
@@ -376,7 +450,7 @@ mod tests {
         let (sent, most) = (wire.sent.clone(), wire.most_in_flight.clone());
         let mut publisher = publisher(&outbox, wire);
 
-        assert_eq!(publisher.drain(None, false).unwrap(), count);
+        assert_eq!(outbox.drain(&mut publisher).unwrap(), count);
         assert_eq!(*sent.lock().unwrap(), recorded, "each once, in recorded order");
         assert!(outbox.ids().is_empty());
         // Several batches on the wire at once, not batch-then-wait.
@@ -401,7 +475,7 @@ mod tests {
         let sent = wire.sent.clone();
         let mut publisher = publisher(&outbox, wire);
 
-        let error = publisher.drain(None, false).unwrap_err();
+        let error = outbox.drain(&mut publisher).unwrap_err();
         assert!(matches!(error, SinkError::Unavailable(_)), "{error:?}");
         // Everything from the nacked message on is still waiting, in order;
         // the batch after it was on the wire too, and is not marked.
@@ -409,7 +483,7 @@ mod tests {
         assert!(sent.lock().unwrap().len() > nacked + BATCH);
 
         sent.lock().unwrap().clear();
-        assert_eq!(publisher.drain(None, false).unwrap(), 3 * BATCH - nacked);
+        assert_eq!(outbox.drain(&mut publisher).unwrap(), 3 * BATCH - nacked);
         assert_eq!(*sent.lock().unwrap(), recorded[nacked..]);
         assert!(outbox.ids().is_empty());
     }
@@ -424,7 +498,7 @@ mod tests {
         let sent = wire.sent.clone();
         let mut publisher = publisher(&outbox, wire);
 
-        assert_eq!(publisher.drain(None, false).unwrap(), 2 * BATCH);
+        assert_eq!(outbox.drain(&mut publisher).unwrap(), 2 * BATCH);
         assert!(outbox.ids().is_empty());
         let sent = sent.lock().unwrap();
         assert_eq!(sent.len(), 2 * BATCH, "each once");
@@ -443,8 +517,43 @@ mod tests {
         let outbox = Arc::new(outbox);
         let mut publisher = publisher(&outbox, Wire::default());
         let (done, drained) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || done.send(publisher.drain(None, false).unwrap()));
+        std::thread::spawn(move || done.send(outbox.drain(&mut publisher).unwrap()));
         let drained = drained.recv_timeout(Duration::from_secs(60));
         assert_eq!(drained, Ok(3 * WINDOW));
+    }
+
+    /// A message recorded alone, while nothing else happens, costs one read
+    /// of the outbox and one mark: the reads that could find nothing new
+    /// (no nudge since) are skipped.
+    #[test]
+    fn a_message_recorded_alone_is_read_once_and_marked_once() {
+        let outbox = Outbox::holding(0);
+        let mut publisher = publisher(&outbox, Wire::default());
+        outbox.record();
+        assert_eq!(outbox.drain(&mut publisher).unwrap(), 1);
+        assert!(outbox.ids().is_empty());
+        assert_eq!(*outbox.reads.lock().unwrap(), 1);
+        assert_eq!(*outbox.marks.lock().unwrap(), [1]);
+    }
+
+    /// Messages recorded while earlier ones wait for their confirms go out
+    /// in the same drain: the nudge sends the publisher back to the outbox.
+    #[test]
+    fn messages_recorded_during_a_confirm_go_out_in_the_same_drain() {
+        let outbox = Outbox::holding(0);
+        let wire = Wire {
+            recording: 3,
+            outbox: Some(outbox.clone()),
+            ..Wire::default()
+        };
+        let sent = wire.sent.clone();
+        let mut publisher = publisher(&outbox, wire);
+        outbox.record();
+        let recorded_first = outbox.ids();
+        assert_eq!(outbox.drain(&mut publisher).unwrap(), 4);
+        assert!(outbox.ids().is_empty());
+        let sent = sent.lock().unwrap();
+        assert_eq!(sent.len(), 4, "each once");
+        assert_eq!(sent[0], recorded_first[0]);
     }
 }
