@@ -41,8 +41,9 @@ pub(super) fn build(
         .connection_timeout(settings.connect_timeout)
         // r2d2 tests each connection it hands out (an empty query). Kept:
         // without it, after an outage every idle connection the server cut
-        // fails once more, each a new "unavailable" and a hold; with batches
-        // it costs one round trip per batch.
+        // fails once more, each a new "unavailable" and a hold. Skipped for
+        // a connection that came back unbroken within the last second
+        // (`statements::KNOWN_GOOD_FOR`).
         .connection_customizer(Box::new(SessionSettings {
             statement: format!(
                 "SET search_path TO {}; SET plan_cache_mode = force_custom_plan; \

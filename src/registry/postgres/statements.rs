@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
+use std::time::{Duration, Instant};
 
 use postgres::types::ToSql;
 use postgres::{Client, Row, Statement};
@@ -28,7 +29,19 @@ type Parameters<'a> = &'a [&'a (dyn ToSql + Sync)];
 pub(super) struct Session {
     client: Client,
     statements: Statements,
+    /// When the connection last came back to the pool unbroken, or passed
+    /// the pool's test.
+    known_good: Instant,
 }
+
+/// A connection that came back to the pool unbroken this recently is handed
+/// out again without r2d2's test (an empty query, one round trip). The test
+/// is there for connections the server cut while they sat idle (an outage,
+/// a restart): after one, each would otherwise fail once more. A connection
+/// in steady use has just proved itself; at a trickle, where every batch
+/// is one file, the test was a fifth of the round trips per message
+/// (BENCHMARKS.md, "Round trips at a trickle").
+const KNOWN_GOOD_FOR: Duration = Duration::from_secs(1);
 
 /// Prepared statements of one connection, by SQL text.
 #[derive(Default)]
@@ -134,14 +147,25 @@ impl<M: ManageConnection<Connection = Client, Error = postgres::Error>> ManageCo
         Ok(Session {
             client: self.0.connect()?,
             statements: Statements::default(),
+            known_good: Instant::now(),
         })
     }
 
     fn is_valid(&self, session: &mut Session) -> Result<(), postgres::Error> {
-        self.0.is_valid(&mut session.client)
+        if session.known_good.elapsed() < KNOWN_GOOD_FOR {
+            return Ok(());
+        }
+        self.0.is_valid(&mut session.client)?;
+        session.known_good = Instant::now();
+        Ok(())
     }
 
+    /// Called by r2d2 when a connection comes back to the pool.
     fn has_broken(&self, session: &mut Session) -> bool {
-        self.0.has_broken(&mut session.client)
+        let broken = self.0.has_broken(&mut session.client);
+        if !broken {
+            session.known_good = Instant::now();
+        }
+        broken
     }
 }
