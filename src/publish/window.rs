@@ -21,7 +21,8 @@
 //! ([`Queued::position`]). Transactions commit out of the order their rows
 //! were numbered in, so a message can appear behind that place after it was
 //! passed; the publisher therefore reads from the start of the outbox again
-//! whenever the window empties and at least every [`REREAD_EVERY`],
+//! when the window empties (unless, as below, that read cannot find
+//! anything) and at least every [`REREAD_EVERY`] while it stays busy,
 //! skipping what it already sent.
 //!
 //! Reads that can find nothing are skipped. The workers nudge the publisher
@@ -48,8 +49,8 @@ use crate::registry::Queued;
 pub const WINDOW: usize = 4 * BATCH;
 /// Confirmed messages marked published in one transaction, at most.
 pub const MARK_EVERY: usize = 4 * BATCH;
-/// How long a message recorded behind the read position may wait before
-/// the outbox is read from its start again.
+/// How long a message recorded behind the read position may wait, while
+/// the window stays busy, before the outbox is read from its start again.
 const REREAD_EVERY: Duration = Duration::from_millis(200);
 
 /// The publisher's side of the window: what it sent and where it read.
@@ -66,7 +67,7 @@ struct Sent {
     position: Option<u64>,
     /// A read past the start took a nudge since the last read from the
     /// start: a message committed meanwhile may sit behind `position`.
-    behind: bool,
+    maybe_behind: bool,
 }
 
 /// How a windowed drain ended.
@@ -126,9 +127,9 @@ impl Publisher {
                 // This read sees whatever the nudge waiting now was for.
                 let nudged = wake.try_recv().is_ok();
                 if sent.position.is_none() {
-                    sent.behind = false;
+                    sent.maybe_behind = false;
                 } else if nudged {
-                    sent.behind = true;
+                    sent.maybe_behind = true;
                 }
                 let page = self
                     .registry
@@ -162,8 +163,8 @@ impl Publisher {
                 self.window().send(batch)?;
             }
             let Some(outcome) = self.window().confirm_oldest() else {
-                // Nothing in flight: mark what was confirmed, then either a
-                // read from the start found nothing new, or read from the start.
+                // Nothing in flight: mark what was confirmed; then done, or
+                // read from the start if that can find anything.
                 self.mark(sent, published)?;
                 if past_deadline {
                     return Ok(Drained::Deadline);
@@ -171,7 +172,7 @@ impl Publisher {
                 // Caught up, and either the last read was from the start
                 // and found nothing, or nothing was committed since the
                 // last read from the start.
-                if caught_up && (sent.position.is_none() || (!sent.behind && wake.is_empty())) {
+                if caught_up && (sent.position.is_none() || (!sent.maybe_behind && wake.is_empty())) {
                     return Ok(Drained::Empty);
                 }
                 sent.position = None;
@@ -537,7 +538,10 @@ mod tests {
     }
 
     /// Messages recorded while earlier ones wait for their confirms go out
-    /// in the same drain: the nudge sends the publisher back to the outbox.
+    /// in the same drain, read on while the window is open: the nudge sends
+    /// the publisher back to the outbox after each confirm, and all four
+    /// are marked together once the window empties (not one by one, as
+    /// rereads from the start after each emptying would).
     #[test]
     fn messages_recorded_during_a_confirm_go_out_in_the_same_drain() {
         let outbox = Outbox::holding(0);
@@ -555,5 +559,6 @@ mod tests {
         let sent = sent.lock().unwrap();
         assert_eq!(sent.len(), 4, "each once");
         assert_eq!(sent[0], recorded_first[0]);
+        assert_eq!(*outbox.marks.lock().unwrap(), [4]);
     }
 }
