@@ -72,6 +72,29 @@ impl Fixture {
         self.database.client()
     }
 
+    /// Settings whose sessions carry an `application_name` of their own, so
+    /// that [`Fixture::terminate`] can end them from outside.
+    fn named_settings(&self, pool_size: u32, label: &str) -> PostgresSettings {
+        let mut settings = self.settings(pool_size);
+        let application = format!("{label}-{}", self.schema());
+        settings.url =
+            with_parameter(settings.url.expose(), &format!("application_name={application}")).into();
+        settings
+    }
+
+    /// Ends the server sessions of [`Fixture::named_settings`]`(_, label)`,
+    /// waiting (up to 10 s) until each backend is gone, and its locks with
+    /// it; returns how many there were.
+    fn terminate(&self, admin: &mut Client, label: &str) -> u64 {
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity \
+                 WHERE application_name = $1",
+                &[&format!("{label}-{}", self.schema())],
+            )
+            .expect("terminate the sessions")
+    }
+
     /// The `files` row of `path`, if there is one.
     fn row(&self, path: &Path) -> Option<FileRow> {
         self.database.row(&text(path))
@@ -891,30 +914,18 @@ fn instance_lock_admits_one_holder() {
 #[test]
 fn instance_lock_is_taken_again_after_the_connection_is_lost() {
     let fixture = Fixture::new();
-    let application = format!("lock-{}", fixture.schema());
-    let mut settings = fixture.settings(1);
-    settings.url = with_parameter(settings.url.expose(), &format!("application_name={application}")).into();
+    let settings = fixture.named_settings(1, "lock");
     let mut lock = InstanceLock::acquire(&settings, "worker-1").unwrap();
     let mut admin = fixture.sql();
-    let terminate = |admin: &mut Client| {
-        // Waits (up to 10 s) until the backend is gone, and its locks with it.
-        admin
-            .execute(
-                "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity \
-                 WHERE application_name = $1",
-                &[&application],
-            )
-            .unwrap()
-    };
 
-    assert_eq!(terminate(&mut admin), 1);
+    assert_eq!(fixture.terminate(&mut admin, "lock"), 1);
     lock.verify().expect("reconnected and locked again");
     assert!(matches!(
         InstanceLock::acquire(&fixture.settings(1), "worker-1"),
         Err(LockError::HeldElsewhere { .. })
     ));
 
-    assert_eq!(terminate(&mut admin), 1);
+    assert_eq!(fixture.terminate(&mut admin, "lock"), 1);
     let _successor = InstanceLock::acquire(&fixture.settings(1), "worker-1").expect("free");
     match lock.verify() {
         Err(LockError::HeldElsewhere { instance_id }) => assert_eq!(instance_id, "worker-1"),
@@ -929,22 +940,13 @@ fn instance_lock_is_taken_again_after_the_connection_is_lost() {
 #[test]
 fn a_pooled_connection_the_server_cut_while_idle_is_replaced_before_use() {
     let fixture = Fixture::new();
-    let application = format!("idle-{}", fixture.schema());
-    let mut settings = fixture.settings(1);
-    settings.url = with_parameter(settings.url.expose(), &format!("application_name={application}")).into();
+    let settings = fixture.named_settings(1, "idle");
     let root = fixture.root();
     let registry = connect(&settings, &root, "one");
     let path = text(&root.join("a.flac"));
     assert_eq!(registry.lookup(&path).expect("look up"), None);
 
-    let terminated = fixture
-        .sql()
-        .execute(
-            "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity \
-             WHERE application_name = $1",
-            &[&application],
-        )
-        .expect("terminate the pooled connection");
+    let terminated = fixture.terminate(&mut fixture.sql(), "idle");
     assert!(terminated >= 1, "the pool holds a connection");
     thread::sleep(Duration::from_millis(1500));
     assert_eq!(
