@@ -72,11 +72,16 @@ impl Fixture {
         self.database.client()
     }
 
+    /// The `application_name` of this test's sessions made with `label`.
+    fn application_name(&self, label: &str) -> String {
+        format!("{label}-{}", self.schema())
+    }
+
     /// Settings whose sessions carry an `application_name` of their own, so
     /// that [`Fixture::terminate`] can end them from outside.
     fn named_settings(&self, pool_size: u32, label: &str) -> PostgresSettings {
         let mut settings = self.settings(pool_size);
-        let application = format!("{label}-{}", self.schema());
+        let application = self.application_name(label);
         settings.url =
             with_parameter(settings.url.expose(), &format!("application_name={application}")).into();
         settings
@@ -90,7 +95,7 @@ impl Fixture {
             .execute(
                 "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity \
                  WHERE application_name = $1",
-                &[&format!("{label}-{}", self.schema())],
+                &[&self.application_name(label)],
             )
             .expect("terminate the sessions")
     }
