@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 
 use crate::filter::{Filter, FilterError};
 use crate::redact::{Secret, SecretUrl};
@@ -132,6 +132,32 @@ pub struct Args {
     /// An operator command instead of the daemon (the default).
     #[command(subcommand)]
     pub command: Option<crate::ops::Command>,
+}
+
+impl Args {
+    /// The command line and the environment, as [`Parser::parse`] reads
+    /// them, except that a variable set to the empty string counts as unset:
+    /// compose (`KEY: ${KEY:-}`), systemd (`Environment=KEY=`) and `.env`
+    /// files write empty values for settings meant to keep their default.
+    /// An empty flag (`--settle-ms ''`) is still checked, and refused where
+    /// it is not a valid value.
+    pub fn from_environment_and_command_line() -> Args {
+        let mut command = Args::command();
+        let empty: Vec<clap::Id> = command
+            .get_arguments()
+            .filter(|arg| {
+                arg.get_env()
+                    .and_then(std::env::var_os)
+                    .is_some_and(|value| value.is_empty())
+            })
+            .map(|arg| arg.get_id().clone())
+            .collect();
+        for id in empty {
+            command = command.mut_arg(id, |arg| arg.env(None));
+        }
+        let mut matches = command.get_matches_mut();
+        Args::from_arg_matches_mut(&mut matches).unwrap_or_else(|error| error.format(&mut command).exit())
+    }
 }
 
 /// Validated configuration. There is deliberately no `Default`: every

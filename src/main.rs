@@ -17,13 +17,12 @@ static ALLOCATOR_SETTINGS: &[u8; 23] = b"narenas:1,tcache:false\0";
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use file_watcher::config::{Args, Config};
 use file_watcher::observe::server::Listener;
 use file_watcher::{logging, ops, pipeline, shutdown};
 
 fn main() -> ExitCode {
-    let mut args = Args::parse();
+    let mut args = Args::from_environment_and_command_line();
     let command = args.command.take();
     let config = match Config::from_args(args) {
         Ok(config) => config,

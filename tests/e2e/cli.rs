@@ -118,6 +118,50 @@ fn bad_flag_values_exit_2_naming_flag_and_value() {
     assert!(problems.is_empty(), "{}", problems.join("\n\n"));
 }
 
+/// Every variable `--help` names (`[env: NAME=…]`, or `[env: NAME]` for
+/// those whose values it hides).
+fn documented_variables() -> Vec<String> {
+    let help = Daemon::builder().arg("--help").run().stdout_text();
+    help.split("[env: ")
+        .skip(1)
+        .map(|rest| rest.split(['=', ']']).next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[test]
+fn empty_environment_values_count_as_unset() {
+    let variables = documented_variables();
+    assert!(
+        variables.len() >= CONFIG_VARIABLES.len(),
+        "--help names only {variables:?}"
+    );
+    let mut builder = Daemon::builder().directory_as_argument();
+    for name in &variables {
+        builder = builder.env(name, "");
+    }
+    let daemon = builder.start();
+    // The defaults hold: the audio extensions, the exclusions, the settle time.
+    write_file(&daemon.path("song.flac"), b"announced");
+    write_file(&daemon.path("song.flac.part"), b"excluded by default");
+    write_file(&daemon.path("notes.txt"), b"not an audio extension");
+    daemon.wait_for_event("created", &daemon.path_str("song.flac"));
+    assert_eq!(
+        summary(&daemon.barrier()),
+        vec![("created".to_owned(), daemon.path_str("song.flac"))]
+    );
+    let ready = daemon.wait_for_stderr(": ready:", DEADLINE);
+    assert!(
+        ready.contains("settle 500 ms"),
+        "not the default settle time: {ready}"
+    );
+}
+
+#[test]
+fn an_empty_flag_value_is_still_checked() {
+    let problem = check_rejected(Daemon::builder().arg("--settle-ms="), "--settle-ms", "\"\"");
+    assert!(problem.is_none(), "{}", problem.unwrap_or_default());
+}
+
 fn missing_directory() -> String {
     std::env::temp_dir()
         .join(format!("file-watcher-missing-{}", uuid::Uuid::new_v4()))
