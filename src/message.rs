@@ -110,12 +110,63 @@ pub struct Message {
 }
 
 impl Message {
-    pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a message always serializes")
+    /// The body as recorded and sent; [`Encoded`] keeps it with the message.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a message always serializes")
     }
 
     pub fn routing_key(&self) -> String {
         self.event_type.routing_key()
+    }
+}
+
+/// A message and the exact bytes of its body, which is what a sink sends.
+///
+/// Made once: from a new [`Message`] (serialized here), or read back from
+/// where it was recorded (the outbox), keeping the stored bytes. So every
+/// redelivery sends the bytes first recorded, with fields this build does
+/// not know kept (a newer instance's message, picked up as an orphan by an
+/// older one), and nothing is serialized twice. The two parts cannot drift
+/// apart: neither can be changed once made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    message: Message,
+    json: Box<str>,
+}
+
+impl Encoded {
+    pub fn new(message: Message) -> Encoded {
+        Encoded {
+            json: message.to_json().into_boxed_str(),
+            message,
+        }
+    }
+
+    /// Reads a stored body; the fields this build knows must be there and
+    /// well-formed, others are kept in the bytes and ignored.
+    pub fn read(json: &str) -> Result<Encoded, serde_json::Error> {
+        Ok(Encoded {
+            message: serde_json::from_str(json)?,
+            json: json.into(),
+        })
+    }
+
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// The body, as sent: JSON in UTF-8.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+}
+
+/// An encoded message reads as its message (`encoded.message_id`).
+impl std::ops::Deref for Encoded {
+    type Target = Message;
+
+    fn deref(&self) -> &Message {
+        &self.message
     }
 }
 
@@ -194,7 +245,7 @@ mod tests {
             Uuid::new_v4(),
             None,
         );
-        let value: serde_json::Value = serde_json::from_slice(&message.to_json()).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&message.to_json()).unwrap();
         let object = value.as_object().unwrap();
         for absent in [
             "sha256_hash",
@@ -228,7 +279,7 @@ mod tests {
             Uuid::new_v4(),
             Some(content),
         );
-        let value: serde_json::Value = serde_json::from_slice(&message.to_json()).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&message.to_json()).unwrap();
         assert_eq!(value["size_bytes"], 42);
         assert!(value["size_bytes"].is_u64());
         assert_eq!(value["modified_time"], "2023-11-14T22:13:20.123Z");

@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use super::OpsError;
 use crate::config::Config;
-use crate::message::{EventType, Message, Origin};
+use crate::message::{Encoded, EventType, Message, Origin};
 use crate::publish::broker::Broker;
 use crate::registry::{Observed, Stat};
 
@@ -169,7 +169,10 @@ pub fn run(config: &Config, args: &ReplayArgs) -> Result<ExitCode, OpsError> {
         if records.is_empty() {
             break;
         }
-        let messages: Vec<Message> = records.iter().map(|record| message(record, replay.id)).collect();
+        let messages: Vec<Encoded> = records
+            .iter()
+            .map(|record| Encoded::new(message(record, replay.id)))
+            .collect();
         let mut attempt = 0;
         let published = loop {
             attempt += 1;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use uuid::Uuid;
 
-use crate::message::Message;
+use crate::message::Encoded;
 use crate::registry::{Health, Registry, RegistryError};
 
 pub mod stdout;
@@ -77,7 +77,7 @@ pub struct Refused {
 pub trait Sink: Send {
     /// Delivers `messages` in order: says which the sink confirmed, and which
     /// one (if any) it refuses for good.
-    fn deliver(&mut self, messages: &[Message]) -> Result<Delivery, SinkError>;
+    fn deliver(&mut self, messages: &[Encoded]) -> Result<Delivery, SinkError>;
 
     /// Gets ready to deliver (connects), so problems show at start rather
     /// than with the first file.
@@ -112,12 +112,12 @@ pub trait Window {
     /// Sends `batch` after those already in flight, without waiting for
     /// its confirms. On `Err` nothing in flight is known any more: the
     /// window is empty, and everything in it is to be sent again.
-    fn send(&mut self, batch: Vec<Message>) -> Result<(), SinkError>;
+    fn send(&mut self, batch: Vec<Encoded>) -> Result<(), SinkError>;
 
     /// Waits for the oldest batch in flight and gives it back with what the
     /// sink did with it (a confirmed prefix, as [`Sink::deliver`] says);
     /// `None` when nothing is in flight. On `Err` the window is empty.
-    fn confirm_oldest(&mut self) -> Option<Result<(Vec<Message>, Delivery), SinkError>>;
+    fn confirm_oldest(&mut self) -> Option<Result<(Vec<Encoded>, Delivery), SinkError>>;
 
     /// Stops waiting for every batch in flight; they are to be sent again.
     fn forget(&mut self);
@@ -340,7 +340,7 @@ impl Publisher {
     /// Counts `confirmed` (the batch's confirmed prefix) and their latency
     /// from the file's last write; deletions carry no mtime and are not
     /// timed. One clock read and one parse per message, on this thread only.
-    fn count_confirmed(&self, confirmed: &[Message]) {
+    fn count_confirmed(&self, confirmed: &[Encoded]) {
         self.counters
             .confirmed
             .fetch_add(confirmed.len() as u64, Ordering::Relaxed);
@@ -376,7 +376,7 @@ mod tests {
     }
 
     impl Sink for Refusing {
-        fn deliver(&mut self, messages: &[Message]) -> Result<Delivery, SinkError> {
+        fn deliver(&mut self, messages: &[Encoded]) -> Result<Delivery, SinkError> {
             let mut delivery = Delivery::default();
             for message in messages {
                 if message.message_id == self.refuse {

@@ -26,7 +26,7 @@ use uuid::Uuid;
 use super::broker::{Broker, BrokerError, BrokerSettings, Published, Sent};
 use super::{Delivery, PublishCounters, Refused, Sink, SinkError, Window};
 use crate::logging;
-use crate::message::Message;
+use crate::message::Encoded;
 
 /// The log target these lines had before the layout move, kept so that log
 /// lines (and anyone's filters on them) stay the same.
@@ -54,7 +54,7 @@ pub struct BrokerSink {
     connected_once: bool,
     /// Batches sent through the window, oldest first, with their confirms
     /// still to come. All on the current connection: a new one starts empty.
-    in_flight: VecDeque<(Vec<Message>, Sent)>,
+    in_flight: VecDeque<(Vec<Encoded>, Sent)>,
 }
 
 impl BrokerSink {
@@ -123,7 +123,7 @@ impl BrokerSink {
     }
 
     /// The confirmed prefix of `messages`, counting unroutable ones.
-    fn confirmed(&mut self, messages: &[Message], published: Published) -> Vec<Uuid> {
+    fn confirmed(&mut self, messages: &[Encoded], published: Published) -> Vec<Uuid> {
         let counters = &self.counters;
         counters
             .returned
@@ -142,7 +142,7 @@ impl BrokerSink {
 
     /// Publishes `messages` one by one, each alone on the channel, so that a
     /// refusal names its message. Stops at the first message not confirmed.
-    fn deliver_one_at_a_time(&mut self, messages: &[Message]) -> Result<Delivery, SinkError> {
+    fn deliver_one_at_a_time(&mut self, messages: &[Encoded]) -> Result<Delivery, SinkError> {
         let mut delivery = Delivery::default();
         for message in messages {
             let outcome = match self.connected() {
@@ -221,7 +221,7 @@ impl BrokerSink {
     /// for them: the broker blocked us (wait), closed the channel over one
     /// message it refuses (find it, one message at a time), or the outcome
     /// is unknown (an outage: they are sent again later).
-    fn failed(&mut self, messages: &[Message], error: BrokerError) -> Result<Delivery, SinkError> {
+    fn failed(&mut self, messages: &[Encoded], error: BrokerError) -> Result<Delivery, SinkError> {
         if self.after_failure(&error)? && messages.len() > 1 {
             // Not an outage: look for the message at once, on a new connection.
             log::warn!(
@@ -251,7 +251,7 @@ impl Sink for BrokerSink {
         self.connected().map(|_| ())
     }
 
-    fn deliver(&mut self, messages: &[Message]) -> Result<Delivery, SinkError> {
+    fn deliver(&mut self, messages: &[Encoded]) -> Result<Delivery, SinkError> {
         self.ready()?;
         if self.one_at_a_time {
             return self.deliver_one_at_a_time(messages);
@@ -288,7 +288,7 @@ impl Sink for BrokerSink {
 }
 
 impl Window for BrokerSink {
-    fn send(&mut self, batch: Vec<Message>) -> Result<(), SinkError> {
+    fn send(&mut self, batch: Vec<Encoded>) -> Result<(), SinkError> {
         // A connection lost under batches in flight is not quietly replaced:
         // their fate is unknown, and the publisher must start over from them.
         if !self.in_flight.is_empty() && !self.broker.as_ref().is_some_and(Broker::is_usable) {
@@ -313,7 +313,7 @@ impl Window for BrokerSink {
         }
     }
 
-    fn confirm_oldest(&mut self) -> Option<Result<(Vec<Message>, Delivery), SinkError>> {
+    fn confirm_oldest(&mut self) -> Option<Result<(Vec<Encoded>, Delivery), SinkError>> {
         let (batch, sent) = self.in_flight.pop_front()?;
         let Some(broker) = self.broker.as_mut() else {
             self.in_flight.clear();

@@ -7,7 +7,7 @@
 use std::io::{self, Write};
 
 use super::{Delivery, Sink, SinkError};
-use crate::message::Message;
+use crate::message::Encoded;
 
 /// One JSON object per line on stdout, flushed per line (`file-watcher dir | jq`).
 pub struct StdoutSink {
@@ -27,13 +27,15 @@ impl Default for StdoutSink {
 }
 
 impl Sink for StdoutSink {
-    fn deliver(&mut self, messages: &[Message]) -> Result<Delivery, SinkError> {
+    fn deliver(&mut self, messages: &[Encoded]) -> Result<Delivery, SinkError> {
         let mut out = self.out.lock();
         let mut delivered = Vec::with_capacity(messages.len());
         for message in messages {
-            let mut line = message.to_json();
-            line.push(b'\n');
-            match out.write_all(&line).and_then(|()| out.flush()) {
+            let written = out
+                .write_all(message.json().as_bytes())
+                .and_then(|()| out.write_all(b"\n"))
+                .and_then(|()| out.flush());
+            match written {
                 Ok(()) => delivered.push(message.message_id),
                 Err(error) if error.kind() == io::ErrorKind::BrokenPipe => return Err(SinkError::Closed),
                 Err(error) => return Err(SinkError::Unavailable(format!("cannot write to stdout: {error}"))),

@@ -41,7 +41,7 @@ use crossbeam_channel::Receiver;
 use uuid::Uuid;
 
 use super::{Delivery, Publisher, SinkError, BATCH};
-use crate::message::Message;
+use crate::message::Encoded;
 use crate::registry::Queued;
 
 /// Messages sent and not yet confirmed, at most (as whole batches: the last
@@ -139,7 +139,7 @@ impl Publisher {
                 if let Some(last) = page.last() {
                     sent.position = Some(last.position);
                 }
-                let batch: Vec<Message> = page
+                let batch: Vec<Encoded> = page
                     .into_iter()
                     .map(|Queued { message, .. }| message)
                     .filter(|message| !sent.outstanding.contains(&message.message_id))
@@ -303,13 +303,13 @@ mod tests {
             };
             queued.push(Queued {
                 position,
-                message: origin.message(
+                message: Encoded::new(origin.message(
                     EventType::Deleted,
                     &format!("/music/{position:05}.flac"),
                     None,
                     Uuid::new_v4(),
                     None,
-                ),
+                )),
             });
             let _ = self.nudge.try_send(());
         }
@@ -381,7 +381,7 @@ mod tests {
     /// `outbox`.
     #[derive(Default)]
     struct Wire {
-        in_flight: VecDeque<Vec<Message>>,
+        in_flight: VecDeque<Vec<Encoded>>,
         /// Every message sent, in order, retries included.
         sent: Arc<Mutex<Vec<Uuid>>>,
         /// The most messages unconfirmed at once.
@@ -392,7 +392,7 @@ mod tests {
     }
 
     impl Sink for Wire {
-        fn deliver(&mut self, _: &[Message]) -> Result<Delivery, SinkError> {
+        fn deliver(&mut self, _: &[Encoded]) -> Result<Delivery, SinkError> {
             unreachable!("a sink with a window is drained through it")
         }
 
@@ -402,7 +402,7 @@ mod tests {
     }
 
     impl Window for Wire {
-        fn send(&mut self, batch: Vec<Message>) -> Result<(), SinkError> {
+        fn send(&mut self, batch: Vec<Encoded>) -> Result<(), SinkError> {
             self.sent
                 .lock()
                 .unwrap()
@@ -414,7 +414,7 @@ mod tests {
             Ok(())
         }
 
-        fn confirm_oldest(&mut self) -> Option<Result<(Vec<Message>, Delivery), SinkError>> {
+        fn confirm_oldest(&mut self) -> Option<Result<(Vec<Encoded>, Delivery), SinkError>> {
             let batch = self.in_flight.pop_front()?;
             if let (Some(outbox), 1..) = (&self.outbox, self.recording) {
                 self.recording -= 1;

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::plan::{message_for_carried_row, messages_for, plan_present, rebase, Plan};
 use super::{fresh_stat, Applied, Change, Queued, Registry, RegistryError, Row, Stat};
-use crate::message::{EventType, Message, Origin};
+use crate::message::{Encoded, EventType, Message, Origin};
 
 /// Messages kept for a sink that cannot take them (a broker that is down)
 /// before the oldest are dropped. Without a database nothing survives a
@@ -77,7 +77,7 @@ impl State {
             self.next_position += 1;
             self.outbox.push_back(Queued {
                 position: self.next_position,
-                message: message.clone(),
+                message: Encoded::new(message.clone()),
             });
         }
     }

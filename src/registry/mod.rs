@@ -32,7 +32,7 @@ use std::path::Path;
 
 use uuid::Uuid;
 
-use crate::message::{self, Content, Message};
+use crate::message::{self, Content, Encoded, Message};
 
 /// The parts of a fresh `stat` that tell whether a file changed, and which of
 /// two observations is newer. ctime cannot be set by users (unlike mtime), so
@@ -257,7 +257,7 @@ pub trait Registry: Send + Sync {
     /// The oldest messages not yet confirmed, in the order they were
     /// recorded, leaving out those set aside. A stored message that cannot be
     /// read back is set aside here (see [`Registry::set_aside`]).
-    fn outgoing(&self, limit: usize) -> Result<Vec<Message>, RegistryError> {
+    fn outgoing(&self, limit: usize) -> Result<Vec<Encoded>, RegistryError> {
         let page = self.outgoing_after(None, limit)?;
         Ok(page.into_iter().map(|queued| queued.message).collect())
     }
@@ -285,7 +285,7 @@ pub struct Queued {
     /// of concurrent transactions may become visible out of that order, so
     /// a reader past a position can still find an older one later.
     pub position: u64,
-    pub message: Message,
+    pub message: Encoded,
 }
 
 /// Whether the database answers, shared by everyone who talks to it, so an

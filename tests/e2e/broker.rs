@@ -19,7 +19,7 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use file_watcher::message::{Content, EventType, Message, Origin, SCHEMA_VERSION};
+use file_watcher::message::{Content, Encoded, EventType, Message, Origin, SCHEMA_VERSION};
 use file_watcher::publish::broker::{exchange_declarations, Broker, BrokerError, BrokerSettings, FRAME_MAX};
 use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -50,7 +50,12 @@ fn unique_exchange() -> String {
     format!("test_{}", Uuid::new_v4().simple())
 }
 
-fn sample_message(event_type: EventType) -> Message {
+fn sample_message(event_type: EventType) -> Encoded {
+    Encoded::new(sample_content_message(event_type))
+}
+
+/// [`sample_message`] before it is encoded, for a test to change.
+fn sample_content_message(event_type: EventType) -> Message {
     let origin = Origin {
         instance_id: "inst42".into(),
         watched_directory: "/data/music".into(),
@@ -111,7 +116,7 @@ fn body_properties_and_headers_follow_the_contract() {
     assert_eq!(published.unroutable, 0);
 
     let delivery = consumer.wait_for_deliveries(1, DEADLINE).remove(0);
-    assert_eq!(delivery.data, message.to_json());
+    assert_eq!(delivery.data, message.json().as_bytes());
     assert_eq!(delivery.routing_key, "file.created");
     assert_eq!(delivery.exchange, consumer.exchange());
     let properties = &delivery.properties;
@@ -156,7 +161,7 @@ fn batches_are_confirmed_and_delivered_in_order() {
     let consumer = TestBroker::bound_with("file.*");
     let mut broker = Broker::connect(&settings(consumer.exchange())).expect("connects");
 
-    let messages: Vec<Message> = (0..300)
+    let messages: Vec<Encoded> = (0..300)
         .map(|index| sample_message(EventType::ALL[index % EventType::ALL.len()]))
         .collect();
     let published = broker.publish(&messages).expect("publishes");
@@ -444,19 +449,20 @@ fn messages_larger_than_a_frame_go_through_whole() {
     let mut broker = Broker::connect(&settings(consumer.exchange())).expect("connects");
     assert_eq!(broker.frame_max(), FRAME_MAX);
 
-    let mut message = sample_message(EventType::Renamed);
+    let mut message = sample_content_message(EventType::Renamed);
     // 4,095 bytes that are not UTF-8, as path text: four characters each.
     let directory = format!("/{}", "\\xff".repeat(4094));
     message.watched_directory = directory.clone();
     let long_name = "n".repeat(3 * FRAME_MAX as usize);
     message.file_path = format!("{directory}/{long_name}.flac");
     message.old_path = Some(format!("{directory}/{long_name}.wav"));
+    let message = Encoded::new(message);
     let published = broker.publish(std::slice::from_ref(&message)).expect("publishes");
     assert_eq!(published.acked, [message.message_id]);
 
     let delivery = consumer.wait_for_deliveries(1, DEADLINE).remove(0);
     assert!(delivery.data.len() > 6 * FRAME_MAX as usize);
-    assert_eq!(delivery.data, message.to_json());
+    assert_eq!(delivery.data, message.json().as_bytes());
     let headers = delivery
         .properties
         .headers()

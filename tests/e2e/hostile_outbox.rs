@@ -84,9 +84,13 @@ fn insert_outbox_row(
 /// An outbox row holding `message` as its body, under `message_id` (which a
 /// test may make differ from the body's own).
 fn insert_message(database: &TestDatabase, message_id: Uuid, message: &Message, instance_id: &str) -> i64 {
-    let body = message.to_json();
-    let body = std::str::from_utf8(&body).expect("a message serializes to UTF-8");
-    insert_outbox_row(database, message_id, &message.file_path, body, instance_id)
+    insert_outbox_row(
+        database,
+        message_id,
+        &message.file_path,
+        &message.to_json(),
+        instance_id,
+    )
 }
 
 /// A message as this release writes it, for `path` in `origin`'s tree.
@@ -218,6 +222,51 @@ fn a_bad_outbox_row_is_set_aside_and_the_rest_flow() {
     assert_named_once(&daemon, unreadable_id, unreadable);
     assert_named_once(&daemon, misnamed_id, misnamed);
     assert_eq!(set_aside(&database, unreadable).map(|row| row.0), Some(true));
+}
+
+/// A newer release may add fields to the body. This one, publishing such a
+/// row (a rolling upgrade, or another instance's orphan), sends the body
+/// exactly as stored: the fields it does not know, their order and spacing.
+#[test]
+fn a_body_a_newer_release_wrote_goes_out_byte_for_byte() {
+    let broker = TestBroker::new();
+    let database = TestDatabase::new();
+    let (_root, dir) = tree();
+    let instance = instance_id("newer");
+    let origin = Origin {
+        instance_id: instance.clone(),
+        watched_directory: text(&dir),
+    };
+    migrate_as_the_last_release(&database);
+    let message = good_message(&origin, &text(&dir.join("newer.flac")));
+    let json = message.to_json();
+    let body = format!("{{\"added_later\": {{\"bpm\": 128}}, {}", &json[1..]);
+    insert_outbox_row(
+        &database,
+        message.message_id,
+        &message.file_path,
+        &body,
+        &instance,
+    );
+
+    let _daemon = Daemon::builder()
+        .with_sinks(&broker, &database)
+        .env("INSTANCE_ID", &instance)
+        .watching(&dir)
+        .start();
+    let delivered = broker.wait_for_event("created", &message.file_path);
+    assert_eq!(
+        String::from_utf8_lossy(&delivered.data),
+        body,
+        "{}",
+        broker.summary()
+    );
+    database.wait_until("the row is published", DEADLINE, |database| {
+        database
+            .query("SELECT 1 FROM outbox", &[])
+            .is_empty()
+            .then_some(())
+    });
 }
 
 /// RabbitMQ refuses a message over its `max_message_size` (128 MiB by

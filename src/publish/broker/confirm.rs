@@ -23,7 +23,7 @@ use log::{debug, warn};
 use uuid::Uuid;
 
 use super::{block_on_until, Broker, BrokerError, APP_ID, LOG_TARGET};
-use crate::message::Message;
+use crate::message::{Encoded, Message};
 
 /// The slowest link a batch is expected to cross (4 MiB/s, about 32 Mbit/s):
 /// a batch may take the confirm timeout plus its size at this rate. Batches
@@ -56,14 +56,13 @@ pub struct Sent {
 impl Broker {
     /// Publishes every message (mandatory, persistent) and waits for all of
     /// their confirms, within `confirm_timeout` plus the time the batch's
-    /// bytes take at [`SLOWEST_LINK_BYTES_PER_SECOND`] (the bodies are made
-    /// before that clock starts). Pipelined: all messages are sent before the
+    /// bytes take at [`SLOWEST_LINK_BYTES_PER_SECOND`]. Pipelined: all messages are sent before the
     /// first confirm is awaited, so a batch costs about one round trip.
     ///
     /// An `Err` means the outcome of the batch is unknown (some messages may
     /// have been acked); the caller publishes the whole batch again on a new
     /// connection, and consumers may see duplicates with the same `message_id`.
-    pub fn publish(&mut self, messages: &[Message]) -> Result<Published, BrokerError> {
+    pub fn publish(&mut self, messages: &[Encoded]) -> Result<Published, BrokerError> {
         let sent = self.send(messages)?;
         self.confirms(sent)
     }
@@ -73,19 +72,12 @@ impl Broker {
     /// the same deadline as the confirms. An `Err` leaves the fate of this
     /// batch, and of every batch sent before it and not yet confirmed,
     /// unknown, as for [`Broker::publish`].
-    pub fn send(&mut self, messages: &[Message]) -> Result<Sent, BrokerError> {
+    pub fn send(&mut self, messages: &[Encoded]) -> Result<Sent, BrokerError> {
         self.check_ready()?;
-        let bodies: Vec<Vec<u8>> = messages.iter().map(Message::to_json).collect();
-        let bytes = bodies.iter().map(Vec::len).sum();
+        let bytes = messages.iter().map(|message| message.json().len()).sum();
         let started = Instant::now();
         let deadline = started + self.confirm_timeout + transfer_allowance(bytes);
-        let sending = send(
-            &self.channel,
-            &self.exchange,
-            messages,
-            &bodies,
-            self.replay.as_deref(),
-        );
+        let sending = send(&self.channel, &self.exchange, messages, self.replay.as_deref());
         match block_on_until(deadline, sending) {
             Some(Ok(pending)) => Ok(Sent {
                 pending,
@@ -213,8 +205,8 @@ fn transfer_allowance(bytes: usize) -> Duration {
     Duration::from_secs_f64(bytes as f64 / SLOWEST_LINK_BYTES_PER_SECOND as f64)
 }
 
-/// Sends every message (mandatory, persistent, all with one timestamp) with
-/// its body (`bodies`, in the same order) without waiting for a confirm;
+/// Sends every message (mandatory, persistent, all with one timestamp),
+/// its body as encoded, without waiting for a confirm;
 /// returns each message's pending confirm.
 ///
 /// lapin's `basic_publish` queues a message's frames and then waits until
@@ -235,14 +227,13 @@ fn transfer_allowance(bytes: usize) -> Duration {
 async fn send(
     channel: &Channel,
     exchange: &str,
-    messages: &[Message],
-    bodies: &[Vec<u8>],
+    messages: &[Encoded],
     replay: Option<&str>,
 ) -> Result<Vec<(Uuid, PublisherConfirm)>, BrokerError> {
     let timestamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |since_epoch| since_epoch.as_secs());
-    let publishes = messages.iter().zip(bodies).map(|(message, body)| async move {
+    let publishes = messages.iter().map(|message| async move {
         let routing_key = match replay {
             Some(prefix) => format!("{prefix}{}", message.routing_key()),
             None => message.routing_key(),
@@ -261,7 +252,7 @@ async fn send(
                     mandatory: true,
                     immediate: false,
                 },
-                body,
+                message.json().as_bytes(),
                 properties,
             )
             .await

@@ -556,10 +556,7 @@ fn queue<'m>(
     let ids: Vec<String> = messages.iter().map(|m| m.message_id.to_string()).collect();
     let paths: Vec<&str> = messages.iter().map(|m| m.file_path.as_str()).collect();
     let instances: Vec<&str> = messages.iter().map(|m| m.instance_id.as_str()).collect();
-    let bodies: Vec<String> = messages
-        .iter()
-        .map(|m| String::from_utf8(m.to_json()).expect("serde_json writes UTF-8"))
-        .collect();
+    let bodies: Vec<String> = messages.iter().map(|m| m.to_json()).collect();
     transaction
         .execute(
             "INSERT INTO outbox (message_id, file_path, body, instance_id) \

@@ -27,7 +27,7 @@
 //!   Tombstones are never pruned by the daemon; an operator may delete old ones
 //!   (`DELETE FROM files WHERE state = 'deleted' AND published_at < now() - interval '30 days'`).
 //! - `outbox`: messages recorded but not yet confirmed, in the order they were
-//!   recorded (`id`). `body` is exactly `Message::to_json()`, so every
+//!   recorded (`id`). `body` is `Message::to_json()`, sent as stored, so every
 //!   redelivery sends the same bytes. A row that can never be published (a
 //!   body this build cannot read, or one the broker refuses) is *set aside*
 //!   rather than left to block the rows behind it: `set_aside_at` and
@@ -117,7 +117,7 @@ use pool::{Connector, Manager};
 use schema::migrate;
 
 use super::{Applied, Change, FileId, Queued, Registry, RegistryError, Row, Stat};
-use crate::message::{Message, Origin};
+use crate::message::{Encoded, Origin};
 use crate::redact::SecretUrl;
 
 /// Connections per process when the configuration does not say otherwise:
@@ -481,13 +481,14 @@ impl Registry for PostgresRegistry {
     }
 }
 
-/// The message an outbox row holds, or why it can never be published as it
-/// stands: its body does not read as a [`Message`] (a layout this build does
-/// not know, a damaged row), or it names another message than its row, so
-/// that confirming it would never clear the row.
-fn read_body(message_id: Uuid, body: &str) -> Result<Message, String> {
-    let message: Message =
-        serde_json::from_str(body).map_err(|error| format!("cannot read the body: {error}"))?;
+/// The message an outbox row holds, with its body as stored (which is what
+/// goes out), or why it can never be published as it stands: its body does
+/// not read as a [`Message`] (a layout this build does not know, a damaged
+/// row), or it names another message than its row, so that confirming it
+/// would never clear the row. Fields this build does not know are no reason:
+/// they stay in the body.
+fn read_body(message_id: Uuid, body: &str) -> Result<Encoded, String> {
+    let message = Encoded::read(body).map_err(|error| format!("cannot read the body: {error}"))?;
     if message.message_id != message_id {
         return Err(format!(
             "the body is message {}, not the row's message {message_id}",
@@ -762,8 +763,11 @@ mod tests {
             Uuid::new_v4(),
             None,
         );
-        let body = String::from_utf8(message.to_json()).unwrap();
-        assert_eq!(read_body(message.message_id, &body), Ok(message.clone()));
+        let body = message.to_json();
+        assert_eq!(
+            read_body(message.message_id, &body),
+            Ok(Encoded::new(message.clone()))
+        );
 
         let other = Uuid::new_v4();
         let reason = read_body(other, &body).unwrap_err();
@@ -774,6 +778,28 @@ mod tests {
             let reason = read_body(message.message_id, unreadable).unwrap_err();
             assert!(reason.starts_with("cannot read the body: "), "{reason}");
         }
+    }
+
+    /// A newer release may add fields; this one publishes such a body as
+    /// stored, not as it would write it.
+    #[test]
+    fn a_body_is_kept_as_stored_with_fields_this_build_does_not_know() {
+        let origin = Origin {
+            instance_id: "test".into(),
+            watched_directory: "/m".into(),
+        };
+        let message = origin.message(
+            crate::message::EventType::Deleted,
+            "/m/a.flac",
+            None,
+            Uuid::new_v4(),
+            None,
+        );
+        let json = message.to_json();
+        let newer = format!("{{\"added_later\": {{\"bpm\": 128}}, {}", &json[1..]);
+        let read = read_body(message.message_id, &newer).unwrap();
+        assert_eq!(read.json(), newer);
+        assert_eq!(read.message(), &message);
     }
 
     #[test]
