@@ -21,7 +21,7 @@ use std::io;
 use std::thread;
 use std::time::Duration;
 
-use super::statements::Transaction;
+use super::statements::{Session, Transaction};
 use super::PostgresRegistry;
 use crate::backoff::Backoff;
 use crate::registry::RegistryError;
@@ -47,18 +47,36 @@ impl PostgresRegistry {
         subject: &str,
         mut work: impl FnMut(&mut Transaction<'_>) -> Result<T, Fault>,
     ) -> Result<T, RegistryError> {
+        self.retrying(subject, |session| {
+            let mut transaction = session.transaction().map_err(fault("begin a transaction"))?;
+            let value = work(&mut transaction)?;
+            transaction.commit().map_err(fault("commit"))?;
+            Ok(value)
+        })
+    }
+
+    /// Runs `work`, a single statement, as a transaction of its own
+    /// (autocommit): one round trip, where [`PostgresRegistry::transact`]
+    /// adds a BEGIN and a COMMIT. Run again, as there, when it lost a race.
+    pub(super) fn autocommit<T>(
+        &self,
+        subject: &str,
+        work: impl FnMut(&mut Session) -> Result<T, Fault>,
+    ) -> Result<T, RegistryError> {
+        self.retrying(subject, work)
+    }
+
+    /// Runs `work` on one pooled connection until it succeeds, fails for
+    /// another reason than a lost race, or has lost [`ATTEMPTS`] races.
+    fn retrying<T>(
+        &self,
+        subject: &str,
+        mut work: impl FnMut(&mut Session) -> Result<T, Fault>,
+    ) -> Result<T, RegistryError> {
         let mut connection = self.connection()?;
         let mut attempt = 1;
         loop {
-            let result = connection
-                .transaction()
-                .map_err(fault("begin a transaction"))
-                .and_then(|mut transaction| {
-                    let value = work(&mut transaction)?;
-                    transaction.commit().map_err(fault("commit"))?;
-                    Ok(value)
-                });
-            match result {
+            match work(&mut connection) {
                 Ok(value) => return Ok(value),
                 Err(Fault::Conflict { what, detail }) if attempt < ATTEMPTS => {
                     let pause = CONFLICT.delay(attempt - 1);

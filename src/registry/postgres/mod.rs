@@ -438,18 +438,10 @@ impl Registry for PostgresRegistry {
             return Ok(());
         }
         let ids: Vec<String> = message_ids.iter().map(Uuid::to_string).collect();
-        self.transact("mark messages published", |transaction| {
-            transaction
-                .execute(
-                    "DELETE FROM outbox WHERE message_id = ANY($1::text[]::uuid[])",
-                    &[&ids],
-                )
-                .map_err(fault("delete published messages from the outbox"))?;
-            // Rows are locked in path order, like everywhere else, so two
-            // publishers and the workers cannot wait on each other in a cycle.
-            transaction
-                .execute(MARK_ROWS_PUBLISHED, &[&ids])
-                .map_err(fault("mark file rows published"))?;
+        self.autocommit("mark messages published", |session| {
+            session
+                .execute(MARK_PUBLISHED, &[&ids])
+                .map_err(fault("mark messages published"))?;
             Ok(())
         })
     }
@@ -516,13 +508,21 @@ const OUTBOX_PAGE: &str = "SELECT id, message_id::text, body FROM outbox \
 /// The rows at a batch of paths, for [`present_rows`].
 const LOOK_UP_ROWS: &str = concat!("SELECT ", row_columns!(), " FROM files WHERE file_path = ANY($1)");
 
-/// Marks the rows whose latest message is among `$1` published, locking
-/// them in path order. Found through `files_message_id`; a HOT update, as
-/// no index holds `published_at` (migration 6).
-const MARK_ROWS_PUBLISHED: &str = "UPDATE files SET published_at = now() WHERE file_path IN ( \
-     SELECT file_path FROM files \
-     WHERE published_at IS NULL AND message_id = ANY($1::text[]::uuid[]) \
-     ORDER BY file_path FOR UPDATE)";
+/// Marks the rows whose latest message is among `$1` published, and deletes
+/// those messages from the outbox: one statement, so one round trip in a
+/// transaction of its own. The file rows are found through
+/// `files_message_id` and locked in path order, as everywhere else, so two
+/// publishers and the workers cannot wait on each other in a cycle; the
+/// mark is a HOT update, as no index holds `published_at` (migration 6).
+/// The outbox rows go after (a `WITH` that nothing reads runs once the main
+/// statement is done), which is the workers' order too: file rows, then
+/// the outbox.
+const MARK_PUBLISHED: &str = "WITH confirmed AS ( \
+         DELETE FROM outbox WHERE message_id = ANY($1::text[]::uuid[])) \
+     UPDATE files SET published_at = now() WHERE file_path IN ( \
+         SELECT file_path FROM files \
+         WHERE published_at IS NULL AND message_id = ANY($1::text[]::uuid[]) \
+         ORDER BY file_path FOR UPDATE)";
 
 /// The rows of a batch lookup by path that describe present files.
 ///
@@ -721,10 +721,12 @@ mod tests {
             })
             .expect("read the message ids")
             .get(0);
-        let plan = explain(&MARK_ROWS_PUBLISHED.replace("$1", &format!("'{ids}'")));
+        let plan = explain(&MARK_PUBLISHED.replace("$1", &format!("'{ids}'")));
         assert!(
-            plan.contains("files_message_id") && !plan.contains("Seq Scan"),
-            "MARK_ROWS_PUBLISHED does not find its rows through files_message_id:\n{plan}"
+            plan.contains("files_message_id")
+                && plan.contains("outbox_message_id_key")
+                && !plan.contains("Seq Scan"),
+            "MARK_PUBLISHED does not find its rows through files_message_id and outbox_message_id_key:\n{plan}"
         );
 
         // Rows of deleted files at the paths are read, and left out.

@@ -82,6 +82,15 @@ impl Session {
         self.client.query_opt(&statement, parameters)
     }
 
+    pub(super) fn execute(
+        &mut self,
+        sql: &'static str,
+        parameters: Parameters<'_>,
+    ) -> Result<u64, postgres::Error> {
+        let statement = self.statements.get(sql, |sql| self.client.prepare(sql))?;
+        self.client.execute(&statement, parameters)
+    }
+
     /// Starts a transaction whose statements go through this session's cache.
     pub(super) fn transaction(&mut self) -> Result<Transaction<'_>, postgres::Error> {
         Ok(Transaction {
