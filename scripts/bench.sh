@@ -122,12 +122,9 @@ if [ -n "$binary" ]; then
     [ -x "$binary" ] || fail "--binary $binary is not an executable"
     build="given"
 elif [ "$musl" = 1 ]; then
-    target=x86_64-unknown-linux-musl
-    rustup target list --installed | grep -qx "$target" || rustup target add "$target"
-    # ring and jemalloc compile C for the musl target.
-    command -v musl-gcc >/dev/null 2>&1 || apt-get install -y musl-tools >/dev/null
-    cargo build --release --quiet --target "$target" --bin file-watcher
-    binary=target/$target/release/file-watcher build=musl
+    source scripts/lib/musl.sh
+    build_static_binary --quiet
+    build=musl
 else
     cargo build --release --quiet --bin file-watcher
     binary=target/release/file-watcher build=glibc

@@ -24,6 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/instances.sh
+source scripts/lib/musl.sh
 
 build_only=0
 extended=0
@@ -57,13 +58,8 @@ if ! docker info >/dev/null 2>&1; then
 fi
 
 # ----- the binary and the image -----------------------------------------------
-target=x86_64-unknown-linux-musl
-rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"
-# ring and jemalloc compile C for the musl target.
-command -v musl-gcc >/dev/null 2>&1 || apt-get install -y musl-tools >/dev/null
 log "building the static binary"
-cargo build --release --locked --quiet --target "$target" --bin file-watcher
-binary=target/$target/release/file-watcher
+build_static_binary --quiet
 file "$binary" | grep -Eq 'statically linked|static-pie linked' || { echo "compose-check: $binary is not statically linked" >&2; exit 1; }
 log "binary: $(stat -c %s "$binary") bytes, statically linked"
 # Debian's engine client (/usr/bin/docker) has BuildKit built in; a newer

@@ -8,13 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh >/dev/null
 
-target=x86_64-unknown-linux-musl
-if ! command -v musl-gcc >/dev/null 2>&1; then
-    # ring compiles C for the musl target.
-    apt-get install -y musl-tools >/dev/null
-fi
-cargo build --release --locked --target "$target"
-binary="target/$target/release/file-watcher"
+source scripts/lib/musl.sh
+build_static_binary
 ls -l "$binary"
 # `ldd` answers "statically linked" for a static-pie, and `file` names it.
 if ! ldd "$binary" 2>&1 | grep -qE 'statically linked|not a dynamic executable'; then
