@@ -104,7 +104,9 @@ impl PostgresRegistry {
     /// transaction: their paths locked in byte order with one statement, the
     /// rows at them (tombstones too) with another; then, with the paths held, the fresh
     /// `stat` of each decides it; then every row, tombstone and outbox
-    /// message is written with one multi-row statement per table. A change
+    /// message is written with one statement ([`PostgresRegistry::write`]).
+    /// So a batch is five round trips however many files it holds: BEGIN,
+    /// the two locks, the write, COMMIT. A change
     /// whose file changed again (`Applied::Changed`) or could not be looked
     /// at (an error) writes nothing and has its own answer; the others commit.
     fn apply_files(
@@ -161,11 +163,11 @@ impl PostgresRegistry {
                 _ => None,
             })
             .collect();
-        self.leave(transaction, &departures)?;
-        self.arrive(transaction, &arrivals)?;
-        refresh_stats(transaction, &refreshed)?;
-        queue(
+        self.write(
             transaction,
+            &departures,
+            &arrivals,
+            &refreshed,
             written().flat_map(|decision| match decision {
                 Decision::Write { messages, .. } => messages.as_slice(),
                 _ => &[],
@@ -316,9 +318,7 @@ impl PostgresRegistry {
                 message: &messages[index],
             })
             .collect();
-        self.leave(transaction, &departures)?;
-        self.arrive(transaction, &arrivals)?;
-        queue(transaction, &messages)?;
+        self.write(transaction, &departures, &arrivals, &[], &messages)?;
         Ok(Applied::Recorded(messages))
     }
 
@@ -339,53 +339,81 @@ impl PostgresRegistry {
         Ok(())
     }
 
-    /// Writes rows that end up present, replacing whatever row held the path.
-    fn arrive(&self, transaction: &mut Transaction<'_>, arrivals: &[Arrival<'_>]) -> Result<(), Fault> {
-        if arrivals.is_empty() {
+    /// Writes what a batch decided, with one statement: the present rows it
+    /// leaves become tombstones that remember how the path was left; the
+    /// rows it arrives at are written whole, replacing whatever row held the
+    /// path; the rows of files seen again with the same content get their
+    /// fresh `stat`; and `messages` go to the outbox, their ids in the order
+    /// given. Any part may be empty.
+    ///
+    /// One statement, not four: at a trickle, where a batch is one file,
+    /// each was a round trip (BENCHMARKS.md, "Round trips at a trickle").
+    /// The parts of one statement all see the rows as they were before it,
+    /// and must not write one row twice; they do not, as a batch never holds
+    /// a path twice and the paths a batch leaves are not those it arrives at.
+    fn write<'m>(
+        &self,
+        transaction: &mut Transaction<'_>,
+        departures: &[Departure<'_>],
+        arrivals: &[Arrival<'_>],
+        refreshed: &[&Observed],
+        messages: impl IntoIterator<Item = &'m Message>,
+    ) -> Result<(), Fault> {
+        let messages: Vec<&Message> = messages.into_iter().collect();
+        if departures.is_empty() && arrivals.is_empty() && refreshed.is_empty() && messages.is_empty() {
             return Ok(());
         }
+        let identity = |stat: &crate::registry::Stat| {
+            let identity = stat.identity;
+            (
+                identity.map(|id| to_bigint_bits(id.device)),
+                identity.map(|id| to_bigint_bits(id.inode)),
+            )
+        };
+
+        let left_paths: Vec<&str> = departures.iter().map(|d| d.path).collect();
+        let left_events: Vec<&str> = departures.iter().map(|d| d.message.event_type.as_str()).collect();
+        let left_messages: Vec<String> = departures
+            .iter()
+            .map(|d| d.message.message_id.to_string())
+            .collect();
+
         let paths: Vec<&str> = arrivals.iter().map(|a| a.row.path.as_str()).collect();
         let sha256: Vec<&str> = arrivals.iter().map(|a| a.row.sha256.as_str()).collect();
         let xxh128: Vec<&str> = arrivals.iter().map(|a| a.row.xxh128.as_str()).collect();
         let sizes: Vec<i64> = arrivals.iter().map(|a| to_bigint(a.row.stat.size)).collect();
         let mtimes: Vec<i64> = arrivals.iter().map(|a| a.row.stat.mtime_ns).collect();
         let ctimes: Vec<i64> = arrivals.iter().map(|a| a.row.stat.ctime_ns).collect();
-        let devices: Vec<Option<i64>> = arrivals
-            .iter()
-            .map(|a| a.row.stat.identity.map(|id| to_bigint_bits(id.device)))
-            .collect();
-        let inodes: Vec<Option<i64>> = arrivals
-            .iter()
-            .map(|a| a.row.stat.identity.map(|id| to_bigint_bits(id.inode)))
-            .collect();
+        let (devices, inodes): (Vec<Option<i64>>, Vec<Option<i64>>) =
+            arrivals.iter().map(|a| identity(&a.row.stat)).unzip();
         let events: Vec<&str> = arrivals.iter().map(|a| a.message.event_type.as_str()).collect();
         let old_paths: Vec<Option<&str>> = arrivals.iter().map(|a| a.message.old_path.as_deref()).collect();
         let message_ids: Vec<String> = arrivals
             .iter()
             .map(|a| a.message.message_id.to_string())
             .collect();
+
+        let fresh_paths: Vec<&str> = refreshed.iter().map(|o| o.path.as_str()).collect();
+        let fresh_sizes: Vec<i64> = refreshed.iter().map(|o| to_bigint(o.stat.size)).collect();
+        let fresh_mtimes: Vec<i64> = refreshed.iter().map(|o| o.stat.mtime_ns).collect();
+        let fresh_ctimes: Vec<i64> = refreshed.iter().map(|o| o.stat.ctime_ns).collect();
+        let (fresh_devices, fresh_inodes): (Vec<Option<i64>>, Vec<Option<i64>>) =
+            refreshed.iter().map(|o| identity(&o.stat)).unzip();
+
+        let queued_ids: Vec<String> = messages.iter().map(|m| m.message_id.to_string()).collect();
+        let queued_paths: Vec<&str> = messages.iter().map(|m| m.file_path.as_str()).collect();
+        let queued_instances: Vec<&str> = messages.iter().map(|m| m.instance_id.as_str()).collect();
+        let bodies: Vec<String> = messages.iter().map(|m| m.to_json()).collect();
+
         transaction
             .execute(
-                "INSERT INTO files (file_path, state, sha256, xxh128, size_bytes, mtime_ns, \
-                     ctime_ns, last_event, old_path, instance_id, watched_directory, message_id, \
-                     published_at, updated_at, device, inode) \
-                 SELECT arrival.file_path, 'present', arrival.sha256, arrival.xxh128, \
-                     arrival.size_bytes, arrival.mtime_ns, arrival.ctime_ns, arrival.last_event, \
-                     arrival.old_path, $10, $11, arrival.message_id::uuid, NULL, now(), \
-                     arrival.device, arrival.inode \
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], \
-                     $6::int8[], $7::text[], $8::text[], $9::text[], $12::int8[], $13::int8[]) \
-                     AS arrival(file_path, sha256, xxh128, size_bytes, mtime_ns, ctime_ns, \
-                         last_event, old_path, message_id, device, inode) \
-                 ON CONFLICT (file_path) DO UPDATE SET state = 'present', \
-                     sha256 = EXCLUDED.sha256, xxh128 = EXCLUDED.xxh128, \
-                     size_bytes = EXCLUDED.size_bytes, mtime_ns = EXCLUDED.mtime_ns, \
-                     ctime_ns = EXCLUDED.ctime_ns, device = EXCLUDED.device, inode = EXCLUDED.inode, \
-                     last_event = EXCLUDED.last_event, \
-                     old_path = EXCLUDED.old_path, instance_id = EXCLUDED.instance_id, \
-                     watched_directory = EXCLUDED.watched_directory, \
-                     message_id = EXCLUDED.message_id, published_at = NULL, updated_at = now()",
+                WRITE_BATCH,
                 &[
+                    &self.origin.instance_id,
+                    &self.origin.watched_directory,
+                    &left_paths,
+                    &left_events,
+                    &left_messages,
                     &paths,
                     &sha256,
                     &xxh128,
@@ -395,45 +423,21 @@ impl PostgresRegistry {
                     &events,
                     &old_paths,
                     &message_ids,
-                    &self.origin.instance_id,
-                    &self.origin.watched_directory,
                     &devices,
                     &inodes,
+                    &fresh_paths,
+                    &fresh_sizes,
+                    &fresh_mtimes,
+                    &fresh_ctimes,
+                    &fresh_devices,
+                    &fresh_inodes,
+                    &queued_ids,
+                    &queued_paths,
+                    &bodies,
+                    &queued_instances,
                 ],
             )
-            .map_err(fault("upsert file rows"))?;
-        Ok(())
-    }
-
-    /// Turns present rows into tombstones that remember how the path was left.
-    fn leave(&self, transaction: &mut Transaction<'_>, departures: &[Departure<'_>]) -> Result<(), Fault> {
-        if departures.is_empty() {
-            return Ok(());
-        }
-        let paths: Vec<&str> = departures.iter().map(|d| d.path).collect();
-        let events: Vec<&str> = departures.iter().map(|d| d.message.event_type.as_str()).collect();
-        let message_ids: Vec<String> = departures
-            .iter()
-            .map(|d| d.message.message_id.to_string())
-            .collect();
-        transaction
-            .execute(
-                "UPDATE files SET state = 'deleted', last_event = departure.last_event, \
-                     old_path = NULL, instance_id = $4, watched_directory = $5, \
-                     message_id = departure.message_id::uuid, published_at = NULL, \
-                     updated_at = now() \
-                 FROM unnest($1::text[], $2::text[], $3::text[]) \
-                     AS departure(file_path, last_event, message_id) \
-                 WHERE files.file_path = departure.file_path",
-                &[
-                    &paths,
-                    &events,
-                    &message_ids,
-                    &self.origin.instance_id,
-                    &self.origin.watched_directory,
-                ],
-            )
-            .map_err(fault("mark file rows deleted"))?;
+            .map_err(fault("write the file rows and queue their messages"))?;
         Ok(())
     }
 }
@@ -513,59 +517,47 @@ fn load_present(transaction: &mut Transaction<'_>, paths: &[&str]) -> Result<Vec
     Ok(present_rows(&records))
 }
 
-/// Same content, fresher `stat`: the stat columns only. No message went out,
-/// so `message_id` and `published_at` keep describing the last one that did.
-fn refresh_stats(transaction: &mut Transaction<'_>, observed: &[&Observed]) -> Result<(), Fault> {
-    if observed.is_empty() {
-        return Ok(());
-    }
-    let paths: Vec<&str> = observed.iter().map(|o| o.path.as_str()).collect();
-    let sizes: Vec<i64> = observed.iter().map(|o| to_bigint(o.stat.size)).collect();
-    let mtimes: Vec<i64> = observed.iter().map(|o| o.stat.mtime_ns).collect();
-    let ctimes: Vec<i64> = observed.iter().map(|o| o.stat.ctime_ns).collect();
-    let devices: Vec<Option<i64>> = observed
-        .iter()
-        .map(|o| o.stat.identity.map(|id| to_bigint_bits(id.device)))
-        .collect();
-    let inodes: Vec<Option<i64>> = observed
-        .iter()
-        .map(|o| o.stat.identity.map(|id| to_bigint_bits(id.inode)))
-        .collect();
-    transaction
-        .execute(
-            "UPDATE files SET size_bytes = fresh.size_bytes, mtime_ns = fresh.mtime_ns, \
-                 ctime_ns = fresh.ctime_ns, device = fresh.device, inode = fresh.inode, updated_at = now() \
-             FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[]) \
-                 AS fresh(file_path, size_bytes, mtime_ns, ctime_ns, device, inode) \
-             WHERE files.file_path = fresh.file_path",
-            &[&paths, &sizes, &mtimes, &ctimes, &devices, &inodes],
-        )
-        .map_err(fault("refresh the file stats"))?;
-    Ok(())
-}
-
-/// Appends `messages` to the outbox; their ids follow the order given.
-fn queue<'m>(
-    transaction: &mut Transaction<'_>,
-    messages: impl IntoIterator<Item = &'m Message>,
-) -> Result<(), Fault> {
-    let messages: Vec<&Message> = messages.into_iter().collect();
-    if messages.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<String> = messages.iter().map(|m| m.message_id.to_string()).collect();
-    let paths: Vec<&str> = messages.iter().map(|m| m.file_path.as_str()).collect();
-    let instances: Vec<&str> = messages.iter().map(|m| m.instance_id.as_str()).collect();
-    let bodies: Vec<String> = messages.iter().map(|m| m.to_json()).collect();
-    transaction
-        .execute(
-            "INSERT INTO outbox (message_id, file_path, body, instance_id) \
-             SELECT queued.message_id::uuid, queued.file_path, queued.body, queued.instance_id \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY \
-                 AS queued(message_id, file_path, body, instance_id, position) \
-             ORDER BY queued.position",
-            &[&ids, &paths, &bodies, &instances],
-        )
-        .map_err(fault("queue messages in the outbox"))?;
-    Ok(())
-}
+/// [`PostgresRegistry::write`]'s statement. `$1`, `$2`: this instance and
+/// its tree. The rows left (`$3`–`$5`) keep their content and stat columns,
+/// which describe the file as it was before it left. No message goes out for
+/// a refreshed row (`$17`–`$22`), so its `message_id` and `published_at` keep
+/// describing the last one that did. The outbox rows (`$23`–`$26`) are
+/// inserted in the order given, which is the order of their ids.
+const WRITE_BATCH: &str = "WITH left_rows AS ( \
+         UPDATE files SET state = 'deleted', last_event = departure.last_event, \
+             old_path = NULL, instance_id = $1, watched_directory = $2, \
+             message_id = departure.message_id::uuid, published_at = NULL, updated_at = now() \
+         FROM unnest($3::text[], $4::text[], $5::text[]) \
+             AS departure(file_path, last_event, message_id) \
+         WHERE files.file_path = departure.file_path), \
+     arrived_rows AS ( \
+         INSERT INTO files (file_path, state, sha256, xxh128, size_bytes, mtime_ns, \
+             ctime_ns, last_event, old_path, instance_id, watched_directory, message_id, \
+             published_at, updated_at, device, inode) \
+         SELECT arrival.file_path, 'present', arrival.sha256, arrival.xxh128, \
+             arrival.size_bytes, arrival.mtime_ns, arrival.ctime_ns, arrival.last_event, \
+             arrival.old_path, $1, $2, arrival.message_id::uuid, NULL, now(), \
+             arrival.device, arrival.inode \
+         FROM unnest($6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[], \
+             $11::int8[], $12::text[], $13::text[], $14::text[], $15::int8[], $16::int8[]) \
+             AS arrival(file_path, sha256, xxh128, size_bytes, mtime_ns, ctime_ns, \
+                 last_event, old_path, message_id, device, inode) \
+         ON CONFLICT (file_path) DO UPDATE SET state = 'present', \
+             sha256 = EXCLUDED.sha256, xxh128 = EXCLUDED.xxh128, \
+             size_bytes = EXCLUDED.size_bytes, mtime_ns = EXCLUDED.mtime_ns, \
+             ctime_ns = EXCLUDED.ctime_ns, device = EXCLUDED.device, inode = EXCLUDED.inode, \
+             last_event = EXCLUDED.last_event, \
+             old_path = EXCLUDED.old_path, instance_id = EXCLUDED.instance_id, \
+             watched_directory = EXCLUDED.watched_directory, \
+             message_id = EXCLUDED.message_id, published_at = NULL, updated_at = now()), \
+     refreshed_rows AS ( \
+         UPDATE files SET size_bytes = fresh.size_bytes, mtime_ns = fresh.mtime_ns, \
+             ctime_ns = fresh.ctime_ns, device = fresh.device, inode = fresh.inode, updated_at = now() \
+         FROM unnest($17::text[], $18::int8[], $19::int8[], $20::int8[], $21::int8[], $22::int8[]) \
+             AS fresh(file_path, size_bytes, mtime_ns, ctime_ns, device, inode) \
+         WHERE files.file_path = fresh.file_path) \
+     INSERT INTO outbox (message_id, file_path, body, instance_id) \
+     SELECT queued.message_id::uuid, queued.file_path, queued.body, queued.instance_id \
+     FROM unnest($23::text[], $24::text[], $25::text[], $26::text[]) WITH ORDINALITY \
+         AS queued(message_id, file_path, body, instance_id, position) \
+     ORDER BY queued.position";
