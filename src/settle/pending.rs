@@ -269,29 +269,46 @@ impl Settle {
     }
 
     /// A scan found a file that has no pending entry: treated like a
-    /// modification seen now, by a writer that is done, so it is looked at
-    /// one settle time later. When its mtime was within the settle time of
-    /// now (a writer interrupted by a restart, or one whose events an
-    /// overflow lost, may still be at it), its mtime is looked at again at
-    /// that deadline, and it waits again for as long as the mtime keeps
-    /// moving: events may not be coming for it.
+    /// modification by a writer that is done, so it is looked at one settle
+    /// time after its last change. That is its ctime (`changed`) when the
+    /// ctime lies within the settle time before now: the first files of a
+    /// new directory, written before its watch existed, are found by the
+    /// walk one settle time after the directory appeared, and would
+    /// otherwise wait a second settle time. A ctime further back, or ahead
+    /// of now, is not trusted (a share's clock may be off): the file is
+    /// looked at one settle time from now, as a change seen now.
+    ///
+    /// When its mtime was within the settle time of now (a writer
+    /// interrupted by a restart, or one whose events an overflow lost, or
+    /// whose directory was not watched yet, may still be at it), its mtime
+    /// is looked at again at that deadline, and it waits again for as long
+    /// as the mtime keeps moving: events may not be coming for it.
     ///
     /// Invariant: a discovery never touches an entry that exists (its own
     /// events decide when it is ready; a close already seen is never undone
     /// and its wait never lengthened), and never waits for a close, which
     /// may have come and gone before the walk passed by.
-    pub(super) fn on_found(&mut self, path: String, modified: Option<SystemTime>, now: Instant) {
+    pub(super) fn on_found(
+        &mut self,
+        path: String,
+        modified: Option<SystemTime>,
+        changed: Option<SystemTime>,
+        now: Instant,
+    ) {
         if self.pending.contains_key(&*path) {
             return;
         }
         let settle = self.settle_time();
+        let wall_clock = SystemTime::now();
+        let age = |time: SystemTime| wall_clock.duration_since(time).ok();
+        let quiet_for = changed
+            .and_then(age)
+            .filter(|quiet_for| *quiet_for < settle)
+            .unwrap_or_default();
         let entry = self.touch(path, now);
         entry.closed = true;
-        let recent = modified.filter(|modified| {
-            SystemTime::now()
-                .duration_since(*modified)
-                .map_or(true, |age| age < settle)
-        });
+        entry.last_activity = now.checked_sub(quiet_for).unwrap_or(now);
+        let recent = modified.filter(|modified| age(*modified).is_none_or(|age| age < settle));
         entry.set_found_mtime(recent);
     }
 
@@ -513,14 +530,62 @@ mod tests {
         std::fs::write(&path, b"x").unwrap();
         let now = Instant::now();
         harness.settle.on_closed(path.clone(), now);
-        harness
-            .settle
-            .on_found(path.clone(), Some(SystemTime::now()), now);
+        harness.settle.on_found(
+            path.clone(),
+            Some(SystemTime::now()),
+            Some(SystemTime::now()),
+            now,
+        );
         let entry = &harness.settle.pending[path.as_str()];
         assert!(entry.closed && entry.found_mtime().is_none() && entry.last_activity == now);
         let jobs = harness.pass();
         assert_eq!(jobs.len(), 1, "ready one settle time after the close");
         assert_eq!(jobs[0].job, check(&path));
+    }
+
+    #[test]
+    fn a_file_found_by_a_scan_is_ready_one_settle_time_after_its_last_change() {
+        let mut harness = Harness::new();
+        let settle = Duration::from_secs(2);
+        harness.settle.options.settle = settle;
+        let names = ["fresh.flac", "old.flac", "ahead.flac"];
+        let paths: Vec<String> = names.iter().map(|name| harness.path(name)).collect();
+        let now = Instant::now();
+        let wall_clock = SystemTime::now();
+        let changed = [
+            // Written before its directory was watched, found 0.5 s later.
+            wall_clock - Duration::from_millis(500),
+            // Further back than the settle time, or ahead of this clock: not
+            // trusted, as a share's clock may be off.
+            wall_clock - Duration::from_secs(3600),
+            wall_clock + Duration::from_secs(3600),
+        ];
+        for (path, changed) in paths.iter().zip(changed) {
+            std::fs::write(path, b"x").unwrap();
+            let modified = std::fs::metadata(path).unwrap().modified().unwrap();
+            harness
+                .settle
+                .on_found(path.clone(), Some(modified), Some(changed), now);
+        }
+        let jobs_at = |harness: &mut Harness, at: Duration| -> Vec<Job> {
+            let mut jobs: Vec<Job> = harness
+                .pass_at(now + at)
+                .into_iter()
+                .map(|dispatch| dispatch.job)
+                .collect();
+            jobs.sort_by_key(|job| format!("{job:?}"));
+            jobs
+        };
+        assert_eq!(jobs_at(&mut harness, Duration::from_millis(1400)), []);
+        assert_eq!(
+            jobs_at(&mut harness, Duration::from_millis(1600)),
+            [check(&paths[0])]
+        );
+        assert_eq!(jobs_at(&mut harness, Duration::from_millis(1900)), []);
+        assert_eq!(
+            jobs_at(&mut harness, Duration::from_millis(2100)),
+            [check(&paths[2]), check(&paths[1])]
+        );
     }
 
     #[test]
@@ -534,9 +599,11 @@ mod tests {
         let now = Instant::now();
         // What the scan saw of `recent` is not what is there now: it moved since.
         let seen = SystemTime::now() - Duration::from_millis(100);
-        harness.settle.on_found(recent.clone(), Some(seen), now);
+        harness.settle.on_found(recent.clone(), Some(seen), None, now);
         let long_ago = SystemTime::now() - Duration::from_secs(3600);
-        harness.settle.on_found(old.clone(), Some(long_ago), now);
+        harness
+            .settle
+            .on_found(old.clone(), Some(long_ago), Some(long_ago), now);
         harness.settle.reschedule_touched();
         // At the deadline: `old` goes, `recent` was written meanwhile and waits again.
         harness.settle.promote_due(now + settle);

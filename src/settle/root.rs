@@ -180,7 +180,11 @@ impl Settle {
         let now = Instant::now();
         match discovery {
             // Known pending entries keep their own state; new ones are checked.
-            Discovery::File { path, modified } => self.on_found(path, modified, now),
+            Discovery::File {
+                path,
+                modified,
+                changed,
+            } => self.on_found(path, modified, changed, now),
             // Not watched under this name (new, or renamed while events were
             // lost): watched now, and walked again once the watch surely exists.
             Discovery::Directory { path, identity } => {

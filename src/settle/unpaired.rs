@@ -326,6 +326,7 @@ mod tests {
             harness.settle.on_walked(Discovery::File {
                 path: (*file).to_owned(),
                 modified: None,
+                changed: None,
             });
         }
         harness.settle.on_walked(Discovery::Finished {
@@ -368,6 +369,7 @@ mod tests {
         harness.settle.on_walked(Discovery::File {
             path: found.clone(),
             modified: None,
+            changed: None,
         });
         assert!(
             jobs(&mut harness).is_empty(),
@@ -452,6 +454,7 @@ mod tests {
         harness.settle.on_walked(Discovery::File {
             path: found.clone(),
             modified: None,
+            changed: None,
         });
         assert_eq!(jobs(&mut harness), [check(&found, None)]);
     }

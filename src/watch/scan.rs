@@ -45,6 +45,10 @@ pub enum Discovery {
         /// Its mtime when the walk saw it (`None` if it could not be read):
         /// a file written moments ago waits like any other changed file.
         modified: Option<SystemTime>,
+        /// Its ctime when the walk saw it: when it last changed, content or
+        /// attributes (unlike the mtime, not something a copy can set), so
+        /// how long it has been quiet already.
+        changed: Option<SystemTime>,
     },
     /// A directory the walk entered, and which one it is: the settle stage
     /// makes sure it is watched under this name (a full rescan rebuilds the
@@ -154,15 +158,26 @@ fn walk(
             continue;
         };
         outcome.files += 1;
-        let modified = entry
-            .metadata()
-            .ok()
-            .and_then(|metadata| metadata.modified().ok());
+        let metadata = entry.metadata().ok();
+        let modified = metadata.as_ref().and_then(|metadata| metadata.modified().ok());
+        let changed = metadata.as_ref().and_then(changed_time);
         found
-            .send(Discovery::File { path: text, modified })
+            .send(Discovery::File {
+                path: text,
+                modified,
+                changed,
+            })
             .map_err(|_| Disconnected)?;
     }
     Ok(outcome)
+}
+
+/// The ctime, as a time (`None` before the epoch, where no file on a
+/// working system is).
+fn changed_time(metadata: &std::fs::Metadata) -> Option<SystemTime> {
+    let seconds = u64::try_from(metadata.ctime()).ok()?;
+    let nanos = u32::try_from(metadata.ctime_nsec()).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::new(seconds, nanos))
 }
 
 /// Everything below `dir` (inside the watched `root`), without following
