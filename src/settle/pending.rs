@@ -270,13 +270,13 @@ impl Settle {
 
     /// A scan found a file that has no pending entry: treated like a
     /// modification by a writer that is done, so it is looked at one settle
-    /// time after its last change. That is its ctime (`changed`) when the
-    /// ctime lies within the settle time before now: the first files of a
-    /// new directory, written before its watch existed, are found by the
-    /// walk one settle time after the directory appeared, and would
-    /// otherwise wait a second settle time. A ctime further back, or ahead
-    /// of now, is not trusted (a share's clock may be off): the file is
-    /// looked at one settle time from now, as a change seen now.
+    /// time after its last change, its ctime (`changed`): the time of its
+    /// last write or attribute change, which, unlike the mtime, a copy
+    /// cannot set. The first files of a new directory, written before its
+    /// watch existed, are found by the walk one settle time after the
+    /// directory appeared, so they are ready when found instead of waiting
+    /// a second settle time. A ctime ahead of now (a share whose clock runs
+    /// ahead of this one), or none, counts as a change now.
     ///
     /// When its mtime was within the settle time of now (a writer
     /// interrupted by a restart, or one whose events an overflow lost, or
@@ -301,10 +301,7 @@ impl Settle {
         let settle = self.settle_time();
         let wall_clock = SystemTime::now();
         let age = |time: SystemTime| wall_clock.duration_since(time).ok();
-        let quiet_for = changed
-            .and_then(age)
-            .filter(|quiet_for| *quiet_for < settle)
-            .unwrap_or_default();
+        let quiet_for = changed.and_then(age).unwrap_or_default().min(settle);
         let entry = self.touch(path, now);
         entry.closed = true;
         entry.last_activity = now.checked_sub(quiet_for).unwrap_or(now);
@@ -548,16 +545,18 @@ mod tests {
         let mut harness = Harness::new();
         let settle = Duration::from_secs(2);
         harness.settle.options.settle = settle;
-        let names = ["fresh.flac", "old.flac", "ahead.flac"];
+        let names = ["fresh.flac", "walked.flac", "old.flac", "ahead.flac"];
         let paths: Vec<String> = names.iter().map(|name| harness.path(name)).collect();
         let now = Instant::now();
         let wall_clock = SystemTime::now();
         let changed = [
-            // Written before its directory was watched, found 0.5 s later.
+            // Changed 0.5 s before it was found: 1.5 s to go.
             wall_clock - Duration::from_millis(500),
-            // Further back than the settle time, or ahead of this clock: not
-            // trusted, as a share's clock may be off.
+            // Written into a new directory before its watch existed, found
+            // by the walk one settle time (and a little) later: ready now.
+            wall_clock - settle - Duration::from_millis(5),
             wall_clock - Duration::from_secs(3600),
+            // Ahead of this clock (a share's): counts as a change now.
             wall_clock + Duration::from_secs(3600),
         ];
         for (path, changed) in paths.iter().zip(changed) {
@@ -576,6 +575,10 @@ mod tests {
             jobs.sort_by_key(|job| format!("{job:?}"));
             jobs
         };
+        assert_eq!(
+            jobs_at(&mut harness, Duration::ZERO),
+            [check(&paths[2]), check(&paths[1])]
+        );
         assert_eq!(jobs_at(&mut harness, Duration::from_millis(1400)), []);
         assert_eq!(
             jobs_at(&mut harness, Duration::from_millis(1600)),
@@ -584,7 +587,7 @@ mod tests {
         assert_eq!(jobs_at(&mut harness, Duration::from_millis(1900)), []);
         assert_eq!(
             jobs_at(&mut harness, Duration::from_millis(2100)),
-            [check(&paths[2]), check(&paths[1])]
+            [check(&paths[3])]
         );
     }
 
