@@ -13,10 +13,6 @@ scripts/services.sh
 # The judge of the stress test (tests/e2e/deploy.rs) as a plain binary: the
 # test run below builds examples only inside a test harness.
 cargo build --locked --quiet --example chaos_check
-# The short benchmark (tests/e2e/bench.rs) runs release builds of the daemon
-# and of the bench tool; built here, before the suite, so that minutes of
-# compiling beside the other tests do not count against its time limit.
-cargo build --locked --quiet --release --bin file-watcher --example bench
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --locked --all-targets --no-fail-fast -E 'not test(/serial_/)' "$@" || status=$?
