@@ -511,6 +511,56 @@ fn marking_a_recorded_batch_published_is_a_hot_update() {
         .all(|path| fixture.row(path).unwrap().published_at.is_some()));
 }
 
+/// The mark takes the outbox rows before the file rows, as earlier builds
+/// did in two statements (`MARK_PUBLISHED`): publishers of two builds
+/// confirming one message cannot wait on each other in a cycle. With the
+/// outbox row held elsewhere, the mark waits for it without the file row.
+#[test]
+fn marking_published_locks_the_outbox_rows_before_the_file_rows() {
+    let fixture = Fixture::new();
+    let root = fixture.root();
+    let registry = fixture.registry(&root, "one");
+    let path = root.join("a.flac");
+    write(&path, "a");
+    let id = apply(&registry, &present(&path, None))[0].message_id;
+
+    let mut holder = fixture.sql();
+    let mut holding = holder.transaction().unwrap();
+    let holder_pid: i32 = holding.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    holding
+        .execute(
+            "SELECT 1 FROM outbox WHERE message_id = $1::text::uuid FOR UPDATE",
+            &[&id.to_string()],
+        )
+        .unwrap();
+    thread::scope(|scope| {
+        let marking = scope.spawn(|| registry.mark_published(&[id]));
+        let mut observer = fixture.sql();
+        wait_until("the mark waits for the outbox row", LOCK_WAIT, || {
+            observer
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                    &[&holder_pid],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+                > 0
+        });
+        let file_row = observer.query(
+            "SELECT 1 FROM files WHERE file_path = $1 FOR UPDATE NOWAIT",
+            &[&text(&path)],
+        );
+        assert!(
+            file_row.is_ok(),
+            "the mark holds the file row while it waits for the outbox row: {file_row:?}"
+        );
+        holding.commit().unwrap();
+        marking.join().unwrap().expect("the mark goes through");
+    });
+    assert!(fixture.row(&path).unwrap().published_at.is_some());
+    assert!(fixture.outbox().is_empty());
+}
+
 #[test]
 fn stale_observation_never_overwrites_a_newer_one() {
     let fixture = Fixture::new();
@@ -883,6 +933,7 @@ fn outgoing_is_limited_to_the_watched_tree() {
     .unwrap();
     assert_eq!(parent_registry.outgoing(10).unwrap().len(), 2);
     let body = &fixture.outbox()[0].2;
+    assert_eq!(body, &from_music[0].to_json(), "the body as recorded");
     assert_eq!(music_registry.outgoing(10).unwrap()[0].json(), body);
 
     music_registry

@@ -508,21 +508,27 @@ const OUTBOX_PAGE: &str = "SELECT id, message_id::text, body FROM outbox \
 /// The rows at a batch of paths, for [`present_rows`].
 const LOOK_UP_ROWS: &str = concat!("SELECT ", row_columns!(), " FROM files WHERE file_path = ANY($1)");
 
-/// Marks the rows whose latest message is among `$1` published, and deletes
-/// those messages from the outbox: one statement, so one round trip in a
-/// transaction of its own. The file rows are found through
-/// `files_message_id` and locked in path order, as everywhere else, so two
-/// publishers and the workers cannot wait on each other in a cycle; the
-/// mark is a HOT update, as no index holds `published_at` (migration 6).
-/// The outbox rows go after (a `WITH` that nothing reads runs once the main
-/// statement is done), which is the workers' order too: file rows, then
-/// the outbox.
-const MARK_PUBLISHED: &str = "WITH confirmed AS ( \
-         DELETE FROM outbox WHERE message_id = ANY($1::text[]::uuid[])) \
-     UPDATE files SET published_at = now() WHERE file_path IN ( \
-         SELECT file_path FROM files \
-         WHERE published_at IS NULL AND message_id = ANY($1::text[]::uuid[]) \
-         ORDER BY file_path FOR UPDATE)";
+/// Deletes the messages `$1` from the outbox and marks the file rows whose
+/// latest message is among them published: one statement, so one round
+/// trip in a transaction of its own.
+///
+/// Lock order: the outbox rows first, then the file rows, found through
+/// `files_message_id` and locked in path order. That is the order of
+/// earlier builds, which did the same in two statements, so publishers of
+/// two builds confirming one message (an orphan, overlapping trees) cannot
+/// wait on each other in a cycle. PostgreSQL runs a `WITH` part that nothing
+/// reads once the main statement is done, so the main statement is the
+/// DELETE; the docs leave that order open, and
+/// `tests/e2e/registry.rs::marking_published_locks_the_outbox_rows_before_the_file_rows`
+/// fails if it changes. Workers never wait for outbox rows a publisher
+/// deletes (they only insert new ones). The mark is a HOT update, as no
+/// index holds `published_at` (migration 6).
+const MARK_PUBLISHED: &str = "WITH marked AS ( \
+         UPDATE files SET published_at = now() WHERE file_path IN ( \
+             SELECT file_path FROM files \
+             WHERE published_at IS NULL AND message_id = ANY($1::text[]::uuid[]) \
+             ORDER BY file_path FOR UPDATE)) \
+     DELETE FROM outbox WHERE message_id = ANY($1::text[]::uuid[])";
 
 /// The rows of a batch lookup by path that describe present files.
 ///
