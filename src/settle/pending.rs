@@ -270,13 +270,19 @@ impl Settle {
 
     /// A scan found a file that has no pending entry: treated like a
     /// modification by a writer that is done, so it is looked at one settle
-    /// time after its last change, its ctime (`changed`): the time of its
-    /// last write or attribute change, which, unlike the mtime, a copy
-    /// cannot set. The first files of a new directory, written before its
-    /// watch existed, are found by the walk one settle time after the
-    /// directory appeared, so they are ready when found instead of waiting
-    /// a second settle time. A ctime ahead of now (a share whose clock runs
-    /// ahead of this one), or none, counts as a change now.
+    /// time later.
+    ///
+    /// Later than what depends on the walk. The walk of a new directory
+    /// comes one settle time after the directory appeared, and finds the
+    /// files written into it before its watch existed, which raised no
+    /// events: such a file counts as changed at its last change, its ctime
+    /// (`changed`; the last write or attribute change, which, unlike the
+    /// mtime, a copy cannot set), so it need not wait a second settle time.
+    /// But never as changed before the directory appeared by this machine's
+    /// clock: a share's clock that runs behind, or timestamps stored coarse,
+    /// cannot cut the wait shorter than that. A ctime ahead of now, or none,
+    /// counts as now. Any other find (a catch-up or periodic scan) counts as
+    /// changed when found.
     ///
     /// When its mtime was within the settle time of now (a writer
     /// interrupted by a restart, or one whose events an overflow lost, or
@@ -301,10 +307,17 @@ impl Settle {
         let settle = self.settle_time();
         let wall_clock = SystemTime::now();
         let age = |time: SystemTime| wall_clock.duration_since(time).ok();
-        let quiet_for = changed.and_then(age).unwrap_or_default().min(settle);
+        let changed_at = match self.unpaired.appeared_above(&path) {
+            Some(appeared) => {
+                let quiet_for = changed.and_then(age).unwrap_or_default();
+                let changed_at = now.checked_sub(quiet_for).unwrap_or(appeared);
+                changed_at.max(appeared).min(now)
+            }
+            None => now,
+        };
         let entry = self.touch(path, now);
         entry.closed = true;
-        entry.last_activity = now.checked_sub(quiet_for).unwrap_or(now);
+        entry.last_activity = changed_at;
         let recent = modified.filter(|modified| age(*modified).is_none_or(|age| age < settle));
         entry.set_found_mtime(recent);
     }
@@ -405,6 +418,8 @@ fn deadline(entry: &Entry, settle: Duration) -> Instant {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::super::tests::Harness;
     use super::*;
     use crate::job::{Dispatch, Job};
@@ -545,28 +560,43 @@ mod tests {
         let mut harness = Harness::new();
         let settle = Duration::from_secs(2);
         harness.settle.options.settle = settle;
-        let names = ["fresh.flac", "walked.flac", "old.flac", "ahead.flac"];
-        let paths: Vec<String> = names.iter().map(|name| harness.path(name)).collect();
         let now = Instant::now();
         let wall_clock = SystemTime::now();
-        let changed = [
+        // `album` appeared a little over one settle time ago and is being
+        // walked now; `late` appeared 0.3 s ago.
+        let (album, late) = (harness.path("album"), harness.path("late"));
+        harness
+            .settle
+            .walk_scheduled(Path::new(&album), now - settle - Duration::from_millis(10), now);
+        harness
+            .settle
+            .walk_scheduled(Path::new(&late), now - Duration::from_millis(300), now);
+        let found = [
             // Changed 0.5 s before it was found: 1.5 s to go.
-            wall_clock - Duration::from_millis(500),
-            // Written into a new directory before its watch existed, found
-            // by the walk one settle time (and a little) later: ready now.
-            wall_clock - settle - Duration::from_millis(5),
-            wall_clock - Duration::from_secs(3600),
-            // Ahead of this clock (a share's): counts as a change now.
-            wall_clock + Duration::from_secs(3600),
+            ("album/fresh.flac", wall_clock - Duration::from_millis(500)),
+            // Written just after its directory appeared, before the watch
+            // existed: ready when found.
+            (
+                "album/walked.flac",
+                wall_clock - settle - Duration::from_millis(5),
+            ),
+            // Older than its directory by its clock (a share's clock behind,
+            // or a coarse timestamp): changed when the directory appeared.
+            ("album/behind.flac", wall_clock - Duration::from_secs(3600)),
+            ("late/behind.flac", wall_clock - Duration::from_secs(3600)),
+            // Ahead of this clock: changed now.
+            ("album/ahead.flac", wall_clock + Duration::from_secs(3600)),
+            // Not below a new directory (a catch-up or periodic scan): changed now.
+            ("rescanned.flac", wall_clock - Duration::from_secs(3600)),
         ];
-        for (path, changed) in paths.iter().zip(changed) {
-            std::fs::write(path, b"x").unwrap();
-            let modified = std::fs::metadata(path).unwrap().modified().unwrap();
-            harness
-                .settle
-                .on_found(path.clone(), Some(modified), Some(changed), now);
+        for (name, changed) in found {
+            let path = harness.path(name);
+            std::fs::create_dir_all(Path::new(&path).parent().unwrap()).unwrap();
+            std::fs::write(&path, b"x").unwrap();
+            let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+            harness.settle.on_found(path, Some(modified), Some(changed), now);
         }
-        let jobs_at = |harness: &mut Harness, at: Duration| -> Vec<Job> {
+        let mut jobs_at = |at: Duration| -> Vec<Job> {
             let mut jobs: Vec<Job> = harness
                 .pass_at(now + at)
                 .into_iter()
@@ -576,18 +606,29 @@ mod tests {
             jobs
         };
         assert_eq!(
-            jobs_at(&mut harness, Duration::ZERO),
-            [check(&paths[2]), check(&paths[1])]
+            jobs_at(Duration::ZERO),
+            [
+                check(&format!("{album}/behind.flac")),
+                check(&format!("{album}/walked.flac"))
+            ]
         );
-        assert_eq!(jobs_at(&mut harness, Duration::from_millis(1400)), []);
+        assert_eq!(jobs_at(Duration::from_millis(1200)), []);
         assert_eq!(
-            jobs_at(&mut harness, Duration::from_millis(1600)),
-            [check(&paths[0])]
+            jobs_at(Duration::from_millis(1600)),
+            [check(&format!("{album}/fresh.flac"))]
         );
-        assert_eq!(jobs_at(&mut harness, Duration::from_millis(1900)), []);
         assert_eq!(
-            jobs_at(&mut harness, Duration::from_millis(2100)),
-            [check(&paths[3])]
+            jobs_at(Duration::from_millis(1800)),
+            [check(&format!("{late}/behind.flac"))]
+        );
+        assert_eq!(jobs_at(Duration::from_millis(1950)), []);
+        let root = album.trim_end_matches("/album");
+        assert_eq!(
+            jobs_at(Duration::from_millis(2050)),
+            [
+                check(&format!("{album}/ahead.flac")),
+                check(&format!("{root}/rescanned.flac"))
+            ]
         );
     }
 

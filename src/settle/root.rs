@@ -137,7 +137,7 @@ impl Settle {
     /// written before the watch existed. Files found twice cost a `stat`.
     pub(super) fn schedule_scan(&mut self, dir: PathBuf, now: Instant) {
         self.watch_tree(&dir);
-        self.walk_scheduled(&dir, now + self.settle_time());
+        self.walk_scheduled(&dir, now, now + self.settle_time());
         self.delayed_scans.push((now + self.settle_time(), dir.clone()));
         self.delayed_scans
             .push((now + self.settle_time() + SECOND_WALK, dir));

@@ -61,6 +61,8 @@ pub(super) struct Unpaired {
 struct NewWalk {
     number: u64,
     dir: PathBuf,
+    /// When the directory's event came, by this machine's clock.
+    appeared: Instant,
     due: Instant,
 }
 
@@ -88,19 +90,30 @@ impl Unpaired {
     }
 
     fn below_a_new_walk(&self, path: &str) -> bool {
+        self.appeared_above(path).is_some()
+    }
+
+    /// When the newest directory above `path` whose first walk is due or
+    /// running appeared; `None` when no such walk is on.
+    pub(super) fn appeared_above(&self, path: &str) -> Option<Instant> {
         let path = crate::path_text::decode(path);
-        self.walks.iter().any(|walk| path.starts_with(&walk.dir))
+        self.walks
+            .iter()
+            .filter(|walk| path.starts_with(&walk.dir))
+            .map(|walk| walk.appeared)
+            .max()
     }
 }
 
 impl Settle {
-    /// The first walk of a directory that appeared is due at `due`.
-    pub(super) fn walk_scheduled(&mut self, dir: &Path, due: Instant) {
+    /// The first walk of a directory that appeared at `appeared` is due at `due`.
+    pub(super) fn walk_scheduled(&mut self, dir: &Path, appeared: Instant, due: Instant) {
         let number = self.unpaired.next_walk;
         self.unpaired.next_walk += 1;
         self.unpaired.walks.push(NewWalk {
             number,
             dir: dir.to_owned(),
+            appeared,
             due,
         });
     }
@@ -308,7 +321,7 @@ mod tests {
         let (a, album) = (harness.path("a.flac"), harness.path("album"));
         harness
             .settle
-            .walk_scheduled(&PathBuf::from(&album), Instant::now());
+            .walk_scheduled(&PathBuf::from(&album), Instant::now(), Instant::now());
         moved_from(&mut harness, &a);
         (harness, a, album)
     }
@@ -449,7 +462,7 @@ mod tests {
         let album = harness.path("album");
         harness
             .settle
-            .walk_scheduled(&PathBuf::from(&album), Instant::now());
+            .walk_scheduled(&PathBuf::from(&album), Instant::now(), Instant::now());
         let found = format!("{album}/a.flac");
         harness.settle.on_walked(Discovery::File {
             path: found.clone(),
@@ -473,7 +486,7 @@ mod tests {
         harness.settle.on_rename(x.clone(), a.clone(), Instant::now());
         harness
             .settle
-            .walk_scheduled(&PathBuf::from(&album), Instant::now());
+            .walk_scheduled(&PathBuf::from(&album), Instant::now(), Instant::now());
         moved_from(&mut harness, &a);
         let found = format!("{album}/a.flac");
         walked(&mut harness, &album, &[&found]);
