@@ -139,16 +139,21 @@ impl Args {
     /// them, except that a variable set to the empty string counts as unset:
     /// compose (`KEY: ${KEY:-}`), systemd (`Environment=KEY=`) and `.env`
     /// files write empty values for settings meant to keep their default.
-    /// An empty flag (`--settle-ms ''`) is still checked, and refused where
-    /// it is not a valid value.
+    /// Except `EXCLUDE`, whose empty value has always meant "exclude
+    /// nothing". An empty flag (`--settle-ms ''`) is still checked, and
+    /// refused where it is not a valid value. Only the top level's arguments
+    /// are looked at (global ones included): no subcommand has variables of
+    /// its own.
     pub fn from_environment_and_command_line() -> Args {
+        const EMPTY_IS_A_VALUE: [&str; 1] = ["EXCLUDE"];
         let mut command = Args::command();
         let empty: Vec<clap::Id> = command
             .get_arguments()
             .filter(|arg| {
-                arg.get_env()
-                    .and_then(std::env::var_os)
-                    .is_some_and(|value| value.is_empty())
+                arg.get_env().is_some_and(|name| {
+                    !EMPTY_IS_A_VALUE.iter().any(|kept| name == *kept)
+                        && std::env::var_os(name).is_some_and(|value| value.is_empty())
+                })
             })
             .map(|arg| arg.get_id().clone())
             .collect();

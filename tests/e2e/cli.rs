@@ -140,14 +140,23 @@ fn empty_environment_values_count_as_unset() {
         builder = builder.env(name, "");
     }
     let daemon = builder.start();
-    // The defaults hold: the audio extensions, the exclusions, the settle time.
+    // The defaults hold (the audio extensions, the settle time), except
+    // that an empty EXCLUDE excludes nothing, hidden files included.
     write_file(&daemon.path("song.flac"), b"announced");
-    write_file(&daemon.path("song.flac.part"), b"excluded by default");
+    write_file(
+        &daemon.path(".hidden.flac"),
+        b"excluded by default, not by EXCLUDE=",
+    );
     write_file(&daemon.path("notes.txt"), b"not an audio extension");
     daemon.wait_for_event("created", &daemon.path_str("song.flac"));
+    let mut announced = summary(&daemon.barrier());
+    announced.sort();
     assert_eq!(
-        summary(&daemon.barrier()),
-        vec![("created".to_owned(), daemon.path_str("song.flac"))]
+        announced,
+        vec![
+            ("created".to_owned(), daemon.path_str(".hidden.flac")),
+            ("created".to_owned(), daemon.path_str("song.flac")),
+        ]
     );
     let ready = daemon.wait_for_stderr(": ready:", DEADLINE);
     assert!(
