@@ -275,7 +275,7 @@ impl PostgresRegistry {
 
         // Replay the moves one row at a time, as the memory registry does, to
         // learn which messages go out and where each row ends up; then write
-        // the outcome in three statements.
+        // the outcome in one statement.
         let mut present: HashSet<String> = occupied.into_iter().collect();
         present.extend(carried.iter().map(|(row, _)| row.path.clone()));
         let mut messages = Vec::with_capacity(carried.len());
