@@ -758,19 +758,24 @@ mod tests {
             .expect("drop the test schema");
     }
 
-    #[test]
-    fn bodies_that_cannot_be_published_say_why() {
+    /// A `deleted` message for `/m/a.flac`, as an outbox row would hold it.
+    fn deleted_message() -> crate::message::Message {
         let origin = Origin {
             instance_id: "test".into(),
             watched_directory: "/m".into(),
         };
-        let message = origin.message(
+        origin.message(
             crate::message::EventType::Deleted,
             "/m/a.flac",
             None,
             Uuid::new_v4(),
             None,
-        );
+        )
+    }
+
+    #[test]
+    fn bodies_that_cannot_be_published_say_why() {
+        let message = deleted_message();
         let body = message.to_json();
         assert_eq!(
             read_body(message.message_id, &body),
@@ -792,17 +797,7 @@ mod tests {
     /// stored, not as it would write it.
     #[test]
     fn a_body_is_kept_as_stored_with_fields_this_build_does_not_know() {
-        let origin = Origin {
-            instance_id: "test".into(),
-            watched_directory: "/m".into(),
-        };
-        let message = origin.message(
-            crate::message::EventType::Deleted,
-            "/m/a.flac",
-            None,
-            Uuid::new_v4(),
-            None,
-        );
+        let message = deleted_message();
         let json = message.to_json();
         let newer = format!("{{\"added_later\": {{\"bpm\": 128}}, {}", &json[1..]);
         let read = read_body(message.message_id, &newer).unwrap();
