@@ -96,6 +96,10 @@ impl Unpaired {
     /// When the newest directory above `path` whose first walk is due or
     /// running appeared; `None` when no such walk is on.
     pub(super) fn appeared_above(&self, path: &str) -> Option<Instant> {
+        // Asked for every file a scan finds: no decoding while no walk is on.
+        if self.walks.is_empty() {
+            return None;
+        }
         let path = crate::path_text::decode(path);
         self.walks
             .iter()
