@@ -3,9 +3,10 @@
 //!
 //! The rest of the daemon is synchronous threads; lapin is async. All of the
 //! async stays in this module: every call into lapin is driven by
-//! [`futures_lite::future::block_on`] and raced against an [`async_io::Timer`],
-//! so no method of [`Broker`] can wait longer than the timeout it was given,
-//! even against a broker that accepts TCP connections and then says nothing.
+//! `block_on_until`, which parks the calling thread until lapin wakes it or
+//! a deadline passes, so no method of [`Broker`] can wait longer than the
+//! timeout it was given, even against a broker that accepts TCP connections
+//! and then says nothing.
 //!
 //! Failure policy: a `Broker` never repairs itself. lapin's automatic
 //! recovery is left off; once the connection or channel fails,
@@ -47,11 +48,11 @@
 //! [`Broker`] itself, its errors, its state and its close.
 
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Mutex, PoisonError};
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
-use async_io::Timer;
 use futures_lite::{future, Stream, StreamExt};
 use lapin::{Channel, Connection, Event};
 use log::{debug, info, warn};
@@ -336,17 +337,122 @@ impl Drop for Broker {
     }
 }
 
-/// Drives `future` on this thread until it finishes or `deadline` passes
+/// Drives `work` on this thread until it finishes or `deadline` passes
 /// (`None`). The only way this module waits on lapin.
+///
+/// The thread parks with a timeout and lapin's wakers unpark it. An
+/// [`async_io::Timer`] raced against the work would do the same, but
+/// registering and dropping one wakes async-io's reactor thread each time:
+/// at a trickle, where every message is a batch of its own, that was two
+/// reactor wakeups and about ten system calls per message (BENCHMARKS.md,
+/// "Waiting on lapin without a timer").
 fn block_on_until<T>(deadline: Instant, work: impl Future<Output = T>) -> Option<T> {
-    future::block_on(future::or(async { Some(work.await) }, async {
-        Timer::at(deadline).await;
-        None
-    }))
+    thread_local! {
+        static WAKER: Waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    }
+    let mut work = pin!(work);
+    WAKER.with(|waker| {
+        let mut context = Context::from_waker(waker);
+        loop {
+            if let Poll::Ready(output) = work.as_mut().poll(&mut context) {
+                return Some(output);
+            }
+            // A wake that came before this park makes it return at once, and
+            // a spurious return only polls again: no wake is lost.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            std::thread::park_timeout(left);
+        }
+    })
+}
+
+/// Wakes the thread waiting in [`block_on_until`].
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
 }
 
 /// Locks `mutex`, also after a panic elsewhere: every value guarded here
 /// stays consistent whatever line a panic interrupted.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    #[test]
+    fn a_wait_polls_once_even_past_its_deadline() {
+        // `drain_events` asks with a deadline of "now" and must get the answer.
+        assert_eq!(
+            block_on_until(Instant::now() - Duration::from_secs(1), future::ready(7)),
+            Some(7)
+        );
+    }
+
+    #[test]
+    fn a_wait_nothing_wakes_ends_at_its_deadline_and_not_before() {
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(50);
+        assert_eq!(block_on_until(deadline, future::pending::<()>()), None);
+        assert!(Instant::now() >= deadline);
+    }
+
+    /// Ready once `ready` is set; whoever sets it wakes the waker it left.
+    struct Flag {
+        ready: Arc<AtomicBool>,
+        waker: Arc<Mutex<Option<Waker>>>,
+    }
+
+    impl Future for Flag {
+        type Output = &'static str;
+        fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<&'static str> {
+            *lock(&self.waker) = Some(context.waker().clone());
+            if self.ready.load(Ordering::SeqCst) {
+                Poll::Ready("woken")
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    #[test]
+    fn a_wake_from_another_thread_ends_the_wait() {
+        for delay in [0, 1, 20] {
+            let ready = Arc::new(AtomicBool::new(false));
+            let waker: Arc<Mutex<Option<Waker>>> = Arc::default();
+            let waking = std::thread::spawn({
+                let (ready, waker) = (ready.clone(), waker.clone());
+                move || {
+                    std::thread::sleep(Duration::from_millis(delay));
+                    ready.store(true, Ordering::SeqCst);
+                    if let Some(waker) = lock(&waker).take() {
+                        waker.wake();
+                    }
+                }
+            });
+            let flag = Flag { ready, waker };
+            // A lost wake would leave the wait to run into this deadline.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            assert_eq!(
+                block_on_until(deadline, flag),
+                Some("woken"),
+                "woken after {delay} ms"
+            );
+            assert!(Instant::now() < deadline);
+            waking.join().unwrap();
+        }
+    }
 }
