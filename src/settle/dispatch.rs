@@ -151,7 +151,11 @@ impl Settle {
             match self.channels.jobs.try_send(dispatch) {
                 Ok(()) => {
                     if let ReadyItem::Path(path) = &item {
-                        self.pending.remove(path);
+                        if let Some(entry) = self.pending.remove(path) {
+                            if entry.reported && entry.state == State::Changed {
+                                self.unpaired.dispatched_reported(path, now);
+                            }
+                        }
                     }
                     keys.iter().cloned().for_each(|key| self.held.insert(key));
                     self.in_flight.insert(self.next_id, keys);

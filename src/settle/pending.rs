@@ -40,6 +40,9 @@ pub(super) struct Entry {
     pub(super) closed: bool,
     /// Already in the ready queue.
     pub(super) ready: bool,
+    /// A write or close of the file itself was reported: its directory is
+    /// watched (or polled), so whatever happens to it next is reported too.
+    pub(super) reported: bool,
     pub(super) last_activity: Instant,
     /// The earliest time a timer for this entry is queued for.
     pub(super) scheduled: Instant,
@@ -68,6 +71,7 @@ impl Entry {
             state,
             closed: false,
             ready: false,
+            reported: false,
             last_activity: now,
             scheduled: now,
             correlation_id: Uuid::new_v4(),
@@ -186,6 +190,7 @@ impl Settle {
         }
         let entry = self.touch(path, now);
         entry.state = State::Changed;
+        entry.reported = true;
         // A write after a close means the file was opened again: wait for the next close.
         entry.closed = poll;
     }
@@ -193,6 +198,7 @@ impl Settle {
     pub(super) fn on_closed(&mut self, path: String, now: Instant) {
         let entry = self.touch(path, now);
         entry.state = State::Changed;
+        entry.reported = true;
         entry.closed = true;
     }
 
@@ -304,10 +310,14 @@ impl Settle {
         if self.pending.contains_key(&*path) {
             return;
         }
+        let appeared_above = self.unpaired.appeared_above(&path);
+        if appeared_above.is_some_and(|appeared| self.unpaired.reported_since(&path, appeared)) {
+            return;
+        }
         let settle = self.settle_time();
         let wall_clock = SystemTime::now();
         let age = |time: SystemTime| wall_clock.duration_since(time).ok();
-        let changed_at = match self.unpaired.appeared_above(&path) {
+        let changed_at = match appeared_above {
             Some(appeared) => {
                 let quiet_for = changed.and_then(age).unwrap_or_default();
                 let changed_at = now.checked_sub(quiet_for).unwrap_or(appeared);

@@ -22,7 +22,7 @@
 //! are held: a directory that left is gone at once, as before.
 
 use std::cmp::Reverse;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,20 @@ pub(super) struct Unpaired {
     /// First walks of directories that appeared, due or running, in the
     /// order they were scheduled.
     walks: Vec<NewWalk>,
+    /// The directories of `walks`, each with the latest `appeared` of its
+    /// walks, so that [`Unpaired::appeared_above`] looks a path's ancestors
+    /// up rather than comparing it with every walk: it is asked for every
+    /// file a walk finds, and a burst of new albums keeps a hundred walks on.
+    walked_dirs: HashMap<PathBuf, Instant>,
+    /// Files dispatched while walks were on, after a write or close of
+    /// their own was reported, and when. A walk of a directory that
+    /// appeared before that finds nothing new in them: their directory was
+    /// watched by then, so any later change is reported. Without this, in a
+    /// burst a third of the files were checked twice, once from their
+    /// events and once from the walk that came after they were dispatched.
+    /// Emptied when no walk is on; at most [`FOUND_LIMIT`] entries (past
+    /// it, finds are checked as before).
+    reported: HashMap<PathKey, Instant>,
     /// Numbers the walks.
     next_walk: u64,
     /// Moves that wait for walks.
@@ -101,11 +115,45 @@ impl Unpaired {
             return None;
         }
         let path = crate::path_text::decode(path);
-        self.walks
-            .iter()
-            .filter(|walk| path.starts_with(&walk.dir))
-            .map(|walk| walk.appeared)
+        path.ancestors()
+            .filter_map(|dir| self.walked_dirs.get(dir))
             .max()
+            .copied()
+    }
+
+    /// Whether the file at `path` was dispatched after its own write or
+    /// close was reported, no earlier than `appeared`.
+    pub(super) fn reported_since(&self, path: &str, appeared: Instant) -> bool {
+        self.reported
+            .get(path)
+            .is_some_and(|dispatched| *dispatched >= appeared)
+    }
+
+    /// The file at `path` leaves for the workers after its own events.
+    pub(super) fn dispatched_reported(&mut self, path: &PathKey, now: Instant) {
+        if !self.walks.is_empty() && self.reported.len() < FOUND_LIMIT {
+            self.reported.insert(PathKey::clone(path), now);
+        }
+    }
+
+    /// A walk is over: its directory's entry follows the walks left, and
+    /// dispatches older than every walk left can no longer matter.
+    fn walk_done(&mut self, index: usize) {
+        let walk = self.walks.remove(index);
+        match self
+            .walks
+            .iter()
+            .filter(|other| other.dir == walk.dir)
+            .map(|other| other.appeared)
+            .max()
+        {
+            Some(appeared) => self.walked_dirs.insert(walk.dir, appeared),
+            None => self.walked_dirs.remove(&walk.dir),
+        };
+        match self.walks.iter().map(|other| other.appeared).min() {
+            Some(oldest) => self.reported.retain(|_, dispatched| *dispatched >= oldest),
+            None => self.reported.clear(),
+        }
     }
 }
 
@@ -120,6 +168,12 @@ impl Settle {
             appeared,
             due,
         });
+        let latest = self
+            .unpaired
+            .walked_dirs
+            .entry(dir.to_owned())
+            .or_insert(appeared);
+        *latest = (*latest).max(appeared);
     }
 
     /// A "moved from" got no "moved to" in time. If a new directory is
@@ -156,12 +210,13 @@ impl Settle {
             }
             Discovery::Finished { request, .. } if request.kind == ScanKind::Directory => {
                 let now = Instant::now();
-                let walks = &mut self.unpaired.walks;
-                if let Some(index) = walks
+                if let Some(index) = self
+                    .unpaired
+                    .walks
                     .iter()
                     .position(|walk| walk.dir == request.dir && walk.due <= now)
                 {
-                    walks.remove(index);
+                    self.unpaired.walk_done(index);
                 }
             }
             _ => {}
@@ -306,7 +361,7 @@ impl Settle {
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     use notify::event::{ModifyKind, RenameMode};
     use notify::{Event, EventKind};
@@ -376,6 +431,52 @@ mod tests {
             path: path.into(),
             renamed_from: renamed_from.map(str::to_owned),
         }
+    }
+
+    #[test]
+    fn a_walk_does_not_check_again_what_a_files_own_events_sent() {
+        let mut harness = Harness::new();
+        let album = harness.path("album");
+        let appeared = Instant::now();
+        harness
+            .settle
+            .walk_scheduled(&PathBuf::from(&album), appeared, appeared);
+        let (reported, silent) = (format!("{album}/1.flac"), format!("{album}/2.flac"));
+        harness.settle.on_closed(reported.clone(), Instant::now());
+        let sent = harness.pass();
+        assert_eq!(sent.len(), 1);
+        sent.into_iter().for_each(|dispatch| harness.finish(dispatch));
+        // The walk finds both; only the file whose writing nobody reported is news.
+        walked(&mut harness, &album, &[&reported, &silent]);
+        assert_eq!(jobs(&mut harness), [check(&silent, None)]);
+    }
+
+    #[test]
+    fn a_walk_of_a_directory_that_appeared_again_checks_all_it_finds() {
+        let mut harness = Harness::new();
+        let album = harness.path("album");
+        let first = Instant::now();
+        harness
+            .settle
+            .walk_scheduled(&PathBuf::from(&album), first, first);
+        let file = format!("{album}/1.flac");
+        harness.settle.on_closed(file.clone(), Instant::now());
+        // Dispatched a second from now (`pass`), and done.
+        harness
+            .pass()
+            .into_iter()
+            .for_each(|dispatch| harness.finish(dispatch));
+        // Moved away and back after that: the file at the path may be another.
+        let again = Instant::now() + Duration::from_secs(2);
+        harness
+            .settle
+            .walk_scheduled(&PathBuf::from(&album), again, Instant::now());
+        walked(&mut harness, &album, &[&file]);
+        assert_eq!(jobs(&mut harness), [check(&file, None)]);
+        // Every walk over, nothing is remembered.
+        walked(&mut harness, &album, &[]);
+        assert!(harness.settle.unpaired.reported.is_empty());
+        assert!(harness.settle.unpaired.walked_dirs.is_empty());
     }
 
     #[test]
