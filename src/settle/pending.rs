@@ -296,6 +296,11 @@ impl Settle {
     /// is looked at again at that deadline, and it waits again for as long
     /// as the mtime keeps moving: events may not be coming for it.
     ///
+    /// A find below a new directory whose walk is on is skipped when the
+    /// file was dispatched after its own write or close was reported, no
+    /// earlier than that directory appeared (see
+    /// `Unpaired::dispatched_after_events`): it would only be checked twice.
+    ///
     /// Invariant: a discovery never touches an entry that exists (its own
     /// events decide when it is ready; a close already seen is never undone
     /// and its wait never lengthened), and never waits for a close, which

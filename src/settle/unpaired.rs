@@ -40,26 +40,33 @@ const HOLD_LIMIT: Duration = Duration::from_secs(60);
 /// Files held back for matching at most; past it, finds are checked as usual.
 const FOUND_LIMIT: usize = 10_000;
 
+/// Files remembered as dispatched after their own events, at most.
+const DISPATCHED_LIMIT: usize = 10_000;
+
 /// Held moves and what the walks found meanwhile.
 #[derive(Debug, Default)]
 pub(super) struct Unpaired {
     /// First walks of directories that appeared, due or running, in the
     /// order they were scheduled.
     walks: Vec<NewWalk>,
-    /// The directories of `walks`, each with the latest `appeared` of its
-    /// walks, so that [`Unpaired::appeared_above`] looks a path's ancestors
-    /// up rather than comparing it with every walk: it is asked for every
-    /// file a walk finds, and a burst of new albums keeps a hundred walks on.
-    walked_dirs: HashMap<PathBuf, Instant>,
+    /// The directories of `walks` (due or running), each with the latest
+    /// `appeared` of its walks, so that [`Unpaired::appeared_above`] looks a
+    /// path's ancestors up rather than comparing it with every walk: it is
+    /// asked for every file a scan finds, and a burst of new albums keeps a
+    /// hundred walks on.
+    walk_dirs: HashMap<PathBuf, Instant>,
     /// Files dispatched while walks were on, after a write or close of
-    /// their own was reported, and when. A walk of a directory that
-    /// appeared before that finds nothing new in them: their directory was
-    /// watched by then, so any later change is reported. Without this, in a
-    /// burst a third of the files were checked twice, once from their
-    /// events and once from the walk that came after they were dispatched.
-    /// Emptied when no walk is on; at most [`FOUND_LIMIT`] entries (past
-    /// it, finds are checked as before).
-    reported: HashMap<PathKey, Instant>,
+    /// their own was reported ([`Entry::reported`]), and when. While a walk
+    /// of a directory above one of them is on, and that directory appeared
+    /// no later than the dispatch, finding the file again is nothing new:
+    /// the directory's subtree is watched before its walk is scheduled, so
+    /// any later change is reported (and when events are lost, a full scan
+    /// is asked for, which empties this). Without it, in a burst a third of
+    /// the files were checked twice: once from their events, and once from
+    /// the walk that came after they were dispatched. Emptied when no walk
+    /// is on; at most [`DISPATCHED_LIMIT`] entries (past it, finds are
+    /// checked as before).
+    dispatched_after_events: HashMap<PathKey, Instant>,
     /// Numbers the walks.
     next_walk: u64,
     /// Moves that wait for walks.
@@ -116,7 +123,7 @@ impl Unpaired {
         }
         let path = crate::path_text::decode(path);
         path.ancestors()
-            .filter_map(|dir| self.walked_dirs.get(dir))
+            .filter_map(|dir| self.walk_dirs.get(dir))
             .max()
             .copied()
     }
@@ -124,15 +131,21 @@ impl Unpaired {
     /// Whether the file at `path` was dispatched after its own write or
     /// close was reported, no earlier than `appeared`.
     pub(super) fn reported_since(&self, path: &str, appeared: Instant) -> bool {
-        self.reported
+        self.dispatched_after_events
             .get(path)
             .is_some_and(|dispatched| *dispatched >= appeared)
     }
 
+    /// Events may have been lost (a full scan is asked for): from now on
+    /// every find is checked.
+    pub(super) fn forget_dispatched(&mut self) {
+        self.dispatched_after_events.clear();
+    }
+
     /// The file at `path` leaves for the workers after its own events.
     pub(super) fn dispatched_reported(&mut self, path: &PathKey, now: Instant) {
-        if !self.walks.is_empty() && self.reported.len() < FOUND_LIMIT {
-            self.reported.insert(PathKey::clone(path), now);
+        if !self.walks.is_empty() && self.dispatched_after_events.len() < DISPATCHED_LIMIT {
+            self.dispatched_after_events.insert(PathKey::clone(path), now);
         }
     }
 
@@ -147,12 +160,14 @@ impl Unpaired {
             .map(|other| other.appeared)
             .max()
         {
-            Some(appeared) => self.walked_dirs.insert(walk.dir, appeared),
-            None => self.walked_dirs.remove(&walk.dir),
+            Some(appeared) => self.walk_dirs.insert(walk.dir, appeared),
+            None => self.walk_dirs.remove(&walk.dir),
         };
         match self.walks.iter().map(|other| other.appeared).min() {
-            Some(oldest) => self.reported.retain(|_, dispatched| *dispatched >= oldest),
-            None => self.reported.clear(),
+            Some(oldest) => self
+                .dispatched_after_events
+                .retain(|_, dispatched| *dispatched >= oldest),
+            None => self.dispatched_after_events.clear(),
         }
     }
 }
@@ -168,11 +183,7 @@ impl Settle {
             appeared,
             due,
         });
-        let latest = self
-            .unpaired
-            .walked_dirs
-            .entry(dir.to_owned())
-            .or_insert(appeared);
+        let latest = self.unpaired.walk_dirs.entry(dir.to_owned()).or_insert(appeared);
         *latest = (*latest).max(appeared);
     }
 
@@ -441,42 +452,70 @@ mod tests {
         harness
             .settle
             .walk_scheduled(&PathBuf::from(&album), appeared, appeared);
-        let (reported, silent) = (format!("{album}/1.flac"), format!("{album}/2.flac"));
-        harness.settle.on_closed(reported.clone(), Instant::now());
+        let reported = [format!("{album}/1.flac"), format!("{album}/CD2/1.flac")];
+        let silent = format!("{album}/2.flac");
+        for path in &reported {
+            harness.settle.on_closed(path.clone(), Instant::now());
+        }
         let sent = harness.pass();
-        assert_eq!(sent.len(), 1);
+        assert_eq!(sent.len(), 2);
         sent.into_iter().for_each(|dispatch| harness.finish(dispatch));
-        // The walk finds both; only the file whose writing nobody reported is news.
-        walked(&mut harness, &album, &[&reported, &silent]);
+        // The walk finds all three; only the file whose writing nobody reported is news.
+        walked(&mut harness, &album, &[&reported[0], &reported[1], &silent]);
         assert_eq!(jobs(&mut harness), [check(&silent, None)]);
     }
 
     #[test]
-    fn a_walk_of_a_directory_that_appeared_again_checks_all_it_finds() {
+    fn a_walk_of_a_directory_that_appeared_again_checks_what_was_sent_before() {
         let mut harness = Harness::new();
         let album = harness.path("album");
+        let dir = PathBuf::from(&album);
+        let millisecond = Duration::from_millis(1);
         let first = Instant::now();
+        harness.settle.walk_scheduled(&dir, first, first);
+        let (before, after) = (format!("{album}/1.flac"), format!("{album}/2.flac"));
+        harness.settle.on_closed(before.clone(), Instant::now());
+        let sent_before = first + millisecond;
+        harness
+            .pass_at(sent_before)
+            .into_iter()
+            .for_each(|dispatch| harness.finish(dispatch));
+        // Moved away and back after that: the file at `before` may be another.
+        let again = sent_before + millisecond;
+        harness.settle.walk_scheduled(&dir, again, Instant::now());
+        harness.settle.on_closed(after.clone(), Instant::now());
+        harness
+            .pass_at(again + millisecond)
+            .into_iter()
+            .for_each(|dispatch| harness.finish(dispatch));
+        // The first walk ends; the second, of the same directory, is still
+        // on when both files are found.
+        walked(&mut harness, &album, &[]);
+        walked(&mut harness, &album, &[&before, &after]);
+        assert_eq!(jobs(&mut harness), [check(&before, None)]);
+        // Every walk over, nothing is remembered.
+        assert!(harness.settle.unpaired.dispatched_after_events.is_empty());
+        assert!(harness.settle.unpaired.walk_dirs.is_empty());
+    }
+
+    #[test]
+    fn after_events_were_lost_a_walk_checks_all_it_finds() {
+        let mut harness = Harness::new();
+        let album = harness.path("album");
+        let appeared = Instant::now();
         harness
             .settle
-            .walk_scheduled(&PathBuf::from(&album), first, first);
+            .walk_scheduled(&PathBuf::from(&album), appeared, appeared);
         let file = format!("{album}/1.flac");
         harness.settle.on_closed(file.clone(), Instant::now());
-        // Dispatched a second from now (`pass`), and done.
         harness
             .pass()
             .into_iter()
             .for_each(|dispatch| harness.finish(dispatch));
-        // Moved away and back after that: the file at the path may be another.
-        let again = Instant::now() + Duration::from_secs(2);
-        harness
-            .settle
-            .walk_scheduled(&PathBuf::from(&album), again, Instant::now());
+        // A later change to it may be among the events lost.
+        harness.settle.request_full_scan("test: events lost");
         walked(&mut harness, &album, &[&file]);
         assert_eq!(jobs(&mut harness), [check(&file, None)]);
-        // Every walk over, nothing is remembered.
-        walked(&mut harness, &album, &[]);
-        assert!(harness.settle.unpaired.reported.is_empty());
-        assert!(harness.settle.unpaired.walked_dirs.is_empty());
     }
 
     #[test]
