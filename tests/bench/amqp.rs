@@ -8,8 +8,8 @@
 //! before the confirm). It also expires by itself ten minutes after its last
 //! use, should a run die before [`RunBroker::remove`].
 //!
-//! lapin is async; every call here is raced against a deadline with the
-//! same `futures-lite` + `async-io` pair the daemon uses.
+//! lapin is async; every call here is raced against a deadline with
+//! `futures-lite` and an `async-io` timer.
 
 use std::collections::VecDeque;
 use std::future::Future;

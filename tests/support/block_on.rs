@@ -1,7 +1,8 @@
 //! The one place a test blocks on a future: lapin is async, the tests are
 //! not, and a broker that stops answering must fail a test, not hang it. So
-//! every future is raced against a timer (the same `futures-lite` +
-//! `async-io` pair the daemon uses, no runtime of our own).
+//! every future is raced against a timer (`futures-lite` and an `async-io`
+//! timer, no runtime of our own; the daemon parks its thread with a
+//! deadline instead, see `src/publish/broker/mod.rs`).
 
 use std::future::Future;
 use std::time::Instant;

@@ -342,10 +342,14 @@ impl Drop for Broker {
 ///
 /// The thread parks with a timeout and lapin's wakers unpark it. An
 /// [`async_io::Timer`] raced against the work would do the same, but
-/// registering and dropping one wakes async-io's reactor thread each time:
-/// at a trickle, where every message is a batch of its own, that was two
-/// reactor wakeups and about ten system calls per message (BENCHMARKS.md,
-/// "Waiting on lapin without a timer").
+/// registering one wakes async-io's reactor thread: at a trickle, where
+/// every message is a batch of its own and its confirm is waited for, that
+/// was a reactor wakeup and about five system calls per message
+/// (BENCHMARKS.md, "Waiting on lapin without a timer").
+///
+/// The wait uses the thread's park token, so it must not nest (nothing
+/// driven here calls it again): an inner wait could take the outer one's
+/// wake, leaving the outer to run into its deadline.
 fn block_on_until<T>(deadline: Instant, work: impl Future<Output = T>) -> Option<T> {
     thread_local! {
         static WAKER: Waker = Waker::from(Arc::new(Unpark(std::thread::current())));
@@ -404,6 +408,8 @@ mod tests {
 
     #[test]
     fn a_wait_nothing_wakes_ends_at_its_deadline_and_not_before() {
+        // An unpark left over from earlier (a late wake) must not end it early.
+        std::thread::current().unpark();
         let started = Instant::now();
         let deadline = started + Duration::from_millis(50);
         assert_eq!(block_on_until(deadline, future::pending::<()>()), None);
