@@ -444,22 +444,29 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_walk_does_not_check_again_what_a_files_own_events_sent() {
+    /// A stage where `album` just appeared and its walk is due, and `files`
+    /// in it (relative paths) were written, reported, dispatched and done.
+    fn sent_in_a_new_album(files: &[&str]) -> (Harness, String, Vec<String>) {
         let mut harness = Harness::new();
         let album = harness.path("album");
         let appeared = Instant::now();
         harness
             .settle
             .walk_scheduled(&PathBuf::from(&album), appeared, appeared);
-        let reported = [format!("{album}/1.flac"), format!("{album}/CD2/1.flac")];
-        let silent = format!("{album}/2.flac");
-        for path in &reported {
+        let files: Vec<String> = files.iter().map(|file| format!("{album}/{file}")).collect();
+        for path in &files {
             harness.settle.on_closed(path.clone(), Instant::now());
         }
         let sent = harness.pass();
-        assert_eq!(sent.len(), 2);
+        assert_eq!(sent.len(), files.len());
         sent.into_iter().for_each(|dispatch| harness.finish(dispatch));
+        (harness, album, files)
+    }
+
+    #[test]
+    fn a_walk_does_not_check_again_what_a_files_own_events_sent() {
+        let (mut harness, album, reported) = sent_in_a_new_album(&["1.flac", "CD2/1.flac"]);
+        let silent = format!("{album}/2.flac");
         // The walk finds all three; only the file whose writing nobody reported is news.
         walked(&mut harness, &album, &[&reported[0], &reported[1], &silent]);
         assert_eq!(jobs(&mut harness), [check(&silent, None)]);
@@ -500,22 +507,11 @@ mod tests {
 
     #[test]
     fn after_events_were_lost_a_walk_checks_all_it_finds() {
-        let mut harness = Harness::new();
-        let album = harness.path("album");
-        let appeared = Instant::now();
-        harness
-            .settle
-            .walk_scheduled(&PathBuf::from(&album), appeared, appeared);
-        let file = format!("{album}/1.flac");
-        harness.settle.on_closed(file.clone(), Instant::now());
-        harness
-            .pass()
-            .into_iter()
-            .for_each(|dispatch| harness.finish(dispatch));
+        let (mut harness, album, files) = sent_in_a_new_album(&["1.flac"]);
         // A later change to it may be among the events lost.
         harness.settle.request_full_scan("test: events lost");
-        walked(&mut harness, &album, &[&file]);
-        assert_eq!(jobs(&mut harness), [check(&file, None)]);
+        walked(&mut harness, &album, &[&files[0]]);
+        assert_eq!(jobs(&mut harness), [check(&files[0], None)]);
     }
 
     #[test]
