@@ -55,7 +55,7 @@ pub(super) struct Unpaired {
     /// asked for every file a scan finds, and a burst of new albums keeps a
     /// hundred walks on.
     walk_dirs: HashMap<PathBuf, Instant>,
-    /// Files dispatched while walks were on, after a write or close of
+    /// Files below a walked directory, dispatched after a write or close of
     /// their own was reported ([`Entry::reported`]), and when. While a walk
     /// of a directory above one of them is on, and that directory appeared
     /// no later than the dispatch, finding the file again is nothing new:
@@ -144,7 +144,7 @@ impl Unpaired {
 
     /// The file at `path` leaves for the workers after its own events.
     pub(super) fn dispatched_reported(&mut self, path: &PathKey, now: Instant) {
-        if !self.walks.is_empty() && self.dispatched_after_events.len() < DISPATCHED_LIMIT {
+        if self.dispatched_after_events.len() < DISPATCHED_LIMIT && self.appeared_above(path).is_some() {
             self.dispatched_after_events.insert(PathKey::clone(path), now);
         }
     }
@@ -503,6 +503,20 @@ mod tests {
         // Every walk over, nothing is remembered.
         assert!(harness.settle.unpaired.dispatched_after_events.is_empty());
         assert!(harness.settle.unpaired.walk_dirs.is_empty());
+    }
+
+    #[test]
+    fn only_files_below_a_walked_directory_are_remembered() {
+        let (mut harness, _, _) = sent_in_a_new_album(&["1.flac"]);
+        let elsewhere = harness.path("single.flac");
+        harness.settle.on_closed(elsewhere.clone(), Instant::now());
+        harness
+            .pass()
+            .into_iter()
+            .for_each(|dispatch| harness.finish(dispatch));
+        let remembered = &harness.settle.unpaired.dispatched_after_events;
+        assert_eq!(remembered.len(), 1);
+        assert!(!remembered.contains_key(elsewhere.as_str()));
     }
 
     #[test]

@@ -363,6 +363,20 @@ impl PostgresRegistry {
         if departures.is_empty() && arrivals.is_empty() && refreshed.is_empty() && messages.is_empty() {
             return Ok(());
         }
+        // The parts of WRITE_BATCH all see the rows as they were before it:
+        // two parts writing one path would conflict (see the doc above).
+        debug_assert!(
+            {
+                let mut seen = std::collections::HashSet::new();
+                departures
+                    .iter()
+                    .map(|d| d.path)
+                    .chain(arrivals.iter().map(|a| a.row.path.as_str()))
+                    .chain(refreshed.iter().map(|o| o.path.as_str()))
+                    .all(|path| seen.insert(path))
+            },
+            "a batch writes each path once"
+        );
         let identity = |stat: &crate::registry::Stat| {
             let identity = stat.identity;
             (
