@@ -152,8 +152,8 @@ impl Settle {
                 Ok(()) => {
                     if let ReadyItem::Path(path) = &item {
                         if let Some(entry) = self.pending.remove(path) {
-                            if entry.reported && entry.state == State::Changed {
-                                self.unpaired.dispatched_reported(path, now);
+                            if entry.state == State::Changed {
+                                self.unpaired.dispatched(path, now);
                             }
                         }
                     }

@@ -40,9 +40,6 @@ pub(super) struct Entry {
     pub(super) closed: bool,
     /// Already in the ready queue.
     pub(super) ready: bool,
-    /// A write or close of the file itself was reported: its directory is
-    /// watched (or polled), so whatever happens to it next is reported too.
-    pub(super) reported: bool,
     pub(super) last_activity: Instant,
     /// The earliest time a timer for this entry is queued for.
     pub(super) scheduled: Instant,
@@ -71,7 +68,6 @@ impl Entry {
             state,
             closed: false,
             ready: false,
-            reported: false,
             last_activity: now,
             scheduled: now,
             correlation_id: Uuid::new_v4(),
@@ -190,7 +186,6 @@ impl Settle {
         }
         let entry = self.touch(path, now);
         entry.state = State::Changed;
-        entry.reported = true;
         // A write after a close means the file was opened again: wait for the next close.
         entry.closed = poll;
     }
@@ -198,7 +193,6 @@ impl Settle {
     pub(super) fn on_closed(&mut self, path: String, now: Instant) {
         let entry = self.touch(path, now);
         entry.state = State::Changed;
-        entry.reported = true;
         entry.closed = true;
     }
 
@@ -296,10 +290,9 @@ impl Settle {
     /// is looked at again at that deadline, and it waits again for as long
     /// as the mtime keeps moving: events may not be coming for it.
     ///
-    /// A find below a new directory whose walk is on is skipped when the
-    /// file was dispatched after its own write or close was reported, no
-    /// earlier than that directory appeared (see
-    /// `Unpaired::dispatched_after_events`): it would only be checked twice.
+    /// A find below a new directory whose walks are not all done is skipped
+    /// when the file was dispatched no earlier than that directory appeared
+    /// (see `Unpaired::dispatched`): it would only be checked twice.
     ///
     /// Invariant: a discovery never touches an entry that exists (its own
     /// events decide when it is ready; a close already seen is never undone
@@ -315,10 +308,10 @@ impl Settle {
         if self.pending.contains_key(&*path) {
             return;
         }
-        let appeared_above = self.unpaired.appeared_above(&path);
-        if appeared_above.is_some_and(|appeared| self.unpaired.reported_since(&path, appeared)) {
+        if self.unpaired.dispatched_since_it_appeared(&path) {
             return;
         }
+        let appeared_above = self.unpaired.appeared_above(&path);
         let settle = self.settle_time();
         let wall_clock = SystemTime::now();
         let age = |time: SystemTime| wall_clock.duration_since(time).ok();

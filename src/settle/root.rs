@@ -158,7 +158,7 @@ impl Settle {
     pub(super) fn request_full_scan(&mut self, reason: &str) {
         let now = Instant::now();
         // Asked for when events may have been lost: nothing it or a walk
-        // finds is taken as reported already.
+        // finds is taken as known already.
         self.unpaired.forget_dispatched();
         // Any full scan does what the periodic one would: it waits a whole interval again.
         self.next_rescan = self.options.rescan_interval.map(|interval| now + interval);

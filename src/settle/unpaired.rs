@@ -55,18 +55,22 @@ pub(super) struct Unpaired {
     /// asked for every file a scan finds, and a burst of new albums keeps a
     /// hundred walks on.
     walk_dirs: HashMap<PathBuf, Instant>,
-    /// Files below a walked directory, dispatched after a write or close of
-    /// their own was reported ([`Entry::reported`]), and when. While a walk
-    /// of a directory above one of them is on, and that directory appeared
-    /// no later than the dispatch, finding the file again is nothing new:
-    /// the directory's subtree is watched before its walk is scheduled, so
-    /// any later change is reported (and when events are lost, a full scan
-    /// is asked for, which empties this). Without it, in a burst a third of
-    /// the files were checked twice: once from their events, and once from
-    /// the walk that came after they were dispatched. Emptied when no walk
-    /// is on; at most [`DISPATCHED_LIMIT`] entries (past it, finds are
-    /// checked as before).
-    dispatched_after_events: HashMap<PathKey, Instant>,
+    /// New directories whose walks are not all done, the second one
+    /// included (`SECOND_WALK` after the first), each with the latest time
+    /// it appeared and how many of its walks are left.
+    rewalk_dirs: HashMap<PathBuf, (Instant, usize)>,
+    /// Files below a directory of `rewalk_dirs`, sent to the workers, and
+    /// when. A file sent no earlier than the newest such directory above it
+    /// appeared is nothing new to a walk that finds it again: the
+    /// directory's subtree is watched before its walks are scheduled (on
+    /// this thread), so the worker read the file after that and any later
+    /// change is reported; and when events are lost a full scan is asked
+    /// for, which empties this. Without it, a burst of albums had up to a
+    /// third of its files checked twice by the first walk, and every file
+    /// of every new directory was checked again by the second walk, also at
+    /// a trickle. Emptied when no walk is left; at most
+    /// [`DISPATCHED_LIMIT`] entries (past it, finds are checked as before).
+    dispatched: HashMap<PathKey, Instant>,
     /// Numbers the walks.
     next_walk: u64,
     /// Moves that wait for walks.
@@ -128,29 +132,58 @@ impl Unpaired {
             .copied()
     }
 
-    /// Whether the file at `path` was dispatched after its own write or
-    /// close was reported, no earlier than `appeared`.
-    pub(super) fn reported_since(&self, path: &str, appeared: Instant) -> bool {
-        self.dispatched_after_events
-            .get(path)
-            .is_some_and(|dispatched| *dispatched >= appeared)
+    /// When the newest directory above `path` with a walk left (the second
+    /// included) appeared.
+    fn rewalk_appeared_above(&self, path: &str) -> Option<Instant> {
+        if self.rewalk_dirs.is_empty() {
+            return None;
+        }
+        let path = crate::path_text::decode(path);
+        path.ancestors()
+            .filter_map(|dir| self.rewalk_dirs.get(dir))
+            .map(|(appeared, _)| *appeared)
+            .max()
+    }
+
+    /// Whether the file at `path` was sent to the workers no earlier than
+    /// the newest new directory above it appeared: finding it is nothing new.
+    pub(super) fn dispatched_since_it_appeared(&self, path: &str) -> bool {
+        self.dispatched.get(path).is_some_and(|dispatched| {
+            self.rewalk_appeared_above(path)
+                .is_some_and(|appeared| *dispatched >= appeared)
+        })
     }
 
     /// Events may have been lost (a full scan is asked for): from now on
     /// every find is checked.
     pub(super) fn forget_dispatched(&mut self) {
-        self.dispatched_after_events.clear();
+        self.dispatched.clear();
     }
 
-    /// The file at `path` leaves for the workers after its own events.
-    pub(super) fn dispatched_reported(&mut self, path: &PathKey, now: Instant) {
-        if self.dispatched_after_events.len() < DISPATCHED_LIMIT && self.appeared_above(path).is_some() {
-            self.dispatched_after_events.insert(PathKey::clone(path), now);
+    /// The file at `path` leaves for the workers.
+    pub(super) fn dispatched(&mut self, path: &PathKey, now: Instant) {
+        if self.dispatched.len() < DISPATCHED_LIMIT && self.rewalk_appeared_above(path).is_some() {
+            self.dispatched.insert(PathKey::clone(path), now);
         }
     }
 
-    /// A walk is over: its directory's entry follows the walks left, and
-    /// dispatches older than every walk left can no longer matter.
+    /// One of `dir`'s walks is over (the first ones are counted there too).
+    /// Dispatches older than every directory with walks left can no longer
+    /// matter.
+    fn rewalk_done(&mut self, dir: &Path) {
+        if let Some((_, left)) = self.rewalk_dirs.get_mut(dir) {
+            *left -= 1;
+            if *left == 0 {
+                self.rewalk_dirs.remove(dir);
+            }
+        }
+        match self.rewalk_dirs.values().map(|(appeared, _)| *appeared).min() {
+            Some(oldest) => self.dispatched.retain(|_, dispatched| *dispatched >= oldest),
+            None => self.dispatched.clear(),
+        }
+    }
+
+    /// A first walk is over: its directory's entry follows the walks left.
     fn walk_done(&mut self, index: usize) {
         let walk = self.walks.remove(index);
         match self
@@ -163,12 +196,6 @@ impl Unpaired {
             Some(appeared) => self.walk_dirs.insert(walk.dir, appeared),
             None => self.walk_dirs.remove(&walk.dir),
         };
-        match self.walks.iter().map(|other| other.appeared).min() {
-            Some(oldest) => self
-                .dispatched_after_events
-                .retain(|_, dispatched| *dispatched >= oldest),
-            None => self.dispatched_after_events.clear(),
-        }
     }
 }
 
@@ -185,6 +212,14 @@ impl Settle {
         });
         let latest = self.unpaired.walk_dirs.entry(dir.to_owned()).or_insert(appeared);
         *latest = (*latest).max(appeared);
+        // The first walk and the second (`schedule_scan`).
+        let (latest, left) = self
+            .unpaired
+            .rewalk_dirs
+            .entry(dir.to_owned())
+            .or_insert((appeared, 0));
+        *latest = (*latest).max(appeared);
+        *left += 2;
     }
 
     /// A "moved from" got no "moved to" in time. If a new directory is
@@ -229,6 +264,7 @@ impl Settle {
                 {
                     self.unpaired.walk_done(index);
                 }
+                self.unpaired.rewalk_done(&request.dir);
             }
             _ => {}
         }
@@ -464,12 +500,26 @@ mod tests {
     }
 
     #[test]
-    fn a_walk_does_not_check_again_what_a_files_own_events_sent() {
+    fn neither_walk_checks_again_what_was_sent() {
         let (mut harness, album, reported) = sent_in_a_new_album(&["1.flac", "CD2/1.flac"]);
         let silent = format!("{album}/2.flac");
-        // The walk finds all three; only the file whose writing nobody reported is news.
-        walked(&mut harness, &album, &[&reported[0], &reported[1], &silent]);
-        assert_eq!(jobs(&mut harness), [check(&silent, None)]);
+        let all = [reported[0].as_str(), reported[1].as_str(), silent.as_str()];
+        // The first walk finds all three; only the file nobody reported is news.
+        walked(&mut harness, &album, &all);
+        let sent = dispatched(&mut harness);
+        assert_eq!(
+            sent.iter()
+                .map(|dispatch| dispatch.job.clone())
+                .collect::<Vec<_>>(),
+            [check(&silent, None)]
+        );
+        sent.into_iter().for_each(|dispatch| harness.finish(dispatch));
+        // The second walk finds them again: all sent since the album appeared.
+        walked(&mut harness, &album, &all);
+        assert!(jobs(&mut harness).is_empty());
+        // Both walks over, nothing is remembered.
+        assert!(harness.settle.unpaired.dispatched.is_empty());
+        assert!(harness.settle.unpaired.rewalk_dirs.is_empty());
     }
 
     #[test]
@@ -500,9 +550,12 @@ mod tests {
         walked(&mut harness, &album, &[]);
         walked(&mut harness, &album, &[&before, &after]);
         assert_eq!(jobs(&mut harness), [check(&before, None)]);
-        // Every walk over, nothing is remembered.
-        assert!(harness.settle.unpaired.dispatched_after_events.is_empty());
+        // The two second walks; then every walk is over, and nothing is remembered.
+        walked(&mut harness, &album, &[]);
+        walked(&mut harness, &album, &[]);
+        assert!(harness.settle.unpaired.dispatched.is_empty());
         assert!(harness.settle.unpaired.walk_dirs.is_empty());
+        assert!(harness.settle.unpaired.rewalk_dirs.is_empty());
     }
 
     #[test]
@@ -514,7 +567,7 @@ mod tests {
             .pass()
             .into_iter()
             .for_each(|dispatch| harness.finish(dispatch));
-        let remembered = &harness.settle.unpaired.dispatched_after_events;
+        let remembered = &harness.settle.unpaired.dispatched;
         assert_eq!(remembered.len(), 1);
         assert!(!remembered.contains_key(elsewhere.as_str()));
     }
