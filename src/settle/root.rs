@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use super::aside::Aside;
 use super::dispatch::ReadyItem;
 use super::{Settle, LOG_TARGET};
 use crate::config::WatchMode;
 use crate::job::Job;
+use crate::path_text;
 use crate::watch::scan::{Discovery, ScanKind, ScanRequest};
 use crate::watch::{start_with_fallback, Callback, WATCH_LIMIT_POLL_INTERVAL, WATCH_LIMIT_SYSCTL};
 
@@ -190,11 +192,19 @@ impl Settle {
             } => self.on_found(path, modified, changed, now),
             // Not watched under this name (new, or renamed while events were
             // lost): watched now, and walked again once the watch surely exists.
+            // Not a directory set aside because it cannot be watched or listed:
+            // every walk of it reports it unwatched again, and each would
+            // schedule two more (thousands a second, found as a non-root
+            // daemon with a root-only directory in its tree); its attribute
+            // changes and each full scan retry it (`retry_set_aside`).
             Discovery::Directory { path, identity } => {
-                if self
-                    .watcher
-                    .as_ref()
-                    .is_some_and(|watcher| !watcher.is_watched(&path, identity))
+                let set_aside =
+                    self.set_aside.get(&path_text::encode(path.as_os_str())) == Some(&Aside::Directory);
+                if !set_aside
+                    && self
+                        .watcher
+                        .as_ref()
+                        .is_some_and(|watcher| !watcher.is_watched(&path, identity))
                 {
                     log::debug!(target: LOG_TARGET, "{} was not watched: watching it", path.display());
                     self.schedule_scan(path, now);
@@ -245,5 +255,54 @@ impl Settle {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::{Path, PathBuf};
+
+    use super::super::aside::Aside;
+    use super::super::tests::Harness;
+    use crate::path_text;
+    use crate::watch::scan::Discovery;
+
+    fn found_directory(harness: &mut Harness, dir: &Path) {
+        let metadata = std::fs::metadata(dir).unwrap();
+        harness.settle.on_discovery(Discovery::Directory {
+            path: dir.to_owned(),
+            identity: (metadata.dev(), metadata.ino()),
+        });
+    }
+
+    #[test]
+    fn a_directory_set_aside_is_not_walked_again_each_time_a_walk_reports_it() {
+        let mut harness = Harness::new();
+        let (locked, other) = (
+            PathBuf::from(harness.path("locked")),
+            PathBuf::from(harness.path("other")),
+        );
+        for dir in [&locked, &other] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        // As after a walk could not list it (the tests run as root, who can).
+        harness
+            .settle
+            .set_aside
+            .insert(path_text::encode(locked.as_os_str()), Aside::Directory);
+        let before = harness.settle.delayed_scans.len();
+        found_directory(&mut harness, &locked);
+        assert_eq!(
+            harness.settle.delayed_scans.len(),
+            before,
+            "set aside: not walked again"
+        );
+        found_directory(&mut harness, &other);
+        assert_eq!(
+            harness.settle.delayed_scans.len(),
+            before + 2,
+            "not watched yet: watched, and walked twice"
+        );
     }
 }
