@@ -129,14 +129,15 @@ impl Settle {
         }
     }
 
-    /// New directories are walked one settle period later: by then notify has
-    /// added their watch, so anything written after the walk raises events
-    /// and anything written before it is found by the walk.
+    /// A new directory's subtree is watched at once (`watch_tree` returns
+    /// once the watches exist), and the directory is walked one settle time
+    /// later: anything written after the watch raises events, and anything
+    /// written before it is found by the walk.
     ///
-    /// notify adds a new directory's watch only once it has drained the
-    /// kernel queue, which under a sustained stream of events can take longer
-    /// than the settle time; a second walk a few seconds later finds what was
-    /// written before the watch existed. Files found twice cost a `stat`.
+    /// A second walk follows `SECOND_WALK` later. It dates from when notify
+    /// added new directories' watches itself, late under a stream of events;
+    /// it is kept as a safety net. Both walks pass over files sent to the
+    /// workers since the directory appeared (`Unpaired::dispatched`).
     pub(super) fn schedule_scan(&mut self, dir: PathBuf, now: Instant) {
         self.watch_tree(&dir);
         self.walk_scheduled(&dir, now, now + self.settle_time());
@@ -159,8 +160,8 @@ impl Settle {
 
     pub(super) fn request_full_scan(&mut self, reason: &str) {
         let now = Instant::now();
-        // Asked for when events may have been lost: nothing it or a walk
-        // finds is taken as known already.
+        // Asked for when events may have been lost: a file sent before now
+        // is checked again when this scan or a walk finds it.
         self.unpaired.forget_dispatched();
         // Any full scan does what the periodic one would: it waits a whole interval again.
         self.next_rescan = self.options.rescan_interval.map(|interval| now + interval);

@@ -40,7 +40,7 @@ const HOLD_LIMIT: Duration = Duration::from_secs(60);
 /// Files held back for matching at most; past it, finds are checked as usual.
 const FOUND_LIMIT: usize = 10_000;
 
-/// Files remembered as dispatched after their own events, at most.
+/// Files remembered as sent to the workers (`Unpaired::dispatched`), at most.
 const DISPATCHED_LIMIT: usize = 10_000;
 
 /// Held moves and what the walks found meanwhile.
@@ -57,7 +57,8 @@ pub(super) struct Unpaired {
     walk_dirs: HashMap<PathBuf, Instant>,
     /// New directories whose walks are not all done, the second one
     /// included (`SECOND_WALK` after the first), each with the latest time
-    /// it appeared and how many of its walks are left.
+    /// it appeared and how many of its walks are left at most (any walk of
+    /// the directory that finishes counts, also one `aside` asked for).
     rewalk_dirs: HashMap<PathBuf, (Instant, usize)>,
     /// Files below a directory of `rewalk_dirs`, sent to the workers, and
     /// when. A file sent no earlier than the newest such directory above it
@@ -69,7 +70,8 @@ pub(super) struct Unpaired {
     /// third of its files checked twice by the first walk, and every file
     /// of every new directory was checked again by the second walk, also at
     /// a trickle. Emptied when no walk is left; at most
-    /// [`DISPATCHED_LIMIT`] entries (past it, finds are checked as before).
+    /// [`DISPATCHED_LIMIT`] entries (past it, files sent are not
+    /// remembered, and their finds are checked as before).
     dispatched: HashMap<PathKey, Instant>,
     /// Numbers the walks.
     next_walk: u64,
@@ -154,8 +156,9 @@ impl Unpaired {
         })
     }
 
-    /// Events may have been lost (a full scan is asked for): from now on
-    /// every find is checked.
+    /// Events may have been lost (a full scan is asked for): what was sent
+    /// before is checked again when found; what is sent from now on is
+    /// remembered afresh.
     pub(super) fn forget_dispatched(&mut self) {
         self.dispatched.clear();
     }
@@ -531,7 +534,7 @@ mod tests {
         let first = Instant::now();
         harness.settle.walk_scheduled(&dir, first, first);
         let (before, after) = (format!("{album}/1.flac"), format!("{album}/2.flac"));
-        harness.settle.on_closed(before.clone(), Instant::now());
+        harness.settle.on_closed(before.clone(), first);
         let sent_before = first + millisecond;
         harness
             .pass_at(sent_before)
@@ -540,7 +543,7 @@ mod tests {
         // Moved away and back after that: the file at `before` may be another.
         let again = sent_before + millisecond;
         harness.settle.walk_scheduled(&dir, again, Instant::now());
-        harness.settle.on_closed(after.clone(), Instant::now());
+        harness.settle.on_closed(after.clone(), again);
         harness
             .pass_at(again + millisecond)
             .into_iter()
