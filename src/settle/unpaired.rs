@@ -49,18 +49,13 @@ pub(super) struct Unpaired {
     /// First walks of directories that appeared, due or running, in the
     /// order they were scheduled.
     walks: Vec<NewWalk>,
-    /// The directories of `walks` (due or running), each with the latest
-    /// `appeared` of its walks, so that [`Unpaired::appeared_above`] looks a
-    /// path's ancestors up rather than comparing it with every walk: it is
-    /// asked for every file a scan finds, and a burst of new albums keeps a
-    /// hundred walks on.
-    walk_dirs: HashMap<PathBuf, Instant>,
     /// New directories whose walks are not all done, the second one
-    /// included (`SECOND_WALK` after the first), each with the latest time
-    /// it appeared and how many of its walks are left at most (any walk of
-    /// the directory that finishes counts, also one `aside` asked for).
-    rewalk_dirs: HashMap<PathBuf, (Instant, usize)>,
-    /// Files below a directory of `rewalk_dirs`, sent to the workers, and
+    /// included (`SECOND_WALK` after the first), so that the questions
+    /// about a path ([`Unpaired::appeared_above`]) look its ancestors up
+    /// rather than compare it with every walk: they are asked for every file
+    /// a scan finds, and a burst of new albums keeps a hundred walks on.
+    new_dirs: HashMap<PathBuf, NewDir>,
+    /// Files below a directory of `new_dirs`, sent to the workers, and
     /// when. A file sent no earlier than the newest such directory above it
     /// appeared is nothing new to a walk that finds it again: the
     /// directory's subtree is watched before its walks are scheduled (on
@@ -84,12 +79,24 @@ pub(super) struct Unpaired {
     matching: Option<Vec<Held>>,
 }
 
+/// A directory of [`Unpaired::new_dirs`].
+#[derive(Debug)]
+struct NewDir {
+    /// The latest time its event came, by this machine's clock (a
+    /// directory can appear again, moved away and back, before its walks
+    /// are done).
+    appeared: Instant,
+    /// Its first walks in `walks`.
+    first_walks: usize,
+    /// Its walks not done, first and second, at most: any walk of the
+    /// directory that finishes counts, also one `aside` asked for.
+    walks_left: usize,
+}
+
 #[derive(Debug)]
 struct NewWalk {
     number: u64,
     dir: PathBuf,
-    /// When the directory's event came, by this machine's clock.
-    appeared: Instant,
     due: Instant,
 }
 
@@ -123,28 +130,44 @@ impl Unpaired {
     /// When the newest directory above `path` whose first walk is due or
     /// running appeared; `None` when no such walk is on.
     pub(super) fn appeared_above(&self, path: &str) -> Option<Instant> {
-        // Asked for every file a scan finds: no decoding while no walk is on.
+        // Asked for every file a catch-up scan finds: at once while no first walk is on.
         if self.walks.is_empty() {
             return None;
         }
-        let path = crate::path_text::decode(path);
-        path.ancestors()
-            .filter_map(|dir| self.walk_dirs.get(dir))
-            .max()
-            .copied()
+        self.newest_above(path, |dir| dir.first_walks > 0)
     }
 
     /// When the newest directory above `path` with a walk left (the second
     /// included) appeared.
     fn rewalk_appeared_above(&self, path: &str) -> Option<Instant> {
-        if self.rewalk_dirs.is_empty() {
+        self.newest_above(path, |dir| dir.walks_left > 0)
+    }
+
+    /// When the newest directory of `new_dirs` at or above `path` that
+    /// `counts` appeared.
+    fn newest_above(&self, path: &str, counts: impl Fn(&NewDir) -> bool) -> Option<Instant> {
+        // Asked for every file a scan finds: no decoding while no walk is on.
+        if self.new_dirs.is_empty() {
             return None;
         }
         let path = crate::path_text::decode(path);
         path.ancestors()
-            .filter_map(|dir| self.rewalk_dirs.get(dir))
-            .map(|(appeared, _)| *appeared)
+            .filter_map(|dir| self.new_dirs.get(dir))
+            .filter(|dir| counts(dir))
+            .map(|dir| dir.appeared)
             .max()
+    }
+
+    /// `dir` has one walk fewer of those `walks` counts; forgotten once it
+    /// has none of either kind left.
+    fn one_walk_less(&mut self, dir: &Path, walks: impl Fn(&mut NewDir) -> &mut usize) {
+        if let Some(new_dir) = self.new_dirs.get_mut(dir) {
+            let left = walks(new_dir);
+            *left = left.saturating_sub(1);
+            if new_dir.first_walks == 0 && new_dir.walks_left == 0 {
+                self.new_dirs.remove(dir);
+            }
+        }
     }
 
     /// Whether the file at `path` was sent to the workers no earlier than
@@ -174,31 +197,18 @@ impl Unpaired {
     /// Dispatches older than every directory with walks left can no longer
     /// matter.
     fn rewalk_done(&mut self, dir: &Path) {
-        if let Some((_, left)) = self.rewalk_dirs.get_mut(dir) {
-            *left -= 1;
-            if *left == 0 {
-                self.rewalk_dirs.remove(dir);
-            }
-        }
-        match self.rewalk_dirs.values().map(|(appeared, _)| *appeared).min() {
+        self.one_walk_less(dir, |new_dir| &mut new_dir.walks_left);
+        let with_walks_left = self.new_dirs.values().filter(|dir| dir.walks_left > 0);
+        match with_walks_left.map(|dir| dir.appeared).min() {
             Some(oldest) => self.dispatched.retain(|_, dispatched| *dispatched >= oldest),
             None => self.dispatched.clear(),
         }
     }
 
-    /// A first walk is over: its directory's entry follows the walks left.
+    /// A first walk is over.
     fn walk_done(&mut self, index: usize) {
         let walk = self.walks.remove(index);
-        match self
-            .walks
-            .iter()
-            .filter(|other| other.dir == walk.dir)
-            .map(|other| other.appeared)
-            .max()
-        {
-            Some(appeared) => self.walk_dirs.insert(walk.dir, appeared),
-            None => self.walk_dirs.remove(&walk.dir),
-        };
+        self.one_walk_less(&walk.dir, |new_dir| &mut new_dir.first_walks);
     }
 }
 
@@ -210,19 +220,17 @@ impl Settle {
         self.unpaired.walks.push(NewWalk {
             number,
             dir: dir.to_owned(),
-            appeared,
             due,
         });
-        let latest = self.unpaired.walk_dirs.entry(dir.to_owned()).or_insert(appeared);
-        *latest = (*latest).max(appeared);
+        let new_dir = self.unpaired.new_dirs.entry(dir.to_owned()).or_insert(NewDir {
+            appeared,
+            first_walks: 0,
+            walks_left: 0,
+        });
+        new_dir.appeared = new_dir.appeared.max(appeared);
+        new_dir.first_walks += 1;
         // The first walk and the second (`schedule_scan`).
-        let (latest, left) = self
-            .unpaired
-            .rewalk_dirs
-            .entry(dir.to_owned())
-            .or_insert((appeared, 0));
-        *latest = (*latest).max(appeared);
-        *left += 2;
+        new_dir.walks_left += 2;
     }
 
     /// A "moved from" got no "moved to" in time. If a new directory is
@@ -522,7 +530,7 @@ mod tests {
         assert!(jobs(&mut harness).is_empty());
         // Both walks over, nothing is remembered.
         assert!(harness.settle.unpaired.dispatched.is_empty());
-        assert!(harness.settle.unpaired.rewalk_dirs.is_empty());
+        assert!(harness.settle.unpaired.new_dirs.is_empty());
     }
 
     #[test]
@@ -557,8 +565,7 @@ mod tests {
         walked(&mut harness, &album, &[]);
         walked(&mut harness, &album, &[]);
         assert!(harness.settle.unpaired.dispatched.is_empty());
-        assert!(harness.settle.unpaired.walk_dirs.is_empty());
-        assert!(harness.settle.unpaired.rewalk_dirs.is_empty());
+        assert!(harness.settle.unpaired.new_dirs.is_empty());
     }
 
     #[test]
